@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Provides a Python 3.14 interpreter on Debian 12 from Debian's own packages (the sid suite),
+# unpacked into a cache folder outside the checkout, and prints its path.
+#
+# The mirror is read from this machine's apt sources, never written here. apt state and the
+# download cache are private (-o Dir::State / Dir::Cache), so the system's apt is untouched.
+set -euo pipefail
+
+cache="${ASYNCTRACE_PY314_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/asynctrace/py314}"
+root="$cache/root"
+py="$root/usr/bin/python3.14"
+libdir="$root/usr/lib/x86_64-linux-gnu"
+
+if [ -x "$py" ] && "$py" -c 'import sys, venv; assert sys.version_info[:2] == (3, 14)' 2>/dev/null; then
+    echo "$py"
+    exit 0
+fi
+
+log() { echo "python314: $*" >&2; }
+
+command -v patchelf >/dev/null || { log "installing patchelf"; apt-get install -y -qq patchelf >&2 || { apt-get update -qq >&2; apt-get install -y -qq patchelf >&2; }; }
+
+mirror=""
+for f in /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] || continue
+    mirror=$(awk '/^URIs:/ {print $2; exit}' "$f")
+    [ -n "$mirror" ] && break
+done
+if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
+    mirror=$(awk '$1 == "deb" && $0 !~ /security/ {print $2; exit}' /etc/apt/sources.list)
+fi
+[ -n "$mirror" ] || { log "no Debian mirror found in the apt sources"; exit 1; }
+
+rm -rf "$cache"
+mkdir -p "$cache/state/lists/partial" "$cache/archives/partial" "$root"
+echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror sid main" > "$cache/sid.list"
+apt_opts=(
+    -o "Dir::Etc::SourceList=$cache/sid.list"
+    -o "Dir::Etc::SourceParts=/dev/null"
+    -o "Dir::State=$cache/state"
+    -o "Dir::State::status=$cache/state/status"
+    -o "Dir::Cache=$cache"
+    -o "Dir::Cache::archives=$cache/archives"
+    -o "APT::Get::AllowUnauthenticated=false"
+    -o "Debug::NoLocking=1"
+)
+: > "$cache/state/status"
+log "fetching python3.14 from sid (about 35 MB)"
+apt-get "${apt_opts[@]}" update -qq >&2
+apt-get "${apt_opts[@]}" install -y -qq --download-only python3.14-venv python3.14-dev >&2
+for deb in "$cache"/archives/*.deb; do
+    dpkg -x "$deb" "$root"
+done
+patchelf --set-interpreter "$libdir/ld-linux-x86-64.so.2" --force-rpath --set-rpath "$libdir" "$py"
+"$py" -c 'import sys, ssl, sqlite3, venv; assert sys.version_info[:2] == (3, 14)' >&2
+echo "$py"

@@ -1,0 +1,48 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# Each creates the virtualenv it needs.
+
+PYTHON ?= python3
+VENV ?= .venv
+VENV314 ?= .venv314
+BIN := $(VENV)/bin
+PIP_FLAGS ?= -q --disable-pip-version-check
+
+.PHONY: demo test test-314 test-all lint typecheck check bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_FLAGS) --upgrade pip
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev]'
+	touch $@
+
+# Python 3.14 from Debian's packages (see .ci/python314.sh), in its own virtualenv.
+$(VENV314)/bin/.installed: pyproject.toml .ci/python314.sh
+	set -e; py=$$(bash .ci/python314.sh); \
+	wheel=$$(ls $$(dirname $$py)/../share/python-wheels/pip-*.whl | head -n 1); \
+	$$py -m venv --without-pip $(VENV314); \
+	$(VENV314)/bin/python $$wheel/pip install $(PIP_FLAGS) $$wheel; \
+	$(VENV314)/bin/pip install $(PIP_FLAGS) -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/python examples/fanout_demo.py
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-314: $(VENV314)/bin/.installed
+	$(VENV314)/bin/python -m pytest $(PYTEST_ARGS)
+
+test-all: test test-314
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(BIN)/.installed
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) $(VENV314) .pytest_cache .mypy_cache .ruff_cache

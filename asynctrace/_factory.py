@@ -1,0 +1,335 @@
+"""The task factory, the ``create_task`` helper and ``task_metadata``.
+
+How metadata reaches the factory (see docs/design.md):
+
+- Python 3.14 forwards every keyword of ``asyncio.create_task``, ``loop.create_task`` and
+  ``TaskGroup.create_task`` to the task factory, so ``operation_name=`` and friends arrive as
+  keywords.
+- Everywhere (3.11+, uvloop too), :func:`create_task` puts them in a thread-local slot, calls
+  the ordinary ``create_task`` and the factory takes them from the slot. The slot is read and
+  cleared before the task is built, so an eager first step that creates tasks sees a clean slot.
+
+The factory never wraps the coroutine: it prepares the task's context (correlation id and
+metadata set in it), lets asyncio (or the factory it chains) build the task, and adds one done
+callback that records the outcome without marking exceptions as retrieved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import difflib
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Coroutine, Generator
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+
+from asynctrace._instrument import CANCELLED, EXCEPTION, FINISHED, TaskRecord
+from asynctrace._metadata import (
+    _CORRELATION_ID,
+    _METADATA,
+    TaskMetadata,
+    _make_metadata,
+    validate_metadata,
+)
+from asynctrace._state import STATE
+
+if TYPE_CHECKING:
+    from asynctrace._install import Installation
+
+__all__ = ["create_task", "make_factory", "task_metadata", "task_record"]
+
+_T = TypeVar("_T")
+TaskFactory = Callable[..., "asyncio.Future[Any]"]
+
+PY312: Final = sys.version_info >= (3, 12)
+PY314: Final = sys.version_info >= (3, 14)
+
+_RECORD_ATTR: Final = "_asynctrace_record"
+_INSTALLATION_ATTR: Final = "_asynctrace_installation"
+_ASYNCIO_KEYWORDS: Final = frozenset({"name", "context", "eager_start"})
+_METADATA_KEYWORDS: Final = frozenset({"operation_name", "correlation_id", "priority_hint"})
+_HELPER_KEYWORDS: Final = tuple(sorted(_ASYNCIO_KEYWORDS | _METADATA_KEYWORDS | {"task_group"}))
+
+# Tasks whose type refuses attributes keep their record here instead.
+_RECORDS: Final[weakref.WeakKeyDictionary[asyncio.Future[Any], TaskRecord]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class _Slot(threading.local):
+    value: tuple[str | None, str | None, int | None, str | None, bool | None] | None = None
+
+
+_PENDING: Final = _Slot()
+
+
+def _unknown_keywords_message(where: str, names: list[str], accepted: tuple[str, ...]) -> str:
+    parts = []
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, accepted, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        parts.append(f"{name!r}{hint}")
+    return (
+        f"{where} got unexpected keyword argument(s) {', '.join(parts)}; "
+        f"accepted: {', '.join(accepted)}."
+    )
+
+
+def _close(coro: object) -> None:
+    close = getattr(coro, "close", None)
+    if close is not None:
+        close()
+
+
+def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no extra calls
+    installation: Installation, inner: TaskFactory | None
+) -> TaskFactory:
+    """Build the task factory for one loop, chaining ``inner`` (None: plain ``asyncio.Task``)."""
+    state = STATE
+    slot = _PENDING
+    copy_context = contextvars.copy_context
+    cid_var = _CORRELATION_ID
+    metadata_var = _METADATA
+    perf_ns = time.perf_counter_ns
+    task_type = asyncio.Task
+    accepted = tuple(sorted(_ASYNCIO_KEYWORDS | _METADATA_KEYWORDS))
+
+    def _finish(task: asyncio.Task[Any]) -> None:
+        record: TaskRecord | None = getattr(task, _RECORD_ATTR, None)
+        if record is None:
+            record = _RECORDS.get(task)
+            if record is None:  # pragma: no cover - the factory always sets one
+                return
+        record.finished_ns = perf_ns()
+        if task.cancelled():
+            record.outcome = CANCELLED
+        else:
+            # Read the slot, not task.exception(): that would mark the exception retrieved
+            # and silence asyncio's "Task exception was never retrieved".
+            exc = task._exception
+            if exc is None:
+                record.outcome = FINISHED
+            else:
+                record.outcome = EXCEPTION
+                record.exception = exc
+        for hook in state.done_hooks:
+            try:
+                hook(task, record)
+            except (Exception, asyncio.CancelledError) as exc:
+                state.hook_failed(hook, exc)
+        record.exception = None
+
+    def asynctrace_task_factory(  # noqa: C901, PLR0912, PLR0915 - see make_factory
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, Any] | Generator[Any, None, Any],
+        /,
+        **kwargs: Any,  # noqa: ANN401 - asyncio's own create_task keywords, passed on
+    ) -> asyncio.Future[Any]:
+        pending = slot.value
+        if pending is not None:
+            slot.value = None
+            operation_name, correlation_id, priority_hint, name, eager_start = pending
+            if name is not None:
+                # 3.11-3.13 name the task only after the factory returns; naming it here
+                # gives eager tasks their name from the first step.
+                kwargs["name"] = name
+            if eager_start is not None:
+                kwargs["eager_start"] = eager_start
+        elif kwargs and not kwargs.keys() <= _ASYNCIO_KEYWORDS:
+            # Python 3.14 (and 3.13.4+'s loop.create_task) forward extra keywords here.
+            operation_name = kwargs.pop("operation_name", None)
+            correlation_id = kwargs.pop("correlation_id", None)
+            priority_hint = kwargs.pop("priority_hint", None)
+            try:
+                unknown = [k for k in kwargs if k not in _ASYNCIO_KEYWORDS]
+                if unknown and inner is None:
+                    raise TypeError(_unknown_keywords_message("create_task()", unknown, accepted))
+                validate_metadata(operation_name, correlation_id, priority_hint)
+            except BaseException:
+                _close(coro)
+                raise
+        else:
+            operation_name = correlation_id = priority_hint = None
+
+        context = kwargs.get("context")
+        if context is None:
+            context = copy_context()
+            kwargs["context"] = context
+            inherited = cid_var.get()
+        else:
+            inherited = context.get(cid_var)
+        if correlation_id is None:
+            correlation_id = inherited
+            if correlation_id is None and (new_id := state.id_generator) is not None:
+                try:
+                    correlation_id = new_id()
+                except Exception as exc:
+                    state.count_error("id_generator", exc)
+                else:
+                    context.run(cid_var.set, correlation_id)
+        elif correlation_id != inherited:
+            context.run(cid_var.set, correlation_id)
+        metadata = _make_metadata(operation_name, correlation_id, priority_hint)
+        context.run(metadata_var.set, metadata)
+
+        created = perf_ns()
+        task: asyncio.Task[Any]
+        if inner is None:
+            task = task_type(coro, loop=loop, **kwargs)
+        else:
+            task = cast("asyncio.Task[Any]", inner(loop, coro, **kwargs))
+        record = TaskRecord(metadata, created)
+        try:
+            setattr(task, _RECORD_ATTR, record)
+        except AttributeError:
+            _RECORDS[task] = record
+        for hook in state.created_hooks:
+            try:
+                hook(task, record)
+            except (Exception, asyncio.CancelledError) as exc:
+                state.hook_failed(hook, exc)
+        if task.done():  # an eager task that finished in its first step
+            _finish(task)
+        else:
+            task.add_done_callback(_finish, context=context)
+        return task
+
+    setattr(asynctrace_task_factory, _INSTALLATION_ATTR, installation)
+    asynctrace_task_factory.__wrapped__ = inner  # type: ignore[attr-defined]
+    return asynctrace_task_factory
+
+
+def installation_of(factory: object) -> Installation | None:
+    """Return the installation that built ``factory``, or None when it is not asynctrace's."""
+    return getattr(factory, _INSTALLATION_ATTR, None)
+
+
+def task_record(task: asyncio.Future[Any]) -> TaskRecord | None:
+    """Return the :class:`TaskRecord` the factory keeps for ``task``, or None."""
+    record: TaskRecord | None = getattr(task, _RECORD_ATTR, None)
+    if record is None:
+        record = _RECORDS.get(task)
+    return record
+
+
+def task_metadata(task: asyncio.Future[Any] | None = None) -> TaskMetadata | None:
+    """Return a task's :class:`TaskMetadata`, or None for a task the factory never saw.
+
+    Args:
+        task: The task; by default the current one (None outside a task).
+
+    Since: 0.1.0
+    """
+    if task is None:
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no running loop
+            return None
+        if task is None:
+            return None
+        record = task_record(task)
+        # The first step of an eager task runs before the factory has returned the task:
+        # the metadata is already in its context.
+        return record.metadata if record is not None else _METADATA.get()
+    record = task_record(task)
+    return record.metadata if record is not None else None
+
+
+def create_task(  # noqa: C901, PLR0911, PLR0912 - one check per keyword, one path per case
+    coro: Coroutine[Any, Any, _T],
+    *,
+    task_group: asyncio.TaskGroup | None = None,
+    name: str | None = None,
+    context: contextvars.Context | None = None,
+    eager_start: bool | None = None,
+    operation_name: str | None = None,
+    correlation_id: str | None = None,
+    priority_hint: int | None = None,
+    **unknown: object,
+) -> asyncio.Task[_T]:
+    """Create a task carrying metadata, on every supported Python and loop.
+
+    The same as ``asyncio.create_task(coro, name=..., context=...)`` (or
+    ``task_group.create_task(...)`` when ``task_group`` is given), plus the metadata keywords.
+    On Python 3.14 plain ``asyncio.create_task(coro, operation_name=...)`` does the same.
+
+    Without an asynctrace factory on the running loop the task is still created, with
+    ``correlation_id`` set in its context (it has no :class:`TaskMetadata` then).
+
+    Args:
+        coro: The coroutine to run; closed if the arguments are rejected.
+        task_group: Create the task in this ``asyncio.TaskGroup``.
+        name: The task's name, set before its first step (eager tasks included).
+        context: The ``contextvars.Context`` to run in (metadata is set in it).
+        eager_start: Start the task eagerly (Python 3.12+; 3.12-3.13 need an installed
+            factory, or no other task factory and no task group).
+        operation_name: What the task does; 1-128 printable characters.
+        correlation_id: The request's id; inherited or generated when None.
+        priority_hint: A free integer for the application.
+        **unknown: Rejected with a TypeError that names them.
+
+    Returns:
+        The task.
+
+    Raises:
+        TypeError: An unknown keyword or a value of the wrong type.
+        ValueError: An empty, over-long or non-printable text value.
+        RuntimeError: No running event loop.
+
+    Since: 0.1.0
+    """
+    try:
+        if unknown:
+            raise TypeError(
+                _unknown_keywords_message(
+                    "asynctrace.create_task()", list(unknown), _HELPER_KEYWORDS
+                )
+            )
+        validate_metadata(operation_name, correlation_id, priority_hint)
+        if eager_start is not None and not isinstance(eager_start, bool):
+            raise TypeError(f"Invalid eager_start: {eager_start!r}; expected a bool or None.")
+        if eager_start and not PY312:
+            raise TypeError("Invalid eager_start: True; eager tasks need Python 3.12 or later.")
+        if task_group is not None and not isinstance(task_group, asyncio.TaskGroup):
+            raise TypeError(
+                f"Invalid task_group: {task_group!r}; expected an asyncio.TaskGroup or None."
+            )
+        loop = asyncio.get_running_loop()
+    except BaseException:
+        _close(coro)
+        raise
+
+    if installation_of(loop.get_task_factory()) is not None:
+        _PENDING.value = (operation_name, correlation_id, priority_hint, name, eager_start)
+        try:
+            if task_group is not None:
+                return task_group.create_task(coro, name=name, context=context)
+            return loop.create_task(coro, name=name, context=context)
+        finally:
+            _PENDING.value = None
+
+    # No asynctrace factory here: still create the task, with the correlation id in its context.
+    ctx = context if context is not None else contextvars.copy_context()
+    if correlation_id is not None:
+        ctx.run(_CORRELATION_ID.set, correlation_id)
+    if ctx.get(_METADATA) is not None:  # don't let the creator's metadata pass for this task's
+        ctx.run(_METADATA.set, None)
+    if not eager_start:
+        if task_group is not None:
+            return task_group.create_task(coro, name=name, context=ctx)
+        return loop.create_task(coro, name=name, context=ctx)
+    if PY314:
+        eager: dict[str, Any] = {"eager_start": True}  # a keyword typeshed for 3.11 lacks
+        if task_group is not None:
+            return task_group.create_task(coro, name=name, context=ctx, **eager)
+        return loop.create_task(coro, name=name, context=ctx, **eager)
+    if task_group is None and loop.get_task_factory() is None:
+        return asyncio.Task(coro, loop=loop, name=name, context=ctx, eager_start=True)  # type: ignore[call-arg]
+    _close(coro)
+    raise TypeError(
+        "Invalid eager_start: True; before Python 3.14 an eager task in a TaskGroup or under "
+        "another task factory needs asynctrace.install() on the loop."
+    )

@@ -1,0 +1,373 @@
+"""``install()`` / ``uninstall()``: putting the factory on one loop, or on every loop.
+
+A process-wide installation (``install()`` with no loop running) wraps the event loop policy,
+so that each loop the policy makes afterwards (``asyncio.run``, ``asyncio.Runner``,
+``asyncio.new_event_loop``, uvloop's policy when ``uvloop.install()`` came first) gets the
+factory. Runners given an explicit ``loop_factory`` bypass policies: wrap that factory with
+:func:`loop_factory`, or call ``install()`` inside the running loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final, final
+
+from asynctrace._factory import TaskFactory, installation_of, make_factory
+from asynctrace._instrument import Instrument
+from asynctrace._metadata import _check_text, random_correlation_id
+from asynctrace._state import STATE
+
+__all__ = ["Installation", "install", "loop_factory", "uninstall"]
+
+_events: Any = asyncio.events
+# Python 3.14 deprecates the public policy API; the stdlib itself still uses these.
+_get_policy: Callable[[], Any] = getattr(
+    _events, "_get_event_loop_policy", asyncio.get_event_loop_policy
+)
+_set_policy: Callable[[Any], None] = getattr(
+    _events, "_set_event_loop_policy", asyncio.set_event_loop_policy
+)
+_PolicyBase: Any = (
+    getattr(_events, "_AbstractEventLoopPolicy", None) or _events.AbstractEventLoopPolicy
+)
+
+_DEFAULT: Final[Any] = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """The options of the active installation (compared to refuse conflicting re-installs)."""
+
+    id_generator: Callable[[], str] | None = random_correlation_id
+    instruments: tuple[Instrument, ...] = ()
+    telemetry: Any = None
+
+
+@final
+class Installation:
+    """The result of :func:`asynctrace.install`: where the factory is, and how to remove it.
+
+    Attributes:
+        loop: The instrumented loop, or None for the process-wide installation.
+
+    Since: 0.1.0
+    """
+
+    __slots__ = ("__weakref__", "_children", "_factory", "_parent", "_policy", "_previous", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, parent: Installation | None) -> None:
+        """Use :func:`asynctrace.install`; this is not meant to be called directly."""
+        self.loop = loop
+        self._parent = parent
+        self._previous: Any = None
+        self._factory: TaskFactory | None = None
+        self._policy: _InstrumentingPolicy | None = None
+        self._children: list[Installation] = []
+
+    @property
+    def active(self) -> bool:
+        """Whether this installation is still in place."""
+        if self.loop is None:
+            return STATE.process is self
+        return self._factory is not None and self.loop.get_task_factory() is self._factory
+
+    def _attach(self) -> None:
+        assert self.loop is not None  # noqa: S101 - internal invariant
+        self._previous = self.loop.get_task_factory()
+        self._factory = make_factory(self, self._previous)
+        self.loop.set_task_factory(self._factory)
+
+    def uninstall(self) -> None:
+        """Restore exactly what was there before: the previous task factory or loop policy.
+
+        Uninstalling the process-wide installation also restores the factory of the loops it
+        instrumented. Calling it twice is harmless.
+
+        Raises:
+            RuntimeError: Something replaced asynctrace's factory (or policy) since; asynctrace
+                leaves it in place rather than remove someone else's.
+        """
+        with STATE.lock:
+            if self.loop is None:
+                _uninstall_process(self)
+                return
+            if self._factory is None:
+                return
+            current = self.loop.get_task_factory()
+            if current is not self._factory:
+                raise RuntimeError(
+                    f"Cannot uninstall from {self.loop!r}: its task factory was replaced after "
+                    f"asynctrace.install() (now {current!r}); restore it first."
+                )
+            self.loop.set_task_factory(self._previous)
+            self._factory = None
+            if self in STATE.loop_installations:
+                STATE.loop_installations.remove(self)
+            if self._parent is not None and self in self._parent._children:
+                self._parent._children.remove(self)
+            _forget_if_idle()
+
+    def __repr__(self) -> str:
+        """Show where the installation is and whether it is active."""
+        where = "process" if self.loop is None else repr(self.loop)
+        return f"<asynctrace.Installation {where} active={self.active}>"
+
+
+class _InstrumentingPolicy(_PolicyBase):  # type: ignore[misc]
+    """Delegates to the policy that was set before, instrumenting each loop it makes."""
+
+    def __init__(self, inner: Any, installation: Installation) -> None:  # noqa: ANN401
+        self._inner = inner
+        self._installation = installation
+
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop: asyncio.AbstractEventLoop = self._inner.new_event_loop()
+        _instrument_loop(loop, self._installation)
+        return loop
+
+    def get_event_loop(self) -> asyncio.AbstractEventLoop:
+        loop: asyncio.AbstractEventLoop = self._inner.get_event_loop()
+        _instrument_loop(loop, self._installation)
+        return loop
+
+    def set_event_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        self._inner.set_event_loop(loop)
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - delegation
+        return getattr(self._inner, name)
+
+
+def _instrument_loop(loop: asyncio.AbstractEventLoop, parent: Installation) -> Installation:
+    with STATE.lock:
+        existing = installation_of(loop.get_task_factory())
+        if existing is not None:
+            return existing
+        child = Installation(loop, parent)
+        child._attach()
+        parent._children.append(child)
+        return child
+
+
+def _uninstall_process(installation: Installation) -> None:
+    if STATE.process is not installation:
+        return
+    policy = installation._policy
+    current = _get_policy()
+    if current is not policy:
+        raise RuntimeError(
+            f"Cannot uninstall the process-wide installation: the event loop policy was "
+            f"replaced after asynctrace.install() (now {current!r}); restore it first."
+        )
+    for child in list(installation._children):
+        if child.active:
+            child.uninstall()
+    installation._children.clear()
+    _set_policy(policy._inner if policy is not None else None)
+    STATE.process = None
+    _forget_if_idle()
+
+
+def _forget_if_idle() -> None:
+    """Drop the configuration once nothing is installed, so the next install may change it."""
+    if STATE.process is None and not any(i.active for i in STATE.loop_installations):
+        STATE.loop_installations.clear()
+        STATE.options = None
+        STATE.id_generator = None
+
+
+def _configure(options: Options) -> None:
+    if STATE.options is None:
+        STATE.options = options
+        STATE.id_generator = options.id_generator
+        instruments = options.instruments
+        if options.telemetry is not None:
+            instruments = (*options.telemetry.instruments(), *instruments)
+        STATE.set_instruments(instruments)
+        return
+    if options != STATE.options:
+        raise ValueError(
+            f"asynctrace is already installed with other options ({STATE.options!r}); "
+            f"call asynctrace.uninstall() first to install with {options!r}."
+        )
+
+
+def _make_options(
+    id_generator: Callable[[], str] | None, instruments: Iterable[Instrument]
+) -> Options:
+    if id_generator is not None and not callable(id_generator):
+        raise TypeError(
+            f"Invalid id_generator: {id_generator!r}; expected a callable returning a str, "
+            "or None to turn generation off."
+        )
+    if id_generator is not None:
+        sample = id_generator()
+        try:
+            _check_text("correlation_id", sample)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(
+                f"id_generator {id_generator!r} returned an invalid id: {exc}"
+            ) from None
+    instruments = tuple(instruments)
+    for instrument in instruments:
+        if not isinstance(instrument, Instrument):
+            raise TypeError(
+                f"Invalid instrument: {instrument!r}; expected an asynctrace.Instrument."
+            )
+    return Options(id_generator=id_generator, instruments=instruments)
+
+
+def install(
+    loop: asyncio.AbstractEventLoop | None = None,
+    *,
+    id_generator: Callable[[], str] | None = random_correlation_id,
+    instruments: Iterable[Instrument] = (),
+) -> Installation:
+    """Install the asynctrace task factory; every task created afterwards carries metadata.
+
+    - With ``loop=``, or inside a running loop: instruments that loop now.
+    - Otherwise: instruments every loop the process creates from now on through the event
+      loop policy (``asyncio.run``, ``asyncio.Runner``, ``asyncio.new_event_loop``).
+
+    A task factory set before (``asyncio.eager_task_factory``, a Task subclass factory, a
+    framework's) is chained: it still builds the tasks.
+
+    Idempotent: installing again where asynctrace is installed returns the same
+    :class:`Installation` and wraps nothing twice.
+
+    Args:
+        loop: The loop to instrument; by default the running loop, else every future loop.
+        id_generator: Makes the correlation id of a task created where none is set; None turns
+            generation off (such tasks then have no correlation id).
+        instruments: :class:`Instrument` objects to call on task creation and completion.
+
+    Returns:
+        The :class:`Installation`; its ``uninstall()`` restores what was there before.
+
+    Raises:
+        TypeError: An option of the wrong type.
+        ValueError: asynctrace is installed already with different options.
+
+    Since: 0.1.0
+    """
+    options = _make_options(id_generator, instruments)
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+    elif not isinstance(loop, asyncio.AbstractEventLoop):
+        raise TypeError(f"Invalid loop: {loop!r}; expected an asyncio event loop or None.")
+    with STATE.lock:
+        _configure(options)
+        if loop is None:
+            if STATE.process is not None:
+                return STATE.process
+            installation = Installation(None, None)
+            installation._policy = _InstrumentingPolicy(_get_policy(), installation)
+            _set_policy(installation._policy)
+            STATE.process = installation
+            return installation
+        existing = installation_of(loop.get_task_factory())
+        if existing is not None:
+            return existing
+        installation = Installation(loop, STATE.process)
+        installation._attach()
+        if STATE.process is not None:
+            STATE.process._children.append(installation)
+        STATE.loop_installations.append(installation)
+        return installation
+
+
+def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> bool:
+    """Remove asynctrace from ``loop`` (default: the running loop), or the process-wide one.
+
+    Called outside any loop and without ``loop=``, removes the process-wide installation (and
+    the factory from the loops it instrumented).
+
+    Returns:
+        True when something was uninstalled, False when nothing was installed there.
+
+    Raises:
+        RuntimeError: asynctrace's factory or policy was replaced since it was installed.
+
+    Since: 0.1.0
+    """
+    if loop is None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+    with STATE.lock:
+        if loop is None:
+            if STATE.process is None:
+                return False
+            STATE.process.uninstall()
+            return True
+        installation = installation_of(loop.get_task_factory())
+        if installation is None:
+            return False
+        installation.uninstall()
+        return True
+
+
+def loop_factory(
+    factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> Callable[[], asyncio.AbstractEventLoop]:
+    """Wrap a loop factory so the loops it makes are instrumented.
+
+    For runners that take a ``loop_factory`` and so bypass the loop policy::
+
+        asyncio.run(main(), loop_factory=asynctrace.loop_factory(uvloop.new_event_loop))
+
+    Requires a process-wide :func:`install` first (its options apply).
+
+    Args:
+        factory: Makes the loop; by default ``asyncio.new_event_loop``.
+
+    Returns:
+        A callable making an instrumented loop.
+
+    Since: 0.1.0
+    """
+    make = factory if factory is not None else asyncio.new_event_loop
+    if not callable(make):
+        raise TypeError(f"Invalid factory: {factory!r}; expected a callable returning a loop.")
+
+    def instrumented_loop() -> asyncio.AbstractEventLoop:
+        loop = make()
+        parent = STATE.process
+        if parent is None:
+            loop.close()
+            raise RuntimeError(
+                "asynctrace.loop_factory() needs a process-wide asynctrace.install() first."
+            )
+        _instrument_loop(loop, parent)
+        return loop
+
+    return instrumented_loop
+
+
+def reset() -> None:
+    """Uninstall everything and forget all state (for tests)."""
+    with STATE.lock:
+        if STATE.process is not None:
+            try:
+                STATE.process.uninstall()
+            except RuntimeError:
+                STATE.process = None
+        for installation in list(STATE.loop_installations):
+            try:
+                installation.uninstall()
+            except RuntimeError:
+                installation._factory = None
+        telemetry = STATE.telemetry
+        for instrument in STATE.instruments:
+            try:
+                instrument.close()
+            except Exception as exc:
+                STATE.count_error(f"instrument {type(instrument).__qualname__}", exc)
+        if telemetry is not None:
+            telemetry.shutdown()
+        STATE.clear()

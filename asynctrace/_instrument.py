@@ -1,0 +1,88 @@
+"""The record kept for each task, and the hooks that sinks (spans, metrics, yours) implement.
+
+Flow: ``create_task`` -> factory (validate, context, a :class:`TaskRecord`) -> done callback ->
+each installed :class:`Instrument`. The core knows nothing of OpenTelemetry or Prometheus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Final, Literal, final
+
+from asynctrace._metadata import TaskMetadata
+
+__all__ = ["FINISHED", "Instrument", "Outcome", "TaskRecord"]
+
+logger: Final = logging.getLogger("asynctrace")
+
+Outcome = Literal["finished", "exception", "cancelled"]
+FINISHED: Final = "finished"
+EXCEPTION: Final = "exception"
+CANCELLED: Final = "cancelled"
+
+
+@final
+class TaskRecord:
+    """What the factory records for one task; handed to :class:`Instrument` hooks.
+
+    Attributes:
+        metadata: The task's :class:`TaskMetadata`.
+        created_ns: ``time.perf_counter_ns()`` when ``create_task`` was called.
+        finished_ns: ``time.perf_counter_ns()`` when the task was done; 0 while it runs.
+        outcome: ``"finished"``, ``"exception"`` or ``"cancelled"``; None while it runs.
+        exception: The exception the task ended with, or None. Reading it here does not mark
+            it retrieved: asyncio still warns about exceptions nobody awaited.
+        sink_data: One slot a sink may use for its per-task state (the span sink keeps the
+            span's identity there). None unless a sink sets it.
+
+    Since: 0.1.0
+    """
+
+    __slots__ = ("created_ns", "exception", "finished_ns", "metadata", "outcome", "sink_data")
+
+    def __init__(self, metadata: TaskMetadata, created_ns: int) -> None:
+        """Record a task created at ``created_ns`` with ``metadata``."""
+        self.metadata = metadata
+        self.created_ns = created_ns
+        self.finished_ns = 0
+        self.outcome: Outcome | None = None
+        self.exception: BaseException | None = None
+        self.sink_data: Any = None
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from creation to completion, or None while the task runs."""
+        if not self.finished_ns:
+            return None
+        return (self.finished_ns - self.created_ns) / 1e9
+
+    def __repr__(self) -> str:
+        """Show the metadata and the outcome."""
+        return f"<TaskRecord {self.metadata!r} outcome={self.outcome!r}>"
+
+
+class Instrument:
+    """Base class for task observers: override the hooks you need, leave the rest.
+
+    Only hooks a subclass overrides are ever called, so an unused hook costs nothing. Hooks run
+    on the event loop's thread, synchronously, and must be quick: record, don't export. A hook
+    that raises is disabled for the rest of the process, logged once on the ``asynctrace``
+    logger and counted (:func:`asynctrace.telemetry_errors`); the task is never affected.
+
+    Since: 0.1.0
+    """
+
+    def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
+        """Called right after the factory built ``task`` (an eager task may be done already)."""
+
+    def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
+        """Called once ``task`` is done; ``record.outcome`` and ``finished_ns`` are set."""
+
+    def close(self) -> None:
+        """Called by :func:`asynctrace.shutdown`: flush and release what the instrument holds."""
+
+
+def overrides(instrument: Instrument, hook: str) -> bool:
+    """Tell whether ``instrument``'s class overrides ``hook`` of :class:`Instrument`."""
+    return getattr(type(instrument), hook) is not getattr(Instrument, hook)

@@ -1,0 +1,158 @@
+"""Task metadata, correlation ids and the context variables that carry them."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Final, final
+
+__all__ = [
+    "MAX_ID_LENGTH",
+    "TaskMetadata",
+    "correlation",
+    "correlation_id",
+    "random_correlation_id",
+]
+
+MAX_ID_LENGTH: Final = 128
+"""The longest correlation id or operation name accepted, in characters."""
+
+_CORRELATION_ID: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar(
+    "asynctrace_correlation_id", default=None
+)
+_METADATA: Final[contextvars.ContextVar[TaskMetadata | None]] = contextvars.ContextVar(
+    "asynctrace_metadata", default=None
+)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class TaskMetadata:
+    """What asynctrace knows about one task, fixed when the task is created.
+
+    Attributes:
+        operation_name: What the task does (``"normalize"``); names its span and labels its
+            metrics. None when the task was created without one.
+        correlation_id: The id shared by everything done for one request. Given at creation,
+            inherited from the creating context, or freshly generated.
+        priority_hint: A free integer the application attaches (no scheduling effect).
+
+    Since: 0.1.0
+    """
+
+    operation_name: str | None = None
+    correlation_id: str | None = None
+    priority_hint: int | None = None
+
+    def __post_init__(self) -> None:
+        """Validate the fields, as the factory does (see :func:`validate_metadata`)."""
+        validate_metadata(self.operation_name, self.correlation_id, self.priority_hint)
+
+
+# The factory builds TaskMetadata on the hot path without re-validating (it validated at the
+# edge already): the slot descriptors set fields directly, bypassing the frozen __setattr__.
+_set_operation_name: Callable[[TaskMetadata, str | None], None] = TaskMetadata.__dict__[
+    "operation_name"
+].__set__
+_set_correlation_id: Callable[[TaskMetadata, str | None], None] = TaskMetadata.__dict__[
+    "correlation_id"
+].__set__
+_set_priority_hint: Callable[[TaskMetadata, int | None], None] = TaskMetadata.__dict__[
+    "priority_hint"
+].__set__
+_new_object = object.__new__
+
+
+def _make_metadata(
+    operation_name: str | None, correlation_id: str | None, priority_hint: int | None
+) -> TaskMetadata:
+    metadata: TaskMetadata = _new_object(TaskMetadata)
+    _set_operation_name(metadata, operation_name)
+    _set_correlation_id(metadata, correlation_id)
+    _set_priority_hint(metadata, priority_hint)
+    return metadata
+
+
+def _check_text(what: str, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"Invalid {what}: {value!r}; expected a str or None.")
+    if not 0 < len(value) <= MAX_ID_LENGTH:
+        raise ValueError(
+            f"Invalid {what}: {value!r}; expected 1 to {MAX_ID_LENGTH} characters, "
+            f"got {len(value)}."
+        )
+    if not value.isprintable():
+        raise ValueError(f"Invalid {what}: {value!r}; expected printable characters only.")
+
+
+def validate_metadata(
+    operation_name: object, correlation_id: object, priority_hint: object
+) -> None:
+    """Raise TypeError or ValueError naming the first field that is not acceptable."""
+    _check_text("operation_name", operation_name)
+    _check_text("correlation_id", correlation_id)
+    if priority_hint is not None and (
+        not isinstance(priority_hint, int) or isinstance(priority_hint, bool)
+    ):
+        raise TypeError(f"Invalid priority_hint: {priority_hint!r}; expected an int or None.")
+
+
+def correlation_id() -> str | None:
+    """Return the correlation id of the current context, or None when none is set.
+
+    Inside a task created while asynctrace is installed this is the task's id (given with
+    ``correlation_id=``, inherited from where the task was created, or generated).
+
+    Since: 0.1.0
+    """
+    return _CORRELATION_ID.get()
+
+
+@contextlib.contextmanager
+def correlation(value: str) -> Iterator[str]:
+    """Set the correlation id for a block and for the tasks created inside it.
+
+    The previous value is restored on exit, also when the block raises::
+
+        with asynctrace.correlation("req-7"):
+            await asyncio.gather(fetch(), store())  # both tasks carry "req-7"
+
+    Args:
+        value: The id; 1 to 128 printable characters.
+
+    Yields:
+        The id that was set.
+
+    Raises:
+        TypeError: ``value`` is not a str.
+        ValueError: ``value`` is empty, too long or not printable.
+
+    Since: 0.1.0
+    """
+    if value is None:
+        raise TypeError("Invalid correlation_id: None; expected a str.")
+    _check_text("correlation_id", value)
+    token = _CORRELATION_ID.set(value)
+    try:
+        yield value
+    finally:
+        _CORRELATION_ID.reset(token)
+
+
+_getrandbits = random.getrandbits
+
+
+def random_correlation_id() -> str:
+    """Return a fresh random correlation id: 32 lowercase hex digits (128 bits).
+
+    The default ``id_generator`` of :func:`asynctrace.install`. It uses :mod:`random`, which
+    is fast and unique enough for correlation; ids are not secrets.
+
+    Since: 0.1.0
+    """
+    return f"{_getrandbits(128):032x}"

@@ -1,0 +1,308 @@
+"""install()/uninstall(): where the factory goes, chaining, idempotence, exact restore."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+import asynctrace
+from asynctrace.testing import TaskCapture, capture_tasks, record_of
+from tests.conftest import PY312, PY314
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop has no wheel for this Python
+    uvloop = None
+
+
+async def _meta_of_new_task() -> asynctrace.TaskMetadata | None:
+    task = asyncio.create_task(asyncio.sleep(0))
+    await task
+    return asynctrace.task_metadata(task)
+
+
+def test_install_inside_running_loop() -> None:
+    """Inside a running loop, install() instruments that loop now, and only it."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        installation = asynctrace.install()
+        assert installation.loop is loop
+        assert installation.active
+        assert await _meta_of_new_task() is not None
+        other = asyncio.new_event_loop()
+        try:
+            assert other.get_task_factory() is None
+        finally:
+            other.close()
+
+    asyncio.run(main())
+
+
+def test_process_wide_covers_run_runner_and_new_loop() -> None:
+    """Before any loop, install() instruments asyncio.run, asyncio.Runner and new_event_loop."""
+    installation = asynctrace.install()
+    assert installation.loop is None
+    assert asyncio.run(_meta_of_new_task()) is not None
+    with asyncio.Runner() as runner:
+        assert runner.run(_meta_of_new_task()) is not None
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.run_until_complete(_meta_of_new_task()) is not None
+    finally:
+        loop.close()
+    assert asynctrace.uninstall() is True
+    assert asyncio.run(_meta_of_new_task()) is None
+
+
+def test_idempotent_never_wraps_twice() -> None:
+    """A second install() returns the same installation; the factory is not wrapped again."""
+    first = asynctrace.install()
+    assert asynctrace.install() is first
+
+    async def main() -> None:
+        here = asynctrace.install()
+        assert asynctrace.install() is here
+        factory = asyncio.get_running_loop().get_task_factory()
+        assert factory is not None
+        assert factory.__wrapped__ is None  # type: ignore[attr-defined]
+
+    asyncio.run(main())
+
+
+def test_conflicting_options_are_refused() -> None:
+    """Installing again with other options raises, naming both; after uninstall it works."""
+    asynctrace.install(id_generator=None)
+    with pytest.raises(ValueError, match="already installed with other options"):
+        asynctrace.install()
+    asynctrace.uninstall()
+    asynctrace.install()
+
+
+def test_bad_options() -> None:
+    """Wrong option types and a generator returning a bad id are refused up front."""
+    with pytest.raises(TypeError, match="Invalid id_generator: 5"):
+        asynctrace.install(id_generator=5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="returned an invalid id"):
+        asynctrace.install(id_generator=lambda: "")
+    with pytest.raises(TypeError, match="Invalid instrument: 'x'"):
+        asynctrace.install(instruments=["x"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="Invalid loop: 3"):
+        asynctrace.install(loop=3)  # type: ignore[arg-type]
+    assert asynctrace.uninstall() is False
+
+
+class SubTask(asyncio.Task):  # type: ignore[type-arg]
+    pass
+
+
+def test_chains_a_task_subclass_factory() -> None:
+    """A factory installed before still builds the tasks; uninstall restores it exactly."""
+
+    def sub_factory(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> SubTask:
+        return SubTask(coro, loop=loop, **kw)
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(sub_factory)
+        installation = asynctrace.install()
+        task = asynctrace.create_task(asyncio.sleep(0), operation_name="sub", name="s")
+        assert type(task) is SubTask
+        assert task.get_name() == "s"
+        assert asynctrace.task_metadata(task) is not None
+        await task
+        installation.uninstall()
+        assert loop.get_task_factory() is sub_factory
+        installation.uninstall()  # twice is harmless
+        assert loop.get_task_factory() is sub_factory
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not PY314, reason="3.14 forwards extra keywords to the factory it chains")
+def test_chained_factory_gets_its_own_keywords_314() -> None:
+    """On 3.14 keywords asynctrace does not know go on to the chained factory."""
+    got: dict[str, Any] = {}
+
+    def framework_factory(
+        loop: asyncio.AbstractEventLoop, coro: Any, *, tenant: str = "-", **kw: Any
+    ) -> asyncio.Task[Any]:
+        got.setdefault("tenant", tenant)
+        return asyncio.Task(coro, loop=loop, **kw)
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_task_factory(framework_factory)
+        asynctrace.install()
+        t = asyncio.create_task(asyncio.sleep(0), tenant="acme", operation_name="op")  # type: ignore[call-arg]
+        await t
+        meta = asynctrace.task_metadata(t)
+        assert meta is not None
+        assert meta.operation_name == "op"
+        assert got == {"tenant": "acme"}
+
+    asyncio.run(main())
+
+
+def test_uninstall_refuses_to_remove_someone_elses_factory() -> None:
+    """If another factory replaced asynctrace's, uninstall says so and leaves it."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        installation = asynctrace.install()
+
+        def theirs(loop: asyncio.AbstractEventLoop, coro: Any, **kw: Any) -> asyncio.Task[Any]:
+            return asyncio.Task(coro, loop=loop, **kw)
+
+        loop.set_task_factory(theirs)
+        with pytest.raises(RuntimeError, match="task factory was replaced"):
+            installation.uninstall()
+        assert loop.get_task_factory() is theirs
+        loop.set_task_factory(None)
+
+    asyncio.run(main())
+
+
+def test_process_uninstall_restores_policy_and_loops() -> None:
+    """Uninstalling the process-wide installation restores the policy and the loops' factory."""
+    get_policy = getattr(asyncio.events, "_get_event_loop_policy", asyncio.get_event_loop_policy)
+    before = get_policy()
+    asynctrace.install()
+    assert get_policy() is not before
+    loop = asyncio.new_event_loop()
+    try:
+        assert loop.get_task_factory() is not None
+        asynctrace.uninstall()
+        assert get_policy() is before
+        assert loop.get_task_factory() is None
+    finally:
+        loop.close()
+
+
+def test_loop_factory_wrapper() -> None:
+    """Runners given a loop_factory bypass the policy; loop_factory() instruments them."""
+    with pytest.raises(RuntimeError, match="needs a process-wide"):
+        asynctrace.loop_factory()()
+    asynctrace.install()
+    with asyncio.Runner(loop_factory=asynctrace.loop_factory(asyncio.SelectorEventLoop)) as r:
+        assert r.run(_meta_of_new_task()) is not None
+    with pytest.raises(TypeError, match="Invalid factory: 3"):
+        asynctrace.loop_factory(3)  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(uvloop is None, reason="uvloop has no wheel for this Python")
+def test_uvloop_loops() -> None:
+    """uvloop: its policy wrapped by a process-wide install, or install() inside its loop."""
+    assert uvloop is not None
+
+    async def main() -> tuple[Any, ...]:
+        asynctrace.install()
+        helper = asynctrace.create_task(asyncio.sleep(0), operation_name="uv", name="uv-task")
+        await helper
+        return asynctrace.task_metadata(helper), helper.get_name()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        meta, name = runner.run(main())
+    assert meta is not None
+    assert meta.operation_name == "uv"
+    assert name == "uv-task"
+    asynctrace.uninstall()
+
+    asynctrace.install()
+    with asyncio.Runner(loop_factory=asynctrace.loop_factory(uvloop.new_event_loop)) as runner:
+        assert runner.run(_meta_of_new_task()) is not None
+
+
+class Boom(asynctrace.Instrument):
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def task_done(self, task: asyncio.Task[Any], record: asynctrace.TaskRecord) -> None:
+        self.calls += 1
+        raise RuntimeError("instrument bug")
+
+
+def test_raising_instrument_is_disabled_logged_once_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A hook that raises never changes a task's result; it is disabled, logged once, counted."""
+    boom = Boom()
+    capture = TaskCapture()
+
+    async def work(i: int) -> int:
+        await asyncio.sleep(0)
+        return i
+
+    async def main() -> list[int]:
+        asynctrace.install(instruments=[boom, capture])
+        return await asyncio.gather(*(work(i) for i in range(10)))
+
+    with caplog.at_level(logging.ERROR, logger="asynctrace"):
+        assert asyncio.run(main()) == list(range(10))
+    assert boom.calls == 1
+    assert len(capture.done) >= 10  # the healthy instrument kept going
+    assert asynctrace.telemetry_errors() == {"instrument Boom": 1}
+    assert sum("instrument Boom failed" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_only_overridden_hooks_are_called() -> None:
+    """An instrument overriding only task_done is not called on creation (zero-cost hooks)."""
+    from asynctrace._state import STATE  # noqa: PLC0415
+
+    class DoneOnly(asynctrace.Instrument):
+        def task_done(self, task: asyncio.Task[Any], record: asynctrace.TaskRecord) -> None:
+            pass
+
+    asynctrace.install(instruments=[DoneOnly()])
+    assert len(STATE.done_hooks) == 1
+    assert STATE.created_hooks == ()
+
+
+def test_capture_records_outcomes() -> None:
+    """Records carry outcome, exception and duration; eager-finished tasks are recorded too."""
+
+    async def ok() -> int:
+        return 1
+
+    async def bad() -> None:
+        raise KeyError("k")
+
+    async def main() -> None:
+        with capture_tasks() as captured:
+            t_ok = asynctrace.create_task(ok(), operation_name="ok", name="ok")
+            t_bad = asyncio.create_task(bad(), name="bad")
+            t_cancel = asyncio.create_task(asyncio.sleep(5), name="cancel")
+            await asyncio.sleep(0)
+            t_cancel.cancel()
+            await asyncio.wait([t_ok, t_bad, t_cancel])
+            await asyncio.sleep(0)
+            outcomes = {name: r.outcome for name, r in captured.done}
+            assert outcomes == {"ok": "finished", "bad": "exception", "cancel": "cancelled"}
+            rec = record_of(t_ok)
+            assert rec is not None
+            assert rec.duration_s is not None
+            assert rec.duration_s >= 0
+            assert rec.metadata.operation_name == "ok"
+            assert isinstance(t_bad.exception(), KeyError)
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(not PY312, reason="eager tasks exist from Python 3.12")
+def test_eager_finished_task_is_recorded() -> None:
+    """An eager task that completes in its first step is recorded without a done callback."""
+
+    async def quick() -> int:
+        return 5
+
+    async def main() -> None:
+        asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)
+        with capture_tasks() as captured:
+            task = asynctrace.create_task(quick(), name="quick")
+            assert task.done()
+            assert [(n, r.outcome) for n, r in captured.done] == [("quick", "finished")]
+        asyncio.get_running_loop().set_task_factory(None)
+
+    asyncio.run(main())

@@ -16,6 +16,7 @@ from __future__ import annotations
 from asynctrace._factory import create_task, task_metadata
 from asynctrace._install import Installation, install, loop_factory, uninstall
 from asynctrace._instrument import Instrument, TaskRecord
+from asynctrace._logs import TaskContextFilter, add_task_context
 from asynctrace._metadata import (
     TaskMetadata,
     correlation,
@@ -23,25 +24,31 @@ from asynctrace._metadata import (
     random_correlation_id,
 )
 from asynctrace._state import STATE as _STATE
+from asynctrace._telemetry import OTLPJsonFileSpanExporter, Summary, summary
+from asynctrace._version import __version__
 
 __all__ = [
     "Installation",
     "Instrument",
+    "OTLPJsonFileSpanExporter",
+    "Summary",
+    "TaskContextFilter",
     "TaskMetadata",
     "TaskRecord",
     "__version__",
+    "add_task_context",
     "correlation",
     "correlation_id",
     "create_task",
     "install",
     "loop_factory",
     "random_correlation_id",
+    "shutdown",
+    "summary",
     "task_metadata",
     "telemetry_errors",
     "uninstall",
 ]
-
-__version__ = "0.1.0"
 
 
 def telemetry_errors() -> dict[str, int]:
@@ -54,3 +61,21 @@ def telemetry_errors() -> dict[str, int]:
     """
     with _STATE.lock:
         return dict(_STATE.errors)
+
+
+def shutdown() -> None:
+    """Flush and stop what :func:`install` started, and uninstall everywhere.
+
+    Exports the spans still queued (when asynctrace made the TracerProvider), stops the
+    ``/metrics`` server and the loop watchdog, unregisters the metrics and restores the previous
+    task factories and policy. Registered to run at interpreter exit; calling it twice is
+    harmless.
+
+    Since: 0.1.0
+    """
+    from asynctrace._install import reset  # noqa: PLC0415 - keeps the import graph one-way
+
+    telemetry = _STATE.telemetry
+    if telemetry is not None:
+        telemetry.flush()
+    reset()

@@ -97,6 +97,16 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
     task_type = asyncio.Task
     accepted = tuple(sorted(_ASYNCIO_KEYWORDS | _METADATA_KEYWORDS))
 
+    def _enter_context(metadata: TaskMetadata, record: TaskRecord) -> None:
+        # Runs inside the new task's context, before the task exists: what the hooks set
+        # here (the task's span, say) is what the first step sees, eager or not.
+        metadata_var.set(metadata)
+        for hook in state.context_hooks:
+            try:
+                hook(record)
+            except (Exception, asyncio.CancelledError) as exc:
+                state.hook_failed(hook, exc)
+
     def _finish(task: asyncio.Task[Any]) -> None:
         record: TaskRecord | None = getattr(task, _RECORD_ATTR, None)
         if record is None:
@@ -173,15 +183,17 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
         elif correlation_id != inherited:
             context.run(cid_var.set, correlation_id)
         metadata = _make_metadata(operation_name, correlation_id, priority_hint)
-        context.run(metadata_var.set, metadata)
+        record = TaskRecord(metadata, perf_ns())
+        if state.context_hooks:
+            context.run(_enter_context, metadata, record)
+        else:
+            context.run(metadata_var.set, metadata)
 
-        created = perf_ns()
         task: asyncio.Task[Any]
         if inner is None:
             task = task_type(coro, loop=loop, **kwargs)
         else:
             task = cast("asyncio.Task[Any]", inner(loop, coro, **kwargs))
-        record = TaskRecord(metadata, created)
         try:
             setattr(task, _RECORD_ATTR, record)
         except AttributeError:

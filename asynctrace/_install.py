@@ -10,14 +10,21 @@ factory. Runners given an explicit ``loop_factory`` bypass policies: wrap that f
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Final, final
+from dataclasses import dataclass, field
+from typing import Any, Final, Literal, final
+
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
+from prometheus_client import CollectorRegistry
 
 from asynctrace._factory import TaskFactory, installation_of, make_factory
-from asynctrace._instrument import Instrument
-from asynctrace._metadata import _check_text, random_correlation_id
+from asynctrace._instrument import Instrument, overrides
+from asynctrace._metadata import TaskMetadata, _check_text, random_correlation_id
 from asynctrace._state import STATE
+from asynctrace._telemetry import Telemetry, TelemetryOptions
+from asynctrace._version import __version__
 
 __all__ = ["Installation", "install", "loop_factory", "uninstall"]
 
@@ -42,7 +49,7 @@ class Options:
 
     id_generator: Callable[[], str] | None = random_correlation_id
     instruments: tuple[Instrument, ...] = ()
-    telemetry: Any = None
+    telemetry: TelemetryOptions = field(default_factory=TelemetryOptions)
 
 
 @final
@@ -78,6 +85,12 @@ class Installation:
         self._previous = self.loop.get_task_factory()
         self._factory = make_factory(self, self._previous)
         self.loop.set_task_factory(self._factory)
+        for instrument in STATE.instruments:
+            if overrides(instrument, "loop_attached"):
+                try:
+                    instrument.loop_attached(self.loop)
+                except Exception as exc:
+                    STATE.hook_failed(instrument.loop_attached, exc)
 
     def uninstall(self) -> None:
         """Restore exactly what was there before: the previous task factory or loop policy.
@@ -170,21 +183,24 @@ def _uninstall_process(installation: Installation) -> None:
 
 
 def _forget_if_idle() -> None:
-    """Drop the configuration once nothing is installed, so the next install may change it."""
+    """Once nothing is installed, stop telemetry and drop the configuration."""
     if STATE.process is None and not any(i.active for i in STATE.loop_installations):
         STATE.loop_installations.clear()
+        telemetry, STATE.telemetry = STATE.telemetry, None
+        if telemetry is not None:
+            telemetry.shutdown()
         STATE.options = None
         STATE.id_generator = None
+        STATE.set_instruments(())
 
 
 def _configure(options: Options) -> None:
     if STATE.options is None:
+        telemetry = Telemetry(options.telemetry, __version__)
         STATE.options = options
+        STATE.telemetry = telemetry
         STATE.id_generator = options.id_generator
-        instruments = options.instruments
-        if options.telemetry is not None:
-            instruments = (*options.telemetry.instruments(), *instruments)
-        STATE.set_instruments(instruments)
+        STATE.set_instruments((*telemetry.instruments(), *options.instruments))
         return
     if options != STATE.options:
         raise ValueError(
@@ -194,7 +210,9 @@ def _configure(options: Options) -> None:
 
 
 def _make_options(
-    id_generator: Callable[[], str] | None, instruments: Iterable[Instrument]
+    id_generator: Callable[[], str] | None,
+    instruments: Iterable[Instrument],
+    telemetry: TelemetryOptions,
 ) -> Options:
     if id_generator is not None and not callable(id_generator):
         raise TypeError(
@@ -215,7 +233,7 @@ def _make_options(
             raise TypeError(
                 f"Invalid instrument: {instrument!r}; expected an asynctrace.Instrument."
             )
-    return Options(id_generator=id_generator, instruments=instruments)
+    return Options(id_generator=id_generator, instruments=instruments, telemetry=telemetry)
 
 
 def install(
@@ -223,6 +241,21 @@ def install(
     *,
     id_generator: Callable[[], str] | None = random_correlation_id,
     instruments: Iterable[Instrument] = (),
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
+    registry: CollectorRegistry | None = None,
+    service_name: str | None = None,
+    otlp_endpoint: str | None = None,
+    otlp_protocol: Literal["http/protobuf", "grpc"] | None = None,
+    traces_file: str | None = None,
+    prometheus_port: int | None = None,
+    prometheus_addr: str = "127.0.0.1",
+    task_filter: Callable[[TaskMetadata], bool] | Literal["operation"] | None = None,
+    metrics: bool = True,
+    max_operations: int = 100,
+    loop_monitor: bool = True,
+    lag_interval: float = 0.25,
+    blocked_threshold: float = 0.1,
 ) -> Installation:
     """Install the asynctrace task factory; every task created afterwards carries metadata.
 
@@ -241,6 +274,25 @@ def install(
         id_generator: Makes the correlation id of a task created where none is set; None turns
             generation off (such tasks then have no correlation id).
         instruments: :class:`Instrument` objects to call on task creation and completion.
+        tracer_provider: Record spans with this provider (default: the global one when the app
+            set an SDK provider; else one asynctrace makes when export is asked for).
+        meter_provider: Also record task metrics with this OpenTelemetry MeterProvider.
+        registry: The prometheus_client registry for task metrics (default: ``REGISTRY``).
+        service_name: ``service.name`` of the provider asynctrace makes (``OTEL_SERVICE_NAME``).
+        otlp_endpoint: Export spans by OTLP there (``OTEL_EXPORTER_OTLP_ENDPOINT``).
+        otlp_protocol: ``"http/protobuf"`` (default) or ``"grpc"`` (the ``grpc`` extra).
+        traces_file: With no endpoint, write spans here as OTLP/JSON (default
+            ``asynctrace-traces.jsonl`` when export is asked for).
+        prometheus_port: Serve ``/metrics`` on this port (``ASYNCTRACE_PROMETHEUS_PORT``; 0
+            picks a free one).
+        prometheus_addr: The address to bind ``/metrics`` to.
+        task_filter: Which tasks get spans: a predicate on :class:`TaskMetadata`, or
+            ``"operation"`` for tasks with an operation_name (metrics count every task).
+        metrics: Count tasks into Prometheus metrics.
+        max_operations: Distinct ``operation`` label values before the rest become ``_other``.
+        loop_monitor: Measure event-loop lag and blocked-loop episodes by heartbeat.
+        lag_interval: Seconds between heartbeats.
+        blocked_threshold: Seconds a heartbeat may be late before the loop counts as blocked.
 
     Returns:
         The :class:`Installation`; its ``uninstall()`` restores what was there before.
@@ -251,7 +303,25 @@ def install(
 
     Since: 0.1.0
     """
-    options = _make_options(id_generator, instruments)
+    telemetry_options = TelemetryOptions.resolve(
+        os.environ,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+        registry=registry,
+        service_name=service_name,
+        otlp_endpoint=otlp_endpoint,
+        otlp_protocol=otlp_protocol,
+        traces_file=traces_file,
+        prometheus_port=prometheus_port,
+        prometheus_addr=prometheus_addr,
+        task_filter=task_filter,
+        metrics=metrics,
+        max_operations=max_operations,
+        loop_monitor=loop_monitor,
+        lag_interval=lag_interval,
+        blocked_threshold=blocked_threshold,
+    )
+    options = _make_options(id_generator, instruments, telemetry_options)
     if loop is None:
         try:
             loop = asyncio.get_running_loop()

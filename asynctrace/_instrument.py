@@ -73,6 +73,16 @@ class Instrument:
     Since: 0.1.0
     """
 
+    def task_context(self, record: TaskRecord) -> None:
+        """Called inside the new task's context before the task is built.
+
+        Context variables set here are what the task's first step sees (even an eager one);
+        the task object does not exist yet.
+        """
+
+    def loop_attached(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Called when asynctrace's factory is put on ``loop`` (to start per-loop monitors)."""
+
     def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
         """Called right after the factory built ``task`` (an eager task may be done already)."""
 

@@ -26,9 +26,9 @@ logger: Final = logging.getLogger("asynctrace")
 class State:
     """The installation, the active instruments and the telemetry error counts.
 
-    The hot path reads ``created_hooks``, ``done_hooks`` and ``id_generator`` without a lock:
-    they are replaced whole (tuples, a callable), never mutated, which is safe with and
-    without the GIL. Writers hold ``lock``.
+    The hot path reads ``context_hooks``, ``created_hooks``, ``done_hooks`` and
+    ``id_generator`` without a lock: they are replaced whole (tuples, a callable), never
+    mutated, which is safe with and without the GIL. Writers hold ``lock``.
     """
 
     def __init__(self) -> None:
@@ -42,10 +42,12 @@ class State:
         self.loop_installations: list[Installation] = []
         self.options: Any = None
         self.instruments: tuple[Instrument, ...] = ()
+        self.context_hooks: tuple[Callable[[TaskRecord], None], ...] = ()
         self.created_hooks: tuple[Hook, ...] = ()
         self.done_hooks: tuple[Hook, ...] = ()
         self.id_generator: Callable[[], str] | None = None
         self.errors: dict[str, int] = {}
+        self.dropped_spans = 0
         self.telemetry: Any = None
 
     def set_instruments(self, instruments: tuple[Instrument, ...]) -> None:
@@ -55,12 +57,15 @@ class State:
             self._rebuild_hooks()
 
     def _rebuild_hooks(self) -> None:
+        self.context_hooks = tuple(
+            i.task_context for i in self.instruments if overrides(i, "task_context")
+        )
         self.created_hooks = tuple(
             i.task_created for i in self.instruments if overrides(i, "task_created")
         )
         self.done_hooks = tuple(i.task_done for i in self.instruments if overrides(i, "task_done"))
 
-    def hook_failed(self, hook: Hook, exc: BaseException) -> None:
+    def hook_failed(self, hook: Callable[..., None], exc: BaseException) -> None:
         """Disable the instrument ``hook`` belongs to, log that once and count it."""
         instrument = getattr(hook, "__self__", hook)
         with self.lock:

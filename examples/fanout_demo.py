@@ -16,7 +16,8 @@ async def normalize(source: str, doc: str) -> str:
     meta = asynctrace.task_metadata()
     await asyncio.sleep(random.uniform(0.001, 0.01))
     child = await asyncio.create_task(checksum(doc))
-    assert meta is not None
+    if meta is None:
+        raise RuntimeError("asynctrace is not installed")
     print(
         f"  {meta.operation_name:<10} source={source:<6} "
         f"correlation_id={asynctrace.correlation_id()} priority={meta.priority_hint} "
@@ -25,7 +26,7 @@ async def normalize(source: str, doc: str) -> str:
     return doc.upper()
 
 
-async def checksum(doc: str) -> str | None:
+async def checksum(doc: str) -> str | None:  # noqa: ARG001 - the demo only shows the id
     await asyncio.sleep(0)
     return asynctrace.correlation_id()
 

@@ -1,0 +1,134 @@
+"""Event-loop lag and blocked-loop episodes, by heartbeat (works the same under uvloop).
+
+Each instrumented loop runs a timer every ``interval``: how late it fires is the loop's lag.
+A watchdog thread notices a heartbeat that is overdue by more than ``threshold`` while it is
+still overdue. That is a loop blocked now. The watchdog counts the episode under the operation
+of the task running at that moment (``asyncio.current_task(loop)``) and logs the loop thread's
+stack, so you can see what the loop is stuck on. Nothing in asyncio is patched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import threading
+import time
+import traceback
+import weakref
+from typing import TYPE_CHECKING, Final, final
+
+from asynctrace._factory import task_metadata
+from asynctrace._instrument import Instrument
+
+if TYPE_CHECKING:
+    from asynctrace._metrics import MetricsSink
+
+__all__ = ["LoopMonitor"]
+
+logger: Final = logging.getLogger("asynctrace")
+_STACK_LOG_EVERY_S: Final = 5.0  # a stuck loop logs its stack at most this often
+
+
+@final
+class _Watched:
+    __slots__ = ("due", "flagged", "loop", "thread_id")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = weakref.ref(loop)
+        self.due = 0.0  # time.monotonic() by which the next heartbeat should have run
+        self.thread_id = 0
+        self.flagged = False
+
+
+@final
+class LoopMonitor(Instrument):
+    """Heartbeats on every instrumented loop, plus one watchdog thread for blocked loops."""
+
+    def __init__(
+        self, metrics: MetricsSink, interval: float = 0.25, threshold: float = 0.1
+    ) -> None:
+        """Beat every ``interval`` s; a loop late by more than ``threshold`` s is blocked."""
+        self._metrics = metrics
+        self._interval = interval
+        self._threshold = threshold
+        self._watched: list[_Watched] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_stack_log = 0.0
+
+    def loop_attached(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the heartbeat on ``loop`` and make sure the watchdog runs."""
+        watched = _Watched(loop)
+        with self._lock:
+            self._watched.append(watched)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._watch, name="asynctrace-watchdog", daemon=True
+                )
+                self._thread.start()
+        watched.due = time.monotonic() + self._interval + self._threshold
+        loop.call_soon_threadsafe(self._beat, watched, None)
+
+    def _beat(self, watched: _Watched, expected: float | None) -> None:
+        loop = watched.loop()
+        if loop is None or self._stop.is_set():
+            return
+        now = loop.time()
+        if expected is not None:
+            lag = max(0.0, now - expected)
+            self._metrics.observe_lag(lag)
+            if lag > self._threshold and not watched.flagged:
+                # Blocked, but shorter than the watchdog could see: count it, task unknown.
+                self._metrics.count_blocked(None)
+        watched.flagged = False
+        watched.thread_id = threading.get_ident()
+        watched.due = time.monotonic() + self._interval + self._threshold
+        loop.call_at(now + self._interval, self._beat, watched, now + self._interval)
+
+    def _watch(self) -> None:
+        period = max(0.005, min(self._interval, self._threshold) / 2)
+        while not self._stop.wait(period):
+            now = time.monotonic()
+            with self._lock:
+                self._watched = [w for w in self._watched if w.loop() is not None]
+                watched = list(self._watched)
+            for w in watched:
+                loop = w.loop()
+                if loop is None or w.flagged or now <= w.due or not loop.is_running():
+                    continue
+                w.flagged = True
+                self._blocked(loop, w, now - w.due + self._threshold)
+
+    def _blocked(self, loop: asyncio.AbstractEventLoop, w: _Watched, late: float) -> None:
+        try:
+            task = asyncio.current_task(loop)
+        except RuntimeError:  # pragma: no cover - the loop stopped meanwhile
+            task = None
+        meta = task_metadata(task) if task is not None else None
+        operation = meta.operation_name if meta is not None else None
+        self._metrics.count_blocked(operation)
+        now = time.monotonic()
+        if now - self._last_stack_log < _STACK_LOG_EVERY_S:
+            return
+        self._last_stack_log = now
+        frame = sys._current_frames().get(w.thread_id)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else "(unknown)\n"
+        logger.warning(
+            "asynctrace: event loop blocked for more than %.3f s in task %s (operation %s, "
+            "correlation_id %s); the loop thread is at:\n%s",
+            late,
+            task.get_name() if task is not None else "(none)",
+            operation,
+            meta.correlation_id if meta is not None else None,
+            stack,
+        )
+
+    def close(self) -> None:
+        """Stop the heartbeats and the watchdog thread."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+        self._thread = None

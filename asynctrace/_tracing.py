@@ -1,0 +1,259 @@
+"""Each task as an OpenTelemetry span: from creation to completion, parented where it was created.
+
+Two paths, chosen per provider:
+
+- **Fast path** (an SDK ``TracerProvider`` whose span processors do nothing in ``on_start``, such
+  as the Batch and Simple processors): at creation the provider's sampler decides and its id
+  generator gives the span id. The task's context gets a lightweight span handle carrying
+  that identity, so spans opened inside the task nest under it. At completion a finished
+  ``ReadableSpan`` goes to the provider's span processors. No SDK ``Span`` object, lock or
+  event list is created per task.
+- **Full path** (any other provider, or a processor that acts in ``on_start``): a real span from
+  ``tracer.start_span``, made current in the task and ended at completion.
+
+Either way the user's provider, sampler, processors and exporters are used unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any, Final, final
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.sdk import trace as sdk_trace
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import (
+    NonRecordingSpan,
+    SpanContext,
+    SpanKind,
+    Status,
+    StatusCode,
+    TraceFlags,
+)
+
+from asynctrace._instrument import CANCELLED, EXCEPTION, Instrument, TaskRecord
+from asynctrace._metadata import TaskMetadata
+
+__all__ = [
+    "ATTR_CORRELATION_ID",
+    "ATTR_OPERATION",
+    "ATTR_OUTCOME",
+    "ATTR_PRIORITY_HINT",
+    "ATTR_TASK_NAME",
+    "SpanSink",
+    "sampled_ids",
+    "span_name",
+]
+
+ATTR_TASK_NAME: Final = "asyncio.task.name"
+ATTR_OUTCOME: Final = "asyncio.task.outcome"
+ATTR_OPERATION: Final = "asynctrace.operation"
+ATTR_CORRELATION_ID: Final = "asynctrace.correlation_id"
+ATTR_PRIORITY_HINT: Final = "asynctrace.priority_hint"
+
+_PROVISIONAL_NAME: Final = "asyncio.task"
+_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
+_OK_ON_START: Final = (BatchSpanProcessor, SimpleSpanProcessor)
+
+TaskFilter = Callable[[TaskMetadata], bool]
+
+
+def _is_default_name(name: str) -> bool:
+    return name.startswith("Task-") and name[5:].isdigit()
+
+
+def span_name(task: asyncio.Task[Any], metadata: TaskMetadata) -> str:
+    """The span name: operation_name, else a name the user gave, else the coroutine's qualname."""
+    if metadata.operation_name is not None:
+        return metadata.operation_name
+    name = task.get_name()
+    if not _is_default_name(name):
+        return name
+    coro = task.get_coro()
+    return getattr(coro, "__qualname__", None) or _PROVISIONAL_NAME
+
+
+def sampled_ids(record: TaskRecord) -> tuple[int, int] | None:
+    """The (trace id, span id) of the task's span when it is sampled, else None."""
+    data = record.sink_data
+    if isinstance(data, tuple):
+        ctx: SpanContext = data[0]
+        return ctx.trace_id, ctx.span_id
+    if isinstance(data, trace.Span):
+        ctx = data.get_span_context()
+        if ctx.trace_flags.sampled:
+            return ctx.trace_id, ctx.span_id
+    return None
+
+
+def _attributes(task: asyncio.Task[Any], record: TaskRecord) -> dict[str, Any]:
+    meta = record.metadata
+    attributes: dict[str, Any] = {
+        ATTR_TASK_NAME: task.get_name(),
+        ATTR_OUTCOME: record.outcome,
+    }
+    if meta.operation_name is not None:
+        attributes[ATTR_OPERATION] = meta.operation_name
+    if meta.correlation_id is not None:
+        attributes[ATTR_CORRELATION_ID] = meta.correlation_id
+    if meta.priority_hint is not None:
+        attributes[ATTR_PRIORITY_HINT] = meta.priority_hint
+    return attributes
+
+
+def _exception_event_attributes(exc: BaseException) -> dict[str, Any]:
+    return {
+        "exception.type": type(exc).__qualname__,
+        "exception.message": str(exc),
+        "exception.stacktrace": "".join(traceback.format_exception(exc)),
+        "exception.escaped": "True",
+    }
+
+
+@final
+class SpanSink(Instrument):
+    """Records each task the filter admits as a span of ``tracer_provider``."""
+
+    def __init__(
+        self,
+        tracer_provider: trace.TracerProvider,
+        task_filter: TaskFilter | None = None,
+        version: str = "",
+    ) -> None:
+        """Trace with ``tracer_provider``, only tasks whose metadata ``task_filter`` admits."""
+        self._provider = tracer_provider
+        self._filter = task_filter
+        self._tracer = tracer_provider.get_tracer("asynctrace", version)
+        self._scope = InstrumentationScope("asynctrace", version)
+        # perf_counter_ns() is what the factory records; spans need the epoch.
+        self._epoch_offset = time.time_ns() - time.perf_counter_ns()
+        self._checked_processors: object = None
+        self._fast = False
+        self._recheck()
+
+    def _recheck(self) -> None:
+        tracer = self._tracer
+        if not isinstance(tracer, sdk_trace.Tracer):
+            self._fast = False
+            return
+        multi = tracer.span_processor
+        processors = getattr(multi, "_span_processors", None)
+        self._checked_processors = processors
+        if processors is None:
+            self._fast = False
+            return
+        self._fast = all(
+            isinstance(p, _OK_ON_START) or type(p).on_start is sdk_trace.SpanProcessor.on_start
+            for p in processors
+        )
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether spans are built as finished ReadableSpans (see the module docstring)."""
+        return self._fast
+
+    def task_context(self, record: TaskRecord) -> None:
+        """Start the task's span in the task's context (parent: the span current there)."""
+        if self._filter is not None and not self._filter(record.metadata):
+            return
+        tracer = self._tracer
+        if isinstance(tracer, sdk_trace.Tracer):
+            if getattr(tracer.span_processor, "_span_processors", None) is not (
+                self._checked_processors
+            ):
+                self._recheck()  # a processor was added since
+            if self._fast:
+                self._start_fast(tracer, record)
+                return
+        span = tracer.start_span(
+            record.metadata.operation_name or _PROVISIONAL_NAME,
+            kind=SpanKind.INTERNAL,
+            start_time=record.created_ns + self._epoch_offset,
+        )
+        otel_context.attach(trace.set_span_in_context(span))
+        record.sink_data = span
+
+    def _start_fast(self, tracer: sdk_trace.Tracer, record: TaskRecord) -> None:
+        current = otel_context.get_current()
+        parent = trace.get_current_span(current).get_span_context()
+        if parent.is_valid:
+            trace_id = parent.trace_id
+        else:
+            trace_id = tracer.id_generator.generate_trace_id()
+            parent = None  # type: ignore[assignment]
+        name = record.metadata.operation_name or _PROVISIONAL_NAME
+        result = tracer.sampler.should_sample(current, trace_id, name, SpanKind.INTERNAL)
+        sampled = result.decision is Decision.RECORD_AND_SAMPLE
+        span_context = SpanContext(
+            trace_id,
+            tracer.id_generator.generate_span_id(),
+            is_remote=False,
+            trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
+            trace_state=result.trace_state,
+        )
+        # Children (tasks, HTTP clients, DB drivers) see this span as their parent, sampled
+        # or not, so a dropped task also drops its subtree under parent-based samplers.
+        otel_context.attach(trace.set_span_in_context(NonRecordingSpan(span_context), current))
+        if sampled:
+            record.sink_data = (span_context, parent, result.attributes)
+
+    def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
+        """End the task's span with its outcome."""
+        data = record.sink_data
+        if data is None:
+            return
+        end = record.finished_ns + self._epoch_offset
+        attributes = _attributes(task, record)
+        exc = record.exception
+        if isinstance(data, tuple):
+            span_context, parent, sampler_attributes = data
+            if sampler_attributes:
+                attributes = {**sampler_attributes, **attributes}
+            events: tuple[sdk_trace.Event, ...] = ()
+            status = Status(StatusCode.UNSET)
+            if record.outcome == EXCEPTION and exc is not None:
+                status = Status(StatusCode.ERROR, f"{type(exc).__qualname__}: {exc}")
+                events = (sdk_trace.Event("exception", _exception_event_attributes(exc), end),)
+            tracer = self._tracer
+            assert isinstance(tracer, sdk_trace.Tracer)  # noqa: S101 - set by task_context
+            span = sdk_trace.ReadableSpan(
+                name=span_name(task, record.metadata),
+                context=span_context,
+                parent=parent,
+                resource=tracer.resource,
+                attributes=attributes,
+                events=events,
+                kind=SpanKind.INTERNAL,
+                status=status,
+                start_time=record.created_ns + self._epoch_offset,
+                end_time=end,
+                instrumentation_scope=self._scope,
+            )
+            tracer.span_processor.on_end(span)
+            return
+        self._end_full(task, record, data, attributes, end)
+
+    def _end_full(
+        self,
+        task: asyncio.Task[Any],
+        record: TaskRecord,
+        span: trace.Span,
+        attributes: dict[str, Any],
+        end: int,
+    ) -> None:
+        exc = record.exception
+        span.update_name(span_name(task, record.metadata))
+        span.set_attributes(attributes)
+        if record.outcome == EXCEPTION and exc is not None:
+            span.record_exception(exc, timestamp=end, escaped=True)
+            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__qualname__}: {exc}"))
+        elif record.outcome == CANCELLED:
+            span.set_status(Status(StatusCode.UNSET))
+        span.end(end_time=end)

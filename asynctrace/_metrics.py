@@ -188,9 +188,8 @@ class MetricsSink(Instrument):
     def count_blocked(self, operation_name: str | None) -> None:
         """Count one blocked-loop episode (any thread)."""
         op = self.label(operation_name) if operation_name is not None else "unknown"
-        with self._lock:  # the watchdog thread counts too
-            shard = self._shard()
-            shard.blocked[op] = shard.blocked.get(op, 0) + 1
+        blocked = self._shard().blocked  # the watchdog thread has a shard of its own
+        blocked[op] = blocked.get(op, 0) + 1
 
     def close(self) -> None:
         """Unregister from the registry."""

@@ -71,7 +71,7 @@ class State:
         with self.lock:
             self.instruments = tuple(i for i in self.instruments if i is not instrument)
             self._rebuild_hooks()
-        self.count_error(f"instrument {type(instrument).__qualname__}", exc)
+        self.count_error(f"instrument {type(instrument).__name__}", exc)
 
     def count_error(self, source: str, exc: BaseException | None = None) -> None:
         """Count a telemetry failure from ``source``; log only the first one of each source."""

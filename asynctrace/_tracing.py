@@ -61,6 +61,15 @@ _PROVISIONAL_NAME: Final = "asyncio.task"
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
 _OK_ON_START: Final = (BatchSpanProcessor, SimpleSpanProcessor)
+# The event loop's own housekeeping tasks (asyncio.run's shutdown, uvloop's too): no spans.
+_INTERNAL_COROUTINES: Final = frozenset(
+    {
+        "BaseEventLoop.shutdown_asyncgens",
+        "BaseEventLoop.shutdown_default_executor",
+        "Loop.shutdown_asyncgens",
+        "Loop.shutdown_default_executor",
+    }
+)
 
 TaskFilter = Callable[[TaskMetadata], bool]
 
@@ -209,6 +218,10 @@ class SpanSink(Instrument):
         data = record.sink_data
         if data is None:
             return
+        if record.metadata.operation_name is None and (
+            getattr(task.get_coro(), "__qualname__", None) in _INTERNAL_COROUTINES
+        ):
+            return  # on the full path the span is never ended, so never exported
         end = record.finished_ns + self._epoch_offset
         attributes = _attributes(task, record)
         exc = record.exception

@@ -1,0 +1,117 @@
+"""Real OTLP receivers for tests: OTLP/HTTP (protobuf) and OTLP/gRPC, on 127.0.0.1.
+
+Built from the official opentelemetry-proto message and service definitions. They keep every
+``ExportTraceServiceRequest`` they get, flattened into plain span dicts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+
+def _value(v: AnyValue) -> Any:
+    kind = v.WhichOneof("value")
+    return getattr(v, kind) if kind else None
+
+
+class Received:
+    """Spans received so far, thread-safe."""
+
+    def __init__(self) -> None:  # noqa: D107
+        self._lock = threading.Lock()
+        self.spans: list[dict[str, Any]] = []
+        self.requests = 0
+
+    def add(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:  # noqa: D102
+        flat = []
+        for rs in request.resource_spans:
+            resource = {a.key: _value(a.value) for a in rs.resource.attributes}
+            for ss in rs.scope_spans:
+                for s in ss.spans:
+                    flat.append(
+                        {
+                            "name": s.name,
+                            "trace_id": s.trace_id.hex(),
+                            "span_id": s.span_id.hex(),
+                            "parent_span_id": s.parent_span_id.hex() or None,
+                            "attributes": {a.key: _value(a.value) for a in s.attributes},
+                            "status_code": s.status.code,
+                            "resource": resource,
+                            "scope": ss.scope.name,
+                        }
+                    )
+        with self._lock:
+            self.requests += 1
+            self.spans.extend(flat)
+
+    def snapshot(self) -> list[dict[str, Any]]:  # noqa: D102
+        with self._lock:
+            return list(self.spans)
+
+
+def http_receiver() -> Iterator[tuple[str, Received]]:
+    """Serve OTLP/HTTP on a free port; yields (base URL, received)."""
+    received = Received()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path != "/v1/traces":
+                self.send_response(404)
+                self.end_headers()
+                return
+            request = trace_service_pb2.ExportTraceServiceRequest()
+            request.ParseFromString(body)
+            received.add(request)
+            payload = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def grpc_receiver() -> Iterator[tuple[str, Received]]:
+    """Serve OTLP/gRPC on a free port; yields ("http://127.0.0.1:PORT", received)."""
+    import grpc  # noqa: PLC0415
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc  # noqa: PLC0415
+
+    received = Received()
+
+    class Service(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(  # noqa: N802 - the proto's naming
+            self,
+            request: trace_service_pb2.ExportTraceServiceRequest,
+            context: object,  # noqa: ARG002
+        ) -> trace_service_pb2.ExportTraceServiceResponse:
+            received.add(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}", received
+    finally:
+        server.stop(grace=1).wait(5)

@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Generator
-from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, final
 
 from asynctrace._instrument import CANCELLED, EXCEPTION, FINISHED, TaskRecord
 from asynctrace._metadata import (
@@ -46,15 +46,16 @@ TaskFactory = Callable[..., "asyncio.Future[Any]"]
 
 PY312: Final = sys.version_info >= (3, 12)
 PY314: Final = sys.version_info >= (3, 14)
+_HAS_GET_CONTEXT: Final = hasattr(asyncio.Task, "get_context")
 
-_RECORD_ATTR: Final = "_asynctrace_record"
+_RECORD_ATTR: Final = "_asynctrace_metadata"
 _INSTALLATION_ATTR: Final = "_asynctrace_installation"
 _ASYNCIO_KEYWORDS: Final = frozenset({"name", "context", "eager_start"})
 _METADATA_KEYWORDS: Final = frozenset({"operation_name", "correlation_id", "priority_hint"})
 _HELPER_KEYWORDS: Final = tuple(sorted(_ASYNCIO_KEYWORDS | _METADATA_KEYWORDS | {"task_group"}))
 
-# Tasks whose type refuses attributes keep their record here instead.
-_RECORDS: Final[weakref.WeakKeyDictionary[asyncio.Future[Any], TaskRecord]] = (
+# Python 3.11: tasks whose type refuses attributes keep their metadata here instead.
+_RECORDS: Final[weakref.WeakKeyDictionary[asyncio.Future[Any], TaskMetadata]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -84,6 +85,37 @@ def _close(coro: object) -> None:
         close()
 
 
+@final
+class _LiveRecord(TaskRecord):
+    """The record of a task the factory made. It is also the task's done callback."""
+
+    __slots__ = ()
+
+    def __call__(self, task: asyncio.Task[Any]) -> None:
+        """Record the outcome (without marking an exception retrieved), call the done hooks."""
+        self.finished_ns = _perf_ns()
+        if task.cancelled():
+            self.outcome = CANCELLED
+        else:
+            # Read the slot, not task.exception(): that would mark the exception retrieved
+            # and silence asyncio's "Task exception was never retrieved".
+            exc = task._exception
+            if exc is None:
+                self.outcome = FINISHED
+            else:
+                self.outcome = EXCEPTION
+                self.exception = exc
+        for hook in STATE.done_hooks:
+            try:
+                hook(task, self)
+            except (Exception, asyncio.CancelledError) as exc:
+                STATE.hook_failed(hook, exc)
+        self.exception = None
+
+
+_perf_ns: Final = time.perf_counter_ns
+
+
 def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no extra calls
     installation: Installation, inner: TaskFactory | None
 ) -> TaskFactory:
@@ -93,44 +125,23 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
     copy_context = contextvars.copy_context
     cid_var = _CORRELATION_ID
     metadata_var = _METADATA
-    perf_ns = time.perf_counter_ns
+    perf_ns = _perf_ns
     task_type = asyncio.Task
+    new_record = _LiveRecord
     accepted = tuple(sorted(_ASYNCIO_KEYWORDS | _METADATA_KEYWORDS))
+    keep_on_task = not _HAS_GET_CONTEXT
+    # Tasks of one fan-out share their metadata object (no operation, same id).
+    last: list[Any] = [None, None]  # [correlation id, TaskMetadata]
 
-    def _enter_context(metadata: TaskMetadata, record: TaskRecord) -> None:
+    def _enter_context(record: TaskRecord) -> None:
         # Runs inside the new task's context, before the task exists: what the hooks set
         # here (the task's span, say) is what the first step sees, eager or not.
-        metadata_var.set(metadata)
+        metadata_var.set(record.metadata)
         for hook in state.context_hooks:
             try:
                 hook(record)
             except (Exception, asyncio.CancelledError) as exc:
                 state.hook_failed(hook, exc)
-
-    def _finish(task: asyncio.Task[Any]) -> None:
-        record: TaskRecord | None = getattr(task, _RECORD_ATTR, None)
-        if record is None:
-            record = _RECORDS.get(task)
-            if record is None:  # pragma: no cover - the factory always sets one
-                return
-        record.finished_ns = perf_ns()
-        if task.cancelled():
-            record.outcome = CANCELLED
-        else:
-            # Read the slot, not task.exception(): that would mark the exception retrieved
-            # and silence asyncio's "Task exception was never retrieved".
-            exc = task._exception
-            if exc is None:
-                record.outcome = FINISHED
-            else:
-                record.outcome = EXCEPTION
-                record.exception = exc
-        for hook in state.done_hooks:
-            try:
-                hook(task, record)
-            except (Exception, asyncio.CancelledError) as exc:
-                state.hook_failed(hook, exc)
-        record.exception = None
 
     def asynctrace_task_factory(  # noqa: C901, PLR0912, PLR0915 - see make_factory
         loop: asyncio.AbstractEventLoop,
@@ -166,8 +177,7 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
 
         context = kwargs.get("context")
         if context is None:
-            context = copy_context()
-            kwargs["context"] = context
+            context = kwargs["context"] = copy_context()
             inherited = cid_var.get()
         else:
             inherited = context.get(cid_var)
@@ -182,11 +192,24 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
                     context.run(cid_var.set, correlation_id)
         elif correlation_id != inherited:
             context.run(cid_var.set, correlation_id)
-        metadata = _make_metadata(operation_name, correlation_id, priority_hint)
-        record = TaskRecord(metadata, perf_ns())
-        if state.context_hooks:
-            context.run(_enter_context, metadata, record)
+        if operation_name is None and priority_hint is None:
+            if last[0] is correlation_id and correlation_id is not None:
+                metadata = last[1]
+            else:
+                metadata = _make_metadata(None, correlation_id, None)
+                last[0], last[1] = correlation_id, metadata
         else:
+            metadata = _make_metadata(operation_name, correlation_id, priority_hint)
+        context_hooks = state.context_hooks
+        done_hooks = state.done_hooks
+        if context_hooks or done_hooks or state.created_hooks:
+            record: _LiveRecord | None = new_record(metadata, perf_ns())
+            if context_hooks:
+                context.run(_enter_context, record)
+            else:
+                context.run(metadata_var.set, metadata)
+        else:  # nothing observes tasks: metadata only, no record, no done callback
+            record = None
             context.run(metadata_var.set, metadata)
 
         task: asyncio.Task[Any]
@@ -194,19 +217,22 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
             task = task_type(coro, loop=loop, **kwargs)
         else:
             task = cast("asyncio.Task[Any]", inner(loop, coro, **kwargs))
-        try:
-            setattr(task, _RECORD_ATTR, record)
-        except AttributeError:
-            _RECORDS[task] = record
+        if keep_on_task:  # Python 3.11 has no Task.get_context() to find the metadata later
+            try:
+                setattr(task, _RECORD_ATTR, metadata)
+            except AttributeError:
+                _RECORDS[task] = metadata
+        if record is None:
+            return task
         for hook in state.created_hooks:
             try:
                 hook(task, record)
             except (Exception, asyncio.CancelledError) as exc:
                 state.hook_failed(hook, exc)
         if task.done():  # an eager task that finished in its first step
-            _finish(task)
-        else:
-            task.add_done_callback(_finish, context=context)
+            record(task)
+        elif done_hooks:
+            task.add_done_callback(record, context=context)
         return task
 
     setattr(asynctrace_task_factory, _INSTALLATION_ATTR, installation)
@@ -220,11 +246,16 @@ def installation_of(factory: object) -> Installation | None:
 
 
 def task_record(task: asyncio.Future[Any]) -> TaskRecord | None:
-    """Return the :class:`TaskRecord` the factory keeps for ``task``, or None."""
-    record: TaskRecord | None = getattr(task, _RECORD_ATTR, None)
-    if record is None:
-        record = _RECORDS.get(task)
-    return record
+    """Return the :class:`TaskRecord` of a task still running, or None.
+
+    The record is the task's done callback, so it is found while the task runs; after that,
+    instruments have had it in ``task_done``.
+    """
+    for callback in getattr(task, "_callbacks", None) or ():
+        fn = callback[0] if isinstance(callback, tuple) else callback
+        if isinstance(fn, _LiveRecord):
+            return fn
+    return None
 
 
 def task_metadata(task: asyncio.Future[Any] | None = None) -> TaskMetadata | None:
@@ -233,21 +264,27 @@ def task_metadata(task: asyncio.Future[Any] | None = None) -> TaskMetadata | Non
     Args:
         task: The task; by default the current one (None outside a task).
 
+    On Python 3.12+ the metadata is read from the task's context: a task built by calling
+    ``asyncio.Task(...)`` directly (bypassing ``create_task`` and so the factory) inside an
+    instrumented task reports the metadata of the task that created it.
+
     Since: 0.1.0
     """
     if task is None:
         try:
-            task = asyncio.current_task()
+            current = asyncio.current_task()
         except RuntimeError:  # no running loop
             return None
-        if task is None:
-            return None
-        record = task_record(task)
-        # The first step of an eager task runs before the factory has returned the task:
-        # the metadata is already in its context.
-        return record.metadata if record is not None else _METADATA.get()
-    record = task_record(task)
-    return record.metadata if record is not None else None
+        # Inside a task (even during an eager first step, before the factory has returned
+        # the task) the metadata is in the context.
+        return _METADATA.get() if current is not None else None
+    get_context = getattr(task, "get_context", None)
+    if get_context is not None:
+        return cast("TaskMetadata | None", get_context().get(_METADATA))
+    metadata = getattr(task, _RECORD_ATTR, None)
+    if metadata is None:
+        metadata = _RECORDS.get(task)
+    return cast("TaskMetadata | None", metadata)
 
 
 def create_task(  # noqa: C901, PLR0911, PLR0912 - one check per keyword, one path per case

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Final, Literal, final
+from typing import Any, Final, Literal
 
 from asynctrace._metadata import TaskMetadata
 
@@ -22,7 +22,6 @@ EXCEPTION: Final = "exception"
 CANCELLED: Final = "cancelled"
 
 
-@final
 class TaskRecord:
     """What the factory records for one task; handed to :class:`Instrument` hooks.
 
@@ -39,7 +38,14 @@ class TaskRecord:
     Since: 0.1.0
     """
 
-    __slots__ = ("created_ns", "exception", "finished_ns", "metadata", "outcome", "sink_data")
+    __slots__ = (
+        "created_ns",
+        "exception",
+        "finished_ns",
+        "metadata",
+        "outcome",
+        "sink_data",
+    )
 
     def __init__(self, metadata: TaskMetadata, created_ns: int) -> None:
         """Record a task created at ``created_ns`` with ``metadata``."""

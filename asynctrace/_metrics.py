@@ -72,9 +72,11 @@ class _Series:
 class _Shard:
     """What one thread counted. Only its own thread writes it."""
 
-    __slots__ = ("blocked", "created", "lag", "series")
+    __slots__ = ("blocked", "created", "lag", "last_label", "last_metadata", "series")
 
     def __init__(self) -> None:
+        self.last_metadata: object = None
+        self.last_label = ""
         self.created: dict[str, int] = {}
         self.series: dict[tuple[str, str], _Series] = {}
         self.lag = _Series(len(LAG_BUCKETS) + 1)
@@ -156,14 +158,32 @@ class MetricsSink(Instrument):
 
     def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
         """Count a created task."""
-        op = self.label(record.metadata.operation_name)
-        created = self._shard().created
+        try:
+            shard: _Shard = self._local.shard
+        except AttributeError:
+            shard = self._shard()
+        meta = record.metadata
+        if meta is shard.last_metadata:  # siblings of a fan-out share their metadata
+            op = shard.last_label
+        else:
+            op = shard.last_label = self.label(meta.operation_name)
+            shard.last_metadata = meta
+        created = shard.created
         created[op] = created.get(op, 0) + 1
 
     def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
         """Put the task's duration in its (operation, outcome) histogram."""
-        key = (self.label(record.metadata.operation_name), record.outcome or FINISHED)
-        shard = self._shard()
+        try:
+            shard: _Shard = self._local.shard
+        except AttributeError:
+            shard = self._shard()
+        meta = record.metadata
+        if meta is shard.last_metadata:
+            op = shard.last_label
+        else:
+            op = shard.last_label = self.label(meta.operation_name)
+            shard.last_metadata = meta
+        key = (op, record.outcome or FINISHED)
         series = shard.series.get(key)
         if series is None:
             series = shard.series[key] = _Series(self._size)

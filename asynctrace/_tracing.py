@@ -26,7 +26,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
-from opentelemetry.sdk.trace.sampling import Decision
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     NonRecordingSpan,
@@ -58,6 +58,10 @@ ATTR_CORRELATION_ID: Final = "asynctrace.correlation_id"
 ATTR_PRIORITY_HINT: Final = "asynctrace.priority_hint"
 
 _PROVISIONAL_NAME: Final = "asyncio.task"
+_UNSET: Final = Status(StatusCode.UNSET)
+# The SDK's default sampler, ParentBased(ALWAYS_ON): its decision is "as the parent, else yes",
+# which the fast path takes inline instead of calling it for every task.
+_DEFAULT_SAMPLER_DESCRIPTION: Final = ParentBased(ALWAYS_ON).get_description()
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
 _OK_ON_START: Final = (BatchSpanProcessor, SimpleSpanProcessor)
@@ -145,6 +149,7 @@ class SpanSink(Instrument):
         self._epoch_offset = time.time_ns() - time.perf_counter_ns()
         self._checked_processors: object = None
         self._fast = False
+        self._default_sampler = False
         self._recheck()
 
     def _recheck(self) -> None:
@@ -152,6 +157,7 @@ class SpanSink(Instrument):
         if not isinstance(tracer, sdk_trace.Tracer):
             self._fast = False
             return
+        self._default_sampler = tracer.sampler.get_description() == _DEFAULT_SAMPLER_DESCRIPTION
         multi = tracer.span_processor
         processors = getattr(multi, "_span_processors", None)
         self._checked_processors = processors
@@ -197,21 +203,27 @@ class SpanSink(Instrument):
         else:
             trace_id = tracer.id_generator.generate_trace_id()
             parent = None  # type: ignore[assignment]
-        name = record.metadata.operation_name or _PROVISIONAL_NAME
-        result = tracer.sampler.should_sample(current, trace_id, name, SpanKind.INTERNAL)
-        sampled = result.decision is Decision.RECORD_AND_SAMPLE
+        if self._default_sampler:
+            sampled = parent is None or parent.trace_flags.sampled
+            trace_state = parent.trace_state if parent is not None else None
+            sampler_attributes = None
+        else:
+            name = record.metadata.operation_name or _PROVISIONAL_NAME
+            result = tracer.sampler.should_sample(current, trace_id, name, SpanKind.INTERNAL)
+            sampled = result.decision is Decision.RECORD_AND_SAMPLE
+            trace_state, sampler_attributes = result.trace_state, result.attributes
         span_context = SpanContext(
             trace_id,
             tracer.id_generator.generate_span_id(),
             is_remote=False,
             trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
-            trace_state=result.trace_state,
+            trace_state=trace_state,
         )
         # Children (tasks, HTTP clients, DB drivers) see this span as their parent, sampled
         # or not, so a dropped task also drops its subtree under parent-based samplers.
         otel_context.attach(trace.set_span_in_context(NonRecordingSpan(span_context), current))
         if sampled:
-            record.sink_data = (span_context, parent, result.attributes)
+            record.sink_data = (span_context, parent, sampler_attributes)
 
     def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
         """End the task's span with its outcome."""
@@ -230,7 +242,7 @@ class SpanSink(Instrument):
             if sampler_attributes:
                 attributes = {**sampler_attributes, **attributes}
             events: tuple[sdk_trace.Event, ...] = ()
-            status = Status(StatusCode.UNSET)
+            status = _UNSET
             if record.outcome == EXCEPTION and exc is not None:
                 status = Status(StatusCode.ERROR, f"{type(exc).__qualname__}: {exc}")
                 events = (sdk_trace.Event("exception", _exception_event_attributes(exc), end),)
@@ -268,5 +280,5 @@ class SpanSink(Instrument):
             span.record_exception(exc, timestamp=end, escaped=True)
             span.set_status(Status(StatusCode.ERROR, f"{type(exc).__qualname__}: {exc}"))
         elif record.outcome == CANCELLED:
-            span.set_status(Status(StatusCode.UNSET))
+            span.set_status(_UNSET)
         span.end(end_time=end)

@@ -277,13 +277,16 @@ def test_capture_records_outcomes() -> None:
             t_bad = asyncio.create_task(bad(), name="bad")
             t_cancel = asyncio.create_task(asyncio.sleep(5), name="cancel")
             await asyncio.sleep(0)
+            running = record_of(t_cancel)
+            assert running is not None
+            assert running.outcome is None
             t_cancel.cancel()
             await asyncio.wait([t_ok, t_bad, t_cancel])
             await asyncio.sleep(0)
             outcomes = {name: r.outcome for name, r in captured.done}
             assert outcomes == {"ok": "finished", "bad": "exception", "cancel": "cancelled"}
-            rec = record_of(t_ok)
-            assert rec is not None
+            assert record_of(t_ok) is None  # done: the record went to the instruments
+            rec = dict(captured.done)["ok"]
             assert rec.duration_s is not None
             assert rec.duration_s >= 0
             assert rec.metadata.operation_name == "ok"

@@ -256,6 +256,8 @@ def test_never_retrieved_exception_is_still_reported(caplog: pytest.LogCaptureFi
         return sum("never retrieved" in r.getMessage() for r in caplog.records)
 
     with caplog.at_level(logging.ERROR, logger="asyncio"):
+        gc.collect()  # earlier tests' abandoned tasks must not be counted here
+        caplog.clear()
         asyncio.run(main())
         bare = count()
         caplog.clear()

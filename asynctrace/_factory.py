@@ -203,11 +203,12 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
         context_hooks = state.context_hooks
         done_hooks = state.done_hooks
         if context_hooks or done_hooks or state.created_hooks:
-            record: _LiveRecord | None = new_record(metadata, perf_ns())
+            live = new_record(metadata, perf_ns())
             if context_hooks:
-                context.run(_enter_context, record)
+                context.run(_enter_context, live)
             else:
                 context.run(metadata_var.set, metadata)
+            record: _LiveRecord | None = live
         else:  # nothing observes tasks: metadata only, no record, no done callback
             record = None
             context.run(metadata_var.set, metadata)

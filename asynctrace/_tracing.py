@@ -35,6 +35,7 @@ from opentelemetry.trace import (
     Status,
     StatusCode,
     TraceFlags,
+    TraceState,
 )
 
 from asynctrace._instrument import CANCELLED, EXCEPTION, Instrument, TaskRecord
@@ -61,7 +62,7 @@ _PROVISIONAL_NAME: Final = "asyncio.task"
 _UNSET: Final = Status(StatusCode.UNSET)
 # The SDK's default sampler, ParentBased(ALWAYS_ON): its decision is "as the parent, else yes",
 # which the fast path takes inline instead of calling it for every task.
-_DEFAULT_SAMPLER_DESCRIPTION: Final = ParentBased(ALWAYS_ON).get_description()
+_DEFAULT_SAMPLER_DESCRIPTION: Final[str] = ParentBased(ALWAYS_ON).get_description()  # type: ignore[no-untyped-call]
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
 _OK_ON_START: Final = (BatchSpanProcessor, SimpleSpanProcessor)
@@ -203,6 +204,7 @@ class SpanSink(Instrument):
         else:
             trace_id = tracer.id_generator.generate_trace_id()
             parent = None  # type: ignore[assignment]
+        trace_state: TraceState | None
         if self._default_sampler:
             sampled = parent is None or parent.trace_flags.sampled
             trace_state = parent.trace_state if parent is not None else None

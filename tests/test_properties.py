@@ -85,7 +85,12 @@ async def run_tree(root: Node) -> list[Any]:
                 for t in tasks:
                     try:
                         log.append(("awaited", path, await t))
-                    except (ValueError, asyncio.CancelledError) as exc:
+                    except ValueError as exc:
+                        log.append(("awaited", path, repr(exc), t.cancelled()))
+                    except asyncio.CancelledError as exc:
+                        me = asyncio.current_task()
+                        if me is not None and me.cancelling():
+                            raise  # our own cancellation, not the child's: never swallow it
                         log.append(("awaited", path, repr(exc), t.cancelled()))
         except* ValueError as eg:
             log.append(("group-error", path, sorted(str(e) for e in eg.exceptions)))

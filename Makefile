@@ -7,7 +7,7 @@ VENV314 ?= .venv314
 BIN := $(VENV)/bin
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: demo test test-314 test-all lint typecheck check bench clean
+.PHONY: demo test test-314 test-all lint typecheck check bench bench-guard clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,34 @@ $(VENV314)/bin/.installed: pyproject.toml .ci/python314.sh
 	$(VENV314)/bin/python $$wheel/pip install $(PIP_FLAGS) $$wheel; \
 	$(VENV314)/bin/pip install $(PIP_FLAGS) -e '.[dev]'
 	touch $@
+
+# The benchmark needs the peers (opentelemetry-instrumentation-asyncio, sentry-sdk), which pin
+# other OpenTelemetry versions than the tests use: their own virtualenvs.
+.venv-bench/bin/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install $(PIP_FLAGS) --upgrade pip
+	.venv-bench/bin/pip install $(PIP_FLAGS) -e '.[bench,uvloop]'
+	touch $@
+
+.venv314-bench/bin/.installed: pyproject.toml .ci/python314.sh
+	set -e; py=$$(bash .ci/python314.sh); \
+	wheel=$$(ls $$(dirname $$py)/../share/python-wheels/pip-*.whl | head -n 1); \
+	$$py -m venv --without-pip .venv314-bench; \
+	.venv314-bench/bin/python $$wheel/pip install $(PIP_FLAGS) $$wheel; \
+	.venv314-bench/bin/pip install $(PIP_FLAGS) -e '.[bench,uvloop]'
+	touch $@
+
+BENCH_ARGS ?= --memory 50000 --in-flight 100000
+
+bench: .venv-bench/bin/.installed .venv314-bench/bin/.installed
+	.venv-bench/bin/python bench/run.py $(BENCH_ARGS)
+	.venv-bench/bin/python bench/run.py --loop uvloop
+	.venv314-bench/bin/python bench/run.py $(BENCH_ARGS)
+	.venv-bench/bin/python bench/plot.py
+
+# CI's coarse guard: asynctrace against bare only, small sizes; fails on gross regressions.
+bench-guard: $(BIN)/.installed
+	$(BIN)/python bench/run.py --quick --modes bare asynctrace-metrics asynctrace-tracing --guard
 
 demo: $(BIN)/.installed
 	$(BIN)/python examples/fanout_demo.py
@@ -45,4 +73,4 @@ typecheck: $(BIN)/.installed
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) $(VENV314) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV314) .venv-bench .venv314-bench .pytest_cache .mypy_cache .ruff_cache

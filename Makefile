@@ -53,7 +53,7 @@ bench-guard: $(BIN)/.installed
 	$(BIN)/python bench/run.py --quick --modes bare asynctrace-metrics asynctrace-tracing --guard
 
 demo: $(BIN)/.installed
-	$(BIN)/python examples/fanout_demo.py
+	$(BIN)/python examples/ingestion_service/demo.py $(DEMO_ARGS)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

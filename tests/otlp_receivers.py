@@ -24,12 +24,12 @@ def _value(v: AnyValue) -> Any:
 class Received:
     """Spans received so far, thread-safe."""
 
-    def __init__(self) -> None:  # noqa: D107
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self.spans: list[dict[str, Any]] = []
         self.requests = 0
 
-    def add(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:  # noqa: D102
+    def add(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         flat = []
         for rs in request.resource_spans:
             resource = {a.key: _value(a.value) for a in rs.resource.attributes}
@@ -51,7 +51,7 @@ class Received:
             self.requests += 1
             self.spans.extend(flat)
 
-    def snapshot(self) -> list[dict[str, Any]]:  # noqa: D102
+    def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self.spans)
 

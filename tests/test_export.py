@@ -176,12 +176,12 @@ def test_metrics_endpoint_serves_and_stops() -> None:
     assert summary.metrics_url is not None
     assert summary.metrics_url.startswith("http://127.0.0.1:")
     run_requests(1)
-    with urllib.request.urlopen(summary.metrics_url, timeout=5) as response:  # noqa: S310
+    with urllib.request.urlopen(summary.metrics_url, timeout=5) as response:
         body = response.read().decode()
     assert 'asynctrace_tasks_created_total{operation="normalize"} 1.0' in body
     asynctrace.shutdown()
     with pytest.raises(OSError):
-        urllib.request.urlopen(summary.metrics_url, timeout=2)  # noqa: S310
+        urllib.request.urlopen(summary.metrics_url, timeout=2)
 
 
 def test_summary_table() -> None:

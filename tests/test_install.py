@@ -218,10 +218,10 @@ def test_uvloop_loops() -> None:
 class Boom(asynctrace.Instrument):
     """An instrument whose task_done hook raises."""
 
-    def __init__(self) -> None:  # noqa: D107
+    def __init__(self) -> None:
         self.calls = 0
 
-    def task_done(self, task: asyncio.Task[Any], record: asynctrace.TaskRecord) -> None:  # noqa: ARG002, D102
+    def task_done(self, task: asyncio.Task[Any], record: asynctrace.TaskRecord) -> None:  # noqa: ARG002
         self.calls += 1
         raise RuntimeError("instrument bug")
 

@@ -21,10 +21,10 @@ from tests.conftest import PY312
 class OnStartProcessor(SpanProcessor):
     """A processor that acts in on_start: forces the full (real SDK span) path."""
 
-    def __init__(self) -> None:  # noqa: D107
+    def __init__(self) -> None:
         self.started = 0
 
-    def on_start(self, span: Any, parent_context: Any = None) -> None:  # noqa: ARG002, D102
+    def on_start(self, span: Any, parent_context: Any = None) -> None:  # noqa: ARG002
         self.started += 1
 
 

@@ -156,33 +156,28 @@ class MetricsSink(Instrument):
                 return operation_name
         return OTHER_OPERATION
 
-    def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
-        """Count a created task."""
+    def _shard_and_label(self, record: TaskRecord) -> tuple[_Shard, str]:
+        """This thread's shard, and the ``operation`` label of ``record``'s task."""
         try:
             shard: _Shard = self._local.shard
         except AttributeError:
             shard = self._shard()
         meta = record.metadata
         if meta is shard.last_metadata:  # siblings of a fan-out share their metadata
-            op = shard.last_label
-        else:
-            op = shard.last_label = self.label(meta.operation_name)
-            shard.last_metadata = meta
+            return shard, shard.last_label
+        op = shard.last_label = self.label(meta.operation_name)
+        shard.last_metadata = meta
+        return shard, op
+
+    def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
+        """Count a created task."""
+        shard, op = self._shard_and_label(record)
         created = shard.created
         created[op] = created.get(op, 0) + 1
 
     def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
         """Put the task's duration in its (operation, outcome) histogram."""
-        try:
-            shard: _Shard = self._local.shard
-        except AttributeError:
-            shard = self._shard()
-        meta = record.metadata
-        if meta is shard.last_metadata:
-            op = shard.last_label
-        else:
-            op = shard.last_label = self.label(meta.operation_name)
-            shard.last_metadata = meta
+        shard, op = self._shard_and_label(record)
         key = (op, record.outcome or FINISHED)
         series = shard.series.get(key)
         if series is None:

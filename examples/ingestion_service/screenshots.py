@@ -38,7 +38,7 @@ def shoot(url: str, path: Path, size: str = "1280,860") -> None:
     if chromium is None:
         raise SystemExit("needs Debian's chromium: apt-get install chromium")
     with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(  # noqa: S603
+        subprocess.run(
             [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
              "--no-first-run", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", f"--user-data-dir={profile}", "--hide-scrollbars",
@@ -61,28 +61,30 @@ def main() -> int:
         "scrape_configs": [{"job_name": "ingestion-service",
                             "static_configs": [{"targets": [f"127.0.0.1:{metrics}"]}]}],
     }))  # fmt: skip
-    service = subprocess.Popen(  # noqa: S603
+    service = subprocess.Popen(
         [sys.executable, str(HERE / "service.py"), "--port", str(port), "--metrics-port",
          str(metrics), "--traces-file", str(tmp / "traces.jsonl"),
          "--source", "partner:latency=0.12,fail=0.4", "--source", "web:latency=0.005",
          "--source", "crm:latency=0.01", "--source", "mobile:latency=0.02"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
-    prometheus = subprocess.Popen(  # noqa: S603
+    prometheus = subprocess.Popen(
         ["prometheus", f"--config.file={tmp / 'prom.yml'}", f"--storage.tsdb.path={tmp / 'db'}",
          f"--web.listen-address=127.0.0.1:{prom_port}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         time.sleep(3)
-        load = subprocess.run(  # noqa: S603
+        load = subprocess.run(
             [sys.executable, str(HERE / "load.py"), "--url", f"http://127.0.0.1:{port}",
              "--duration", "45", "--rate", "30"],
             capture_output=True, text=True, timeout=120, check=True,
         )  # fmt: skip
         print(load.stdout.strip())
         shoot(f"http://127.0.0.1:{metrics}/metrics", IMG / "metrics-page.png", "1280,900")
-        shoot(f"http://127.0.0.1:{prom_port}/classic/alerts", IMG / "prometheus-alerts.png", "1280,1000")
+        # Debian's Prometheus 2.42 serves the classic UI under /classic.
+        alerts = f"http://127.0.0.1:{prom_port}/classic/alerts"
+        shoot(alerts, IMG / "prometheus-alerts.png", "1280,1000")
         shoot(
             f"http://127.0.0.1:{prom_port}/graph?g0.expr="
             + urllib.request.quote(

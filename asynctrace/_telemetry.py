@@ -367,9 +367,16 @@ class Telemetry:
                 )
                 self._instruments.append(self.monitor)
             if options.prometheus_port is not None:
-                server, thread = start_http_server(
-                    options.prometheus_port, options.prometheus_addr, registry
-                )
+                try:
+                    server, thread = start_http_server(
+                        options.prometheus_port, options.prometheus_addr, registry
+                    )
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno,
+                        f"Cannot serve /metrics on {options.prometheus_addr}:"
+                        f"{options.prometheus_port} (prometheus_port): {exc.strerror}",
+                    ) from exc
                 self._http_server, self._http_thread = server, thread
                 port = server.server_address[1]
                 self.metrics_url = f"http://{options.prometheus_addr}:{port}/metrics"

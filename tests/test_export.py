@@ -268,3 +268,80 @@ def test_app_provider_is_kept(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
     assert not (tmp_path / "should-not-exist.jsonl").exists()
+
+
+def test_busy_metrics_port_is_named_and_nothing_is_left() -> None:
+    """A port already in use fails install() naming it; nothing stays installed or running."""
+    import threading  # noqa: PLC0415
+
+    threads_before = threading.active_count()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=f"Cannot serve /metrics on 127.0.0.1:{port}"):
+            asynctrace.install(prometheus_port=port, registry=CollectorRegistry())
+    assert asynctrace.uninstall() is False
+    assert threading.active_count() == threads_before
+
+
+def test_meter_provider_records_otel_metrics() -> None:
+    """With meter_provider=, task metrics are also recorded as OpenTelemetry instruments."""
+    from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: PLC0415
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    asynctrace.install(meter_provider=provider, registry=CollectorRegistry(), loop_monitor=False)
+    run_requests(2)
+    data = reader.get_metrics_data()
+    assert data is not None
+    metrics = {
+        m.name: m for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+    }
+    created = {
+        p.attributes["asynctrace.operation"]: p.value
+        for p in metrics["asynctrace.task.created"].data.data_points
+    }
+    assert created["fetch"] == 2
+    durations = {
+        (p.attributes["asynctrace.operation"], p.attributes["asyncio.task.outcome"]): p.count
+        for p in metrics["asynctrace.task.duration"].data.data_points
+    }
+    assert durations[("fetch", "exception")] == 2
+    assert durations[("normalize", "finished")] == 2
+    in_flight = {
+        p.attributes["asynctrace.operation"]: p.value
+        for p in metrics["asynctrace.task.in_flight"].data.data_points
+    }
+    assert in_flight["fetch"] == 0
+    provider.shutdown()
+
+
+def test_spans_are_flushed_at_exit(tmp_path: Path) -> None:
+    """Without an explicit shutdown(), the spans still queued are written at interpreter exit."""
+    script = textwrap.dedent(
+        """
+        import asyncio, asynctrace
+        asynctrace.install(service_name="exit", traces_file="t.jsonl")
+        async def work():
+            await asyncio.sleep(0)
+        async def main():
+            await asyncio.gather(*(asynctrace.create_task(work(), operation_name="w")
+                                   for _ in range(5)))
+        asyncio.run(main())
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    names = [
+        s["name"]
+        for line in (tmp_path / "t.jsonl").read_text().splitlines()
+        for rs in json.loads(line)["resourceSpans"]
+        for ss in rs["scopeSpans"]
+        for s in ss["spans"]
+    ]
+    assert names.count("w") == 5

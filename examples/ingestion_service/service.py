@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--metrics-port", type=int, default=9464)
+    parser.add_argument("--metrics-addr", default="127.0.0.1",
+                        help="bind /metrics here (0.0.0.0 in a container)")  # fmt: skip
     parser.add_argument("--service-name", default="ingestion-service")
     parser.add_argument("--traces-file", default=None)
     parser.add_argument("--database", default=":memory:")
@@ -272,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         service_name=args.service_name,
         traces_file=args.traces_file,
         prometheus_port=args.metrics_port,
+        prometheus_addr=args.metrics_addr,
         lag_interval=0.1,
     )
     try:

@@ -299,7 +299,7 @@ async def _time_workloads(mode: _Mode, workloads: list[str], n: int, repeat: int
     return out
 
 
-async def _memory(mode: _Mode, n: int) -> dict[str, float]:
+async def _memory(mode: _Mode, n: int, finished: int = 200_000) -> dict[str, float]:
     """Bytes added per in-flight task, and growth over many finished tasks."""
     ev = asyncio.Event()
 
@@ -316,7 +316,8 @@ async def _memory(mode: _Mode, n: int) -> dict[str, float]:
     await asyncio.gather(*tasks)
     del tasks
     # Many finished tasks: memory must stay flat (nothing kept per finished task).
-    batches, size = 20, 10_000
+    size = 10_000
+    batches = max(3, finished // size)
     marks = []
     for b in range(batches):
         await asyncio.gather(*(leaf() for _ in range(size)))
@@ -389,7 +390,7 @@ def worker(args: argparse.Namespace) -> None:
             mode, args.workloads, args.tasks, args.repeat
         )}  # fmt: skip
         if args.memory:
-            result["memory"] = await _memory(mode, args.memory)
+            result["memory"] = await _memory(mode, args.memory, args.finished)
         if args.in_flight and (args.mode == "bare" or args.mode.startswith("asynctrace")):
             result["in_flight"] = await _in_flight_100k(mode, args.in_flight)
         return result
@@ -441,6 +442,8 @@ def main() -> int:
     parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--memory", type=int, default=0)
     parser.add_argument("--in-flight", type=int, default=0)
+    parser.add_argument("--finished", type=int, default=200_000,
+                        help="tasks run through for the memory-growth probe")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small sizes, 3 rounds")
     parser.add_argument("--guard", action="store_true", help="fail on a gross regression")
     parser.add_argument("--json", type=Path, default=None)
@@ -460,7 +463,7 @@ def main() -> int:
             extra = []
             if r == 0 and mode in ("bare", "asynctrace-metrics", "asynctrace-tracing"):
                 if args.memory:
-                    extra += ["--memory", str(args.memory)]
+                    extra += ["--memory", str(args.memory), "--finished", str(args.finished)]
                 if args.in_flight:
                     extra += ["--in-flight", str(args.in_flight)]
             result = _run_worker(mode, args, extra)

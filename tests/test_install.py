@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import warnings
 from typing import Any
 
 import pytest
@@ -213,6 +214,32 @@ def test_uvloop_loops() -> None:
     asynctrace.install()
     with asyncio.Runner(loop_factory=asynctrace.loop_factory(uvloop.new_event_loop)) as runner:
         assert runner.run(_meta_of_new_task()) is not None
+
+
+@pytest.mark.skipif(uvloop is None, reason="uvloop has no wheel for this Python")
+def test_uvloop_policy_is_wrapped() -> None:
+    """A process-wide install over uvloop's policy instruments the loops that policy makes."""
+    assert uvloop is not None
+    events: Any = asyncio.events
+    get_policy = getattr(events, "_get_event_loop_policy", asyncio.get_event_loop_policy)
+    set_policy = getattr(events, "_set_event_loop_policy", asyncio.set_event_loop_policy)
+    before = get_policy()
+    with warnings.catch_warnings():  # 3.14 deprecates policies; uvloop's still subclasses one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        uv_policy = uvloop.EventLoopPolicy()
+    set_policy(uv_policy)  # what uvloop.install() does
+    try:
+        asynctrace.install()
+        loop = asyncio.new_event_loop()
+        try:
+            assert isinstance(loop, uvloop.Loop)
+            assert loop.run_until_complete(_meta_of_new_task()) is not None
+        finally:
+            loop.close()
+        asynctrace.uninstall()
+        assert isinstance(get_policy(), uvloop.EventLoopPolicy)  # restored exactly
+    finally:
+        set_policy(before)
 
 
 class Boom(asynctrace.Instrument):

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -339,3 +340,41 @@ def test_request_tree_over_otlp(processes: Processes, protocol: str) -> None:
         assert all(s["attributes"]["asyncio.task.outcome"] == "exception" for s in failed)
     finally:
         receiver.close()
+
+
+def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any], str]:
+    request = urllib.request.Request(
+        f"{url}/ingest", data=body, method="POST",
+        headers={"Content-Type": "application/json", **headers},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.status, json.loads(r.read()), r.headers["X-Request-ID"]
+    except urllib.error.HTTPError as err:
+        with err:  # an HTTPError holds the response open
+            return err.code, json.loads(err.read()), err.headers["X-Request-ID"]
+
+
+def test_service_correlation_ids_and_bad_input(processes: Processes) -> None:
+    """X-Request-ID wins; else traceparent's trace id; else a fresh id; bad bodies get a 400."""
+    url, _ = start_service(processes, "ids", ["web:latency=0.001"])
+    docs = json.dumps({"documents": [{"source": "web", "id": "1", "body": "x"}]}).encode()
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    traceparent = f"00-{trace_id}-b7ad6b7169203331-01"
+
+    status, body, rid = _post(url, docs, {"X-Request-ID": "given-1", "traceparent": traceparent})
+    assert (status, rid, body["request_id"]) == (200, "given-1", "given-1")
+    status, body, rid = _post(url, docs, {"traceparent": traceparent})
+    assert (status, rid) == (200, trace_id)
+    status, body, rid = _post(url, docs, {})
+    assert status == 200
+    assert re.fullmatch(r"[0-9a-f]{32}", rid)
+    assert rid != trace_id
+
+    status, body, rid = _post(url, b'{"documents": 5}', {"X-Request-ID": "bad-1"})
+    assert status == 400
+    assert rid == "bad-1"
+    assert "documents must be a list" in body["error"]
+    status, body, _ = _post(url, b"not json", {})
+    assert status == 400
+    assert body["error"].startswith("invalid body:")

@@ -75,7 +75,4 @@ def shutdown() -> None:
     """
     from asynctrace._install import reset  # noqa: PLC0415 - keeps the import graph one-way
 
-    telemetry = _STATE.telemetry
-    if telemetry is not None:
-        telemetry.flush()
-    reset()
+    reset()  # the last uninstall stops telemetry, which flushes the provider it made

@@ -202,15 +202,15 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
             metadata = _make_metadata(operation_name, correlation_id, priority_hint)
         context_hooks = state.context_hooks
         done_hooks = state.done_hooks
-        if context_hooks or done_hooks or state.created_hooks:
-            live = new_record(metadata, perf_ns())
-            if context_hooks:
-                context.run(_enter_context, live)
-            else:
-                context.run(metadata_var.set, metadata)
-            record: _LiveRecord | None = live
-        else:  # nothing observes tasks: metadata only, no record, no done callback
-            record = None
+        # Nothing observes tasks: metadata only, no record, no done callback.
+        record = (
+            new_record(metadata, perf_ns())
+            if context_hooks or done_hooks or state.created_hooks
+            else None
+        )
+        if record is not None and context_hooks:
+            context.run(_enter_context, record)
+        else:
             context.run(metadata_var.set, metadata)
 
         task: asyncio.Task[Any]

@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from asynctrace._factory import TaskFactory, installation_of, make_factory
 from asynctrace._instrument import Instrument, overrides
 from asynctrace._metadata import TaskMetadata, _check_text, random_correlation_id
-from asynctrace._state import STATE
+from asynctrace._state import STATE, instrument_source
 from asynctrace._telemetry import Telemetry, TelemetryOptions
 from asynctrace._version import __version__
 
@@ -183,15 +183,25 @@ def _uninstall_process(installation: Installation) -> None:
 
 
 def _forget_if_idle() -> None:
-    """Once nothing is installed, stop telemetry and drop the configuration."""
+    """Once nothing is installed, tear down: see :func:`_teardown`."""
     if STATE.process is None and not any(i.active for i in STATE.loop_installations):
-        STATE.loop_installations.clear()
-        telemetry, STATE.telemetry = STATE.telemetry, None
-        if telemetry is not None:
-            telemetry.shutdown()
-        STATE.options = None
-        STATE.id_generator = None
-        STATE.set_instruments(())
+        _teardown()
+
+
+def _teardown() -> None:
+    """Close the user's instruments, stop telemetry (it closes its own), drop the options."""
+    options, STATE.options = STATE.options, None
+    telemetry, STATE.telemetry = STATE.telemetry, None
+    STATE.loop_installations.clear()
+    STATE.id_generator = None
+    STATE.set_instruments(())
+    for instrument in options.instruments if options is not None else ():
+        try:
+            instrument.close()
+        except Exception as exc:
+            STATE.count_error(instrument_source(instrument), exc)
+    if telemetry is not None:
+        telemetry.shutdown()
 
 
 def _configure(options: Options) -> None:
@@ -432,12 +442,5 @@ def reset() -> None:
                 installation.uninstall()
             except RuntimeError:
                 installation._factory = None
-        telemetry = STATE.telemetry
-        for instrument in STATE.instruments:
-            try:
-                instrument.close()
-            except Exception as exc:
-                STATE.count_error(f"instrument {type(instrument).__qualname__}", exc)
-        if telemetry is not None:
-            telemetry.shutdown()
+        _teardown()  # a no-op when the last uninstall above already tore down
         STATE.clear()

@@ -17,9 +17,14 @@ if TYPE_CHECKING:
 
     Hook = Callable[[asyncio.Task[Any], TaskRecord], None]
 
-__all__ = ["STATE", "State"]
+__all__ = ["STATE", "State", "instrument_source"]
 
 logger: Final = logging.getLogger("asynctrace")
+
+
+def instrument_source(instrument: object) -> str:
+    """How telemetry errors name an instrument (a label value of the errors metric)."""
+    return f"instrument {type(instrument).__name__}"
 
 
 @final
@@ -71,7 +76,7 @@ class State:
         with self.lock:
             self.instruments = tuple(i for i in self.instruments if i is not instrument)
             self._rebuild_hooks()
-        self.count_error(f"instrument {type(instrument).__name__}", exc)
+        self.count_error(instrument_source(instrument), exc)
 
     def count_error(self, source: str, exc: BaseException | None = None) -> None:
         """Count a telemetry failure from ``source``; log only the first one of each source."""

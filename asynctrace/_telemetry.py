@@ -40,7 +40,7 @@ from asynctrace._instrument import Instrument
 from asynctrace._loopmon import LoopMonitor
 from asynctrace._metadata import TaskMetadata
 from asynctrace._metrics import MetricsSink, OperationStats
-from asynctrace._state import STATE
+from asynctrace._state import STATE, instrument_source
 from asynctrace._tracing import SpanSink
 
 __all__ = [
@@ -436,7 +436,7 @@ class Telemetry:
             try:
                 instrument.close()
             except Exception as exc:
-                STATE.count_error(f"instrument {type(instrument).__qualname__}", exc)
+                STATE.count_error(instrument_source(instrument), exc)
         self._instruments = []
         if self._http_server is not None:
             self._http_server.shutdown()

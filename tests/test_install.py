@@ -338,3 +338,27 @@ def test_eager_finished_task_is_recorded() -> None:
         asyncio.get_running_loop().set_task_factory(None)
 
     asyncio.run(main())
+
+
+class Closing(asynctrace.Instrument):
+    """Counts close() calls."""
+
+    def __init__(self) -> None:
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+@pytest.mark.parametrize("how", ["shutdown", "uninstall"])
+def test_user_instruments_are_closed_once(how: str) -> None:
+    """shutdown(), or removing the last installation, closes each user instrument once."""
+    instrument = Closing()
+    asynctrace.install(instruments=[instrument], metrics=False)
+    assert asyncio.run(_meta_of_new_task()) is not None
+    if how == "shutdown":
+        asynctrace.shutdown()
+        asynctrace.shutdown()  # twice is harmless
+    else:
+        asynctrace.uninstall()
+    assert instrument.closed == 1

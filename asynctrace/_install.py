@@ -13,7 +13,7 @@ import asyncio
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, final
+from typing import Any, Literal, final
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
@@ -39,8 +39,6 @@ _set_policy: Callable[[Any], None] = getattr(
 _PolicyBase: Any = (
     getattr(_events, "_AbstractEventLoopPolicy", None) or _events.AbstractEventLoopPolicy
 )
-
-_DEFAULT: Final[Any] = object()
 
 
 @dataclass(frozen=True, slots=True)

@@ -96,7 +96,10 @@ class Instrument:
         """Called once ``task`` is done; ``record.outcome`` and ``finished_ns`` are set."""
 
     def close(self) -> None:
-        """Called by :func:`asynctrace.shutdown`: flush and release what the instrument holds."""
+        """Flush and release what the instrument holds.
+
+        Called once, by :func:`asynctrace.shutdown` or when the last installation is removed.
+        """
 
 
 def overrides(instrument: Instrument, hook: str) -> bool:

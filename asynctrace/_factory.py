@@ -19,14 +19,21 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import difflib
+import gc
 import sys
 import threading
 import time
-import weakref
 from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any, Final, TypeVar, cast, final
 
-from asynctrace._instrument import CANCELLED, EXCEPTION, FINISHED, TaskRecord
+from asynctrace._instrument import (
+    CANCELLED,
+    EXCEPTION,
+    FINISHED,
+    LeanInstrument,
+    Outcome,
+    TaskRecord,
+)
 from asynctrace._metadata import (
     _CORRELATION_ID,
     _METADATA,
@@ -46,18 +53,13 @@ TaskFactory = Callable[..., "asyncio.Future[Any]"]
 
 PY312: Final = sys.version_info >= (3, 12)
 PY314: Final = sys.version_info >= (3, 14)
-_HAS_GET_CONTEXT: Final = hasattr(asyncio.Task, "get_context")
 
-_RECORD_ATTR: Final = "_asynctrace_metadata"
 _INSTALLATION_ATTR: Final = "_asynctrace_installation"
 _ASYNCIO_KEYWORDS: Final = frozenset({"name", "context", "eager_start"})
 _METADATA_KEYWORDS: Final = frozenset({"operation_name", "correlation_id", "priority_hint"})
 _HELPER_KEYWORDS: Final = tuple(sorted(_ASYNCIO_KEYWORDS | _METADATA_KEYWORDS | {"task_group"}))
 
-# Python 3.11: tasks whose type refuses attributes keep their metadata here instead.
-_RECORDS: Final[weakref.WeakKeyDictionary[asyncio.Future[Any], TaskMetadata]] = (
-    weakref.WeakKeyDictionary()
-)
+_NO_METADATA: Final = TaskMetadata()
 
 
 class _Slot(threading.local):
@@ -129,7 +131,6 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
     task_type = asyncio.Task
     new_record = _LiveRecord
     accepted = tuple(sorted(_ASYNCIO_KEYWORDS | _METADATA_KEYWORDS))
-    keep_on_task = not _HAS_GET_CONTEXT
     # Tasks of one fan-out share their metadata object (no operation, same id).
     last: list[Any] = [None, None]  # [correlation id, TaskMetadata]
 
@@ -193,38 +194,57 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
         elif correlation_id != inherited:
             context.run(cid_var.set, correlation_id)
         if operation_name is None and priority_hint is None:
-            if last[0] is correlation_id and correlation_id is not None:
-                metadata = last[1]
+            metadata = context.get(metadata_var)
+            if (  # the creator's own metadata says the same: the context already holds it
+                metadata is not None
+                and metadata.correlation_id == correlation_id
+                and metadata.operation_name is None
+                and metadata.priority_hint is None
+            ):
+                inherit = True
             else:
-                metadata = _make_metadata(None, correlation_id, None)
-                last[0], last[1] = correlation_id, metadata
+                inherit = False
+                if last[0] is correlation_id and correlation_id is not None:
+                    metadata = last[1]
+                else:
+                    metadata = _make_metadata(None, correlation_id, None)
+                    last[0], last[1] = correlation_id, metadata
         else:
+            inherit = False
             metadata = _make_metadata(operation_name, correlation_id, priority_hint)
+
+        lean = state.lean
+        if lean:
+            # Only lean instruments observe tasks: no record, one shared done callback.
+            if not inherit:
+                context.run(metadata_var.set, metadata)
+            created_ns = perf_ns()
+            task = _build(loop, coro, kwargs)
+            for instrument in lean:
+                try:
+                    instrument.task_started(metadata)
+                except (Exception, asyncio.CancelledError) as exc:
+                    state.hook_failed(instrument.task_started, exc)
+            if task.done():  # an eager task that finished in its first step
+                _lean_finish(task, metadata, perf_ns() - created_ns)
+            else:
+                starts[id(task)] = created_ns
+                task.add_done_callback(lean_done, context=context)
+            return task
+
         context_hooks = state.context_hooks
         done_hooks = state.done_hooks
-        # Nothing observes tasks: metadata only, no record, no done callback.
-        record = (
-            new_record(metadata, perf_ns())
-            if context_hooks or done_hooks or state.created_hooks
-            else None
-        )
-        if record is not None and context_hooks:
+        if not (context_hooks or done_hooks or state.created_hooks):
+            # Nothing observes tasks: metadata only, no record, no done callback.
+            if not inherit:
+                context.run(metadata_var.set, metadata)
+            return _build(loop, coro, kwargs)
+        record = new_record(metadata, perf_ns())
+        if context_hooks:
             context.run(_enter_context, record)
-        else:
+        elif not inherit:
             context.run(metadata_var.set, metadata)
-
-        task: asyncio.Task[Any]
-        if inner is None:
-            task = task_type(coro, loop=loop, **kwargs)
-        else:
-            task = cast("asyncio.Task[Any]", inner(loop, coro, **kwargs))
-        if keep_on_task:  # Python 3.11 has no Task.get_context() to find the metadata later
-            try:
-                setattr(task, _RECORD_ATTR, metadata)
-            except AttributeError:
-                _RECORDS[task] = metadata
-        if record is None:
-            return task
+        task = _build(loop, coro, kwargs)
         for hook in state.created_hooks:
             try:
                 hook(task, record)
@@ -236,9 +256,66 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
             task.add_done_callback(record, context=context)
         return task
 
+    def _build(
+        loop: asyncio.AbstractEventLoop,
+        coro: Coroutine[Any, Any, Any] | Generator[Any, None, Any],
+        kwargs: dict[str, Any],
+    ) -> asyncio.Task[Any]:
+        if inner is None:
+            return task_type(coro, loop=loop, **kwargs)
+        return cast("asyncio.Task[Any]", inner(loop, coro, **kwargs))
+
+    # id(task) -> perf_counter_ns() at creation, for tasks on the lean path while they run.
+    # Keyed by id, not by task, so a task destroyed while pending is still garbage collected
+    # (and still warned about); a later task with the same id overwrites its entry.
+    starts: dict[int, int] = {}
+
+    def lean_done(task: asyncio.Task[Any]) -> None:
+        # Runs in the task's context (add_done_callback(context=...)): the metadata is there.
+        finished_ns = perf_ns()
+        created_ns = starts.pop(id(task), None)
+        if created_ns is not None:
+            _lean_finish(task, metadata_var.get(None) or _NO_METADATA, finished_ns - created_ns)
+
+    def _lean_finish(task: asyncio.Task[Any], metadata: TaskMetadata, duration_ns: int) -> None:
+        if task.cancelled():
+            outcome: Outcome = CANCELLED
+        elif task._exception is None:  # not exception(): that marks it retrieved
+            outcome = FINISHED
+        else:
+            outcome = EXCEPTION
+        lean = state.lean
+        if not lean:  # task hooks were installed since this task started: still count it
+            lean = tuple(i for i in state.instruments if isinstance(i, LeanInstrument))
+        for instrument in lean:
+            try:
+                instrument.task_finished(metadata, outcome, duration_ns)
+            except (Exception, asyncio.CancelledError) as exc:
+                state.hook_failed(instrument.task_finished, exc)
+
     setattr(asynctrace_task_factory, _INSTALLATION_ATTR, installation)
     asynctrace_task_factory.__wrapped__ = inner  # type: ignore[attr-defined]
     return asynctrace_task_factory
+
+
+def adopt_current_task() -> None:
+    """Give the running task, made before asynctrace was installed, what the factory would.
+
+    ``install()`` inside a task calls this: the task gets a correlation id (its own, else a
+    new one) and its :class:`TaskMetadata`, set in its context, so the tasks it creates
+    inherit them as they would had ``install()`` run before the loop started.
+    """
+    if asyncio.current_task() is None or _METADATA.get() is not None:
+        return
+    correlation_id = _CORRELATION_ID.get()
+    if correlation_id is None and (new_id := STATE.id_generator) is not None:
+        try:
+            correlation_id = new_id()
+        except Exception as exc:
+            STATE.count_error("id_generator", exc)
+        else:
+            _CORRELATION_ID.set(correlation_id)
+    _METADATA.set(_make_metadata(None, correlation_id, None))
 
 
 def installation_of(factory: object) -> Installation | None:
@@ -265,9 +342,10 @@ def task_metadata(task: asyncio.Future[Any] | None = None) -> TaskMetadata | Non
     Args:
         task: The task; by default the current one (None outside a task).
 
-    On Python 3.12+ the metadata is read from the task's context: a task built by calling
-    ``asyncio.Task(...)`` directly (bypassing ``create_task`` and so the factory) inside an
-    instrumented task reports the metadata of the task that created it.
+    The metadata is read from the task's context (nothing is stored on the task), while it
+    runs and after it is done. So a task built by calling ``asyncio.Task(...)`` directly
+    (bypassing ``create_task`` and so the factory) inside an instrumented task reports the
+    metadata of the task that created it.
 
     Since: 0.1.0
     """
@@ -279,13 +357,28 @@ def task_metadata(task: asyncio.Future[Any] | None = None) -> TaskMetadata | Non
         # Inside a task (even during an eager first step, before the factory has returned
         # the task) the metadata is in the context.
         return _METADATA.get() if current is not None else None
+    return cast("TaskMetadata | None", _context_of(task).get(_METADATA))
+
+
+def _context_of(task: asyncio.Future[Any]) -> contextvars.Context:
+    """The context a task runs in (empty for a plain future)."""
     get_context = getattr(task, "get_context", None)
-    if get_context is not None:
-        return cast("TaskMetadata | None", get_context().get(_METADATA))
-    metadata = getattr(task, _RECORD_ATTR, None)
-    if metadata is None:
-        metadata = _RECORDS.get(task)
-    return cast("TaskMetadata | None", metadata)
+    if get_context is not None:  # Python 3.12+
+        return cast("contextvars.Context", get_context())
+    context = getattr(task, "_context", None)  # the pure-Python Task
+    if isinstance(context, contextvars.Context):
+        return context
+    # Python 3.11's C Task keeps its context private, but hands it to the garbage collector
+    # first (TaskObj_traverse visits task_context before anything else; a subclass's own
+    # slots, __dict__ and type come before that).
+    if isinstance(task, asyncio.Task):
+        for referent in gc.get_referents(task):
+            if type(referent) is contextvars.Context:
+                return referent
+    return _EMPTY_CONTEXT
+
+
+_EMPTY_CONTEXT: Final = contextvars.Context()
 
 
 def create_task(  # noqa: C901, PLR0911, PLR0912 - one check per keyword, one path per case

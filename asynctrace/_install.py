@@ -19,7 +19,7 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from asynctrace._factory import TaskFactory, installation_of, make_factory
+from asynctrace._factory import TaskFactory, adopt_current_task, installation_of, make_factory
 from asynctrace._instrument import Instrument, overrides
 from asynctrace._metadata import TaskMetadata, _check_text, random_correlation_id
 from asynctrace._state import STATE, instrument_source
@@ -331,10 +331,7 @@ def install(
     )
     options = _make_options(id_generator, instruments, telemetry_options)
     if loop is None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = _running_loop()
     elif not isinstance(loop, asyncio.AbstractEventLoop):
         raise TypeError(f"Invalid loop: {loop!r}; expected an asyncio event loop or None.")
     with STATE.lock:
@@ -355,7 +352,16 @@ def install(
         if STATE.process is not None:
             STATE.process._children.append(installation)
         STATE.loop_installations.append(installation)
-        return installation
+    if _running_loop() is loop:
+        adopt_current_task()
+    return installation
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> bool:
@@ -373,10 +379,7 @@ def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> bool:
     Since: 0.1.0
     """
     if loop is None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
+        loop = _running_loop()
     with STATE.lock:
         if loop is None:
             if STATE.process is None:

@@ -12,7 +12,7 @@ from typing import Any, Final, Literal
 
 from asynctrace._metadata import TaskMetadata
 
-__all__ = ["FINISHED", "Instrument", "Outcome", "TaskRecord"]
+__all__ = ["FINISHED", "TASK_HOOKS", "Instrument", "LeanInstrument", "Outcome", "TaskRecord"]
 
 logger: Final = logging.getLogger("asynctrace")
 
@@ -100,6 +100,37 @@ class Instrument:
 
         Called once, by :func:`asynctrace.shutdown` or when the last installation is removed.
         """
+
+
+class LeanInstrument(Instrument):
+    """An instrument that needs only each task's metadata, outcome and duration (internal).
+
+    When every installed instrument that observes tasks is lean, the factory keeps no
+    :class:`TaskRecord` at all: it notes the creation time in a per-loop table keyed by the
+    task's id and reads the metadata back from the task's context when it is done. No object
+    is allocated per task, so a large fan-out does not feed the garbage collector. Any other
+    task-observing instrument (spans, yours) switches the factory back to records, and these
+    hooks are then called from ``task_created``/``task_done``.
+    """
+
+    def task_started(self, metadata: TaskMetadata) -> None:
+        """Called right after the factory built a task with ``metadata``."""
+
+    def task_finished(self, metadata: TaskMetadata, outcome: Outcome, duration_ns: int) -> None:
+        """Called once a task is done, ``duration_ns`` after its creation."""
+
+    def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
+        """Forward to :meth:`task_started` (the path with records)."""
+        self.task_started(record.metadata)
+
+    def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
+        """Forward to :meth:`task_finished` (the path with records)."""
+        self.task_finished(
+            record.metadata, record.outcome or FINISHED, record.finished_ns - record.created_ns
+        )
+
+
+TASK_HOOKS: Final = ("task_context", "task_created", "task_done")
 
 
 def overrides(instrument: Instrument, hook: str) -> bool:

@@ -29,7 +29,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.samples import Exemplar
 
-from asynctrace._instrument import FINISHED, Instrument, TaskRecord
+from asynctrace._instrument import FINISHED, LeanInstrument, Outcome, TaskRecord
+from asynctrace._metadata import TaskMetadata
 from asynctrace._state import STATE
 from asynctrace._tracing import sampled_ids
 
@@ -116,7 +117,7 @@ class OperationStats:
 
 
 @final
-class MetricsSink(Instrument):
+class MetricsSink(LeanInstrument):
     """Counts tasks into per-thread shards; exposes them to a Prometheus registry."""
 
     def __init__(self, registry: CollectorRegistry | None, max_operations: int = 100) -> None:
@@ -156,42 +157,51 @@ class MetricsSink(Instrument):
                 return operation_name
         return OTHER_OPERATION
 
-    def _shard_and_label(self, record: TaskRecord) -> tuple[_Shard, str]:
-        """This thread's shard, and the ``operation`` label of ``record``'s task."""
+    def _shard_and_label(self, metadata: TaskMetadata) -> tuple[_Shard, str]:
+        """This thread's shard, and the ``operation`` label of a task with ``metadata``."""
         try:
             shard: _Shard = self._local.shard
         except AttributeError:
             shard = self._shard()
-        meta = record.metadata
-        if meta is shard.last_metadata:  # siblings of a fan-out share their metadata
+        if metadata is shard.last_metadata:  # siblings of a fan-out share their metadata
             return shard, shard.last_label
-        op = shard.last_label = self.label(meta.operation_name)
-        shard.last_metadata = meta
+        op = shard.last_label = self.label(metadata.operation_name)
+        shard.last_metadata = metadata
         return shard, op
 
-    def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
+    def task_started(self, metadata: TaskMetadata) -> None:
         """Count a created task."""
-        shard, op = self._shard_and_label(record)
+        shard, op = self._shard_and_label(metadata)
         created = shard.created
         created[op] = created.get(op, 0) + 1
 
-    def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
+    def task_finished(self, metadata: TaskMetadata, outcome: Outcome, duration_ns: int) -> None:
         """Put the task's duration in its (operation, outcome) histogram."""
-        shard, op = self._shard_and_label(record)
-        key = (op, record.outcome or FINISHED)
-        series = shard.series.get(key)
-        if series is None:
-            series = shard.series[key] = _Series(self._size)
+        self._observe(metadata, outcome, duration_ns)
+
+    def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
+        """The same, with the span's ids as the bucket's exemplar when the task is traced."""
         duration = record.finished_ns - record.created_ns
-        i = bisect_left(self._bounds_ns, duration)
-        series.counts[i] += 1
-        series.sum_ns += duration
+        series, i = self._observe(record.metadata, record.outcome or FINISHED, duration)
         if record.sink_data is not None:
             ids = sampled_ids(record)
             if ids is not None:
                 if series.exemplars is None:
                     series.exemplars = [None] * self._size
                 series.exemplars[i] = (ids[0], ids[1], duration, time.time())
+
+    def _observe(
+        self, metadata: TaskMetadata, outcome: str, duration_ns: int
+    ) -> tuple[_Series, int]:
+        shard, op = self._shard_and_label(metadata)
+        key = (op, outcome)
+        series = shard.series.get(key)
+        if series is None:
+            series = shard.series[key] = _Series(self._size)
+        i = bisect_left(self._bounds_ns, duration_ns)
+        series.counts[i] += 1
+        series.sum_ns += duration_ns
+        return series, i
 
     def observe_lag(self, lag_s: float) -> None:
         """Record one heartbeat's lag (called on the loop's thread)."""

@@ -9,12 +9,12 @@ than the Prometheus sink.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, Final, final
+from typing import Final, final
 
 from opentelemetry.metrics import MeterProvider
 
-from asynctrace._instrument import FINISHED, Instrument, TaskRecord
+from asynctrace._instrument import LeanInstrument, Outcome
+from asynctrace._metadata import TaskMetadata
 
 __all__ = ["OTelMetricsSink"]
 
@@ -25,7 +25,7 @@ _BOUNDARIES: Final = [
 
 
 @final
-class OTelMetricsSink(Instrument):
+class OTelMetricsSink(LeanInstrument):
     """Records task metrics on ``meter_provider``."""
 
     def __init__(self, meter_provider: MeterProvider, version: str) -> None:
@@ -44,17 +44,16 @@ class OTelMetricsSink(Instrument):
             "asynctrace.task.in_flight", unit="{task}", description="Tasks not yet done."
         )
 
-    def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
+    def task_started(self, metadata: TaskMetadata) -> None:
         """Count the task and add it to the in-flight count."""
-        attributes = {"asynctrace.operation": record.metadata.operation_name or "unnamed"}
+        attributes = {"asynctrace.operation": metadata.operation_name or "unnamed"}
         self._created.add(1, attributes)
         self._in_flight.add(1, attributes)
 
-    def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
+    def task_finished(self, metadata: TaskMetadata, outcome: Outcome, duration_ns: int) -> None:
         """Record the duration and take the task off the in-flight count."""
-        op = record.metadata.operation_name or "unnamed"
+        op = metadata.operation_name or "unnamed"
         self._in_flight.add(-1, {"asynctrace.operation": op})
         self._duration.record(
-            (record.finished_ns - record.created_ns) / 1e9,
-            {"asynctrace.operation": op, "asyncio.task.outcome": record.outcome or FINISHED},
+            duration_ns / 1e9, {"asynctrace.operation": op, "asyncio.task.outcome": outcome}
         )

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, final
 
-from asynctrace._instrument import Instrument, overrides
+from asynctrace._instrument import TASK_HOOKS, Instrument, LeanInstrument, overrides
 
 if TYPE_CHECKING:
     import asyncio
@@ -50,6 +50,7 @@ class State:
         self.context_hooks: tuple[Callable[[TaskRecord], None], ...] = ()
         self.created_hooks: tuple[Hook, ...] = ()
         self.done_hooks: tuple[Hook, ...] = ()
+        self.lean: tuple[LeanInstrument, ...] = ()
         self.id_generator: Callable[[], str] | None = None
         self.errors: dict[str, int] = {}
         self.dropped_spans = 0
@@ -69,6 +70,12 @@ class State:
             i.task_created for i in self.instruments if overrides(i, "task_created")
         )
         self.done_hooks = tuple(i.task_done for i in self.instruments if overrides(i, "task_done"))
+        observers = [i for i in self.instruments if any(overrides(i, h) for h in TASK_HOOKS)]
+        self.lean = (
+            tuple(i for i in observers if isinstance(i, LeanInstrument))
+            if all(isinstance(i, LeanInstrument) for i in observers)
+            else ()
+        )
 
     def hook_failed(self, hook: Callable[..., None], exc: BaseException) -> None:
         """Disable the instrument ``hook`` belongs to, log that once and count it."""

@@ -1,0 +1,229 @@
+"""The lean path: with only metrics observing tasks, the factory keeps nothing per task.
+
+What makes instrumentation cheap on a large fan-out is not allocating objects the garbage
+collector must traverse. These tests count objects (deterministic), never time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import sys
+import weakref
+from collections.abc import Awaitable, Callable
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import asynctrace
+from asynctrace._instrument import TaskRecord
+from asynctrace._state import STATE
+from asynctrace.testing import TaskCapture, record_of
+
+N = 2000
+
+
+async def ok() -> None:
+    await asyncio.sleep(0)
+
+
+async def fail() -> None:
+    await asyncio.sleep(0)
+    raise ValueError("x")
+
+
+def tracked_objects_per_pending_task(setup: Callable[[], Awaitable[None]]) -> float:
+    """Objects the collector tracks, per task, with N tasks created and not yet run."""
+
+    async def main() -> float:
+        await setup()
+        await asyncio.sleep(0)
+        gc.collect()
+        before = len(gc.get_objects())
+        outer = asyncio.gather(*(ok() for _ in range(N)))
+        gc.collect()
+        after = len(gc.get_objects())
+        await outer
+        return (after - before) / N
+
+    gc.disable()
+    try:
+        return asyncio.run(main())
+    finally:
+        gc.enable()
+
+
+def test_metrics_only_allocates_nothing_per_task() -> None:
+    """Metrics only: per task, only the done callback's slot (a list and a tuple) is added."""
+
+    async def bare() -> None:
+        pass
+
+    async def installed() -> None:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        assert STATE.lean  # the metrics sink is the only task observer
+
+    base = tracked_objects_per_pending_task(bare)
+    lean = tracked_objects_per_pending_task(installed)
+    # asyncio stores a second done callback (gather's) in a list of (callback, context)
+    # tuples; a record, a metadata object or a context variable set would add more.
+    assert lean - base == pytest.approx(2, abs=0.05)
+
+
+def test_records_exist_when_a_task_hook_is_installed() -> None:
+    """Any instrument with task hooks switches the factory back to records."""
+
+    async def main() -> None:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        task = asyncio.create_task(asyncio.sleep(1))
+        assert record_of(task) is None  # lean: nothing kept per task
+        task.cancel()
+        asynctrace.testing.reset()
+        asynctrace.install(
+            registry=CollectorRegistry(), loop_monitor=False, instruments=[TaskCapture()]
+        )
+        assert not STATE.lean
+        task = asyncio.create_task(asyncio.sleep(1))
+        assert isinstance(record_of(task), TaskRecord)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+
+
+def test_lean_task_finishing_after_a_switch_is_still_counted() -> None:
+    """A task started on the lean path is counted when it ends, whatever is installed then."""
+    registry = CollectorRegistry()
+
+    async def main() -> None:
+        asynctrace.install(registry=registry, loop_monitor=False)
+        release = asyncio.Event()
+
+        async def wait() -> None:
+            await release.wait()
+
+        task = asynctrace.create_task(wait(), operation_name="late")
+        await asyncio.sleep(0)
+        capture = TaskCapture()
+        STATE.set_instruments((*STATE.instruments, capture))  # records from now on
+        assert not STATE.lean
+        release.set()
+        await task
+        assert capture.done == []  # it was never a record task
+
+    asyncio.run(main())
+    assert (
+        registry.get_sample_value(
+            "asynctrace_task_duration_seconds_count", {"operation": "late", "outcome": "finished"}
+        )
+        == 1
+    )
+    assert registry.get_sample_value("asynctrace_tasks_in_flight", {"operation": "late"}) == 0
+
+
+def test_pending_task_dropped_is_still_collected_and_warned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The lean table holds ids, not tasks: a task dropped while pending is still collected."""
+
+    async def main() -> weakref.ref[asyncio.Task[None]]:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def stuck(future: asyncio.Future[None]) -> None:
+            await future
+
+        task = asyncio.create_task(stuck(never))
+        await asyncio.sleep(0)
+        ref = weakref.ref(task)
+        del task, never
+        gc.collect()
+        return ref
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        ref = asyncio.run(main())
+    assert ref() is None
+    assert "Task was destroyed but it is pending!" in caplog.text
+
+
+def test_task_metadata_after_the_task_is_done() -> None:
+    """Metadata is read from the task's context, so it outlives the task's run (3.11 too)."""
+
+    async def main() -> None:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        task = asynctrace.create_task(ok(), operation_name="op", priority_hint=3)
+        await task
+        meta = asynctrace.task_metadata(task)
+        assert meta is not None
+        assert (meta.operation_name, meta.priority_hint) == ("op", 3)
+        assert meta.correlation_id == asynctrace.correlation_id()
+        # a task asynctrace never saw has none
+        plain = asyncio.get_running_loop().create_future()
+        assert asynctrace.task_metadata(plain) is None
+
+    asyncio.run(main())
+
+
+def test_install_inside_a_task_adopts_it() -> None:
+    """install() in a running task gives it an id and metadata; its children inherit the id."""
+
+    async def main() -> None:
+        assert asynctrace.correlation_id() is None
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        mine = asynctrace.correlation_id()
+        assert mine is not None
+        meta = asynctrace.task_metadata()
+        assert meta is not None
+        assert meta.correlation_id == mine
+        assert meta.operation_name is None
+        children = [asyncio.create_task(ok()) for _ in range(3)]
+        await asyncio.gather(*children)
+        assert {asynctrace.task_metadata(t).correlation_id for t in children} == {mine}  # type: ignore[union-attr]
+
+    asyncio.run(main())
+
+
+def test_install_inside_a_correlation_keeps_its_id() -> None:
+    """Adoption keeps an id the task already has."""
+
+    async def main() -> None:
+        with asynctrace.correlation("req-1"):
+            asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+            meta = asynctrace.task_metadata()
+            assert meta is not None
+            assert meta.correlation_id == "req-1"
+
+    asyncio.run(main())
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks exist from Python 3.12")
+def test_eager_task_done_in_its_first_step_is_counted() -> None:
+    """An eager task that finishes before the factory returns is counted on the lean path."""
+    registry = CollectorRegistry()
+
+    async def instant() -> int:
+        return 1
+
+    async def main() -> None:
+        asynctrace.install(registry=registry, loop_monitor=False)
+        task = asynctrace.create_task(instant(), operation_name="now", eager_start=True)
+        assert task.done()
+        with pytest.raises(ValueError, match="x"):
+            await asynctrace.create_task(fail(), operation_name="later", eager_start=True)
+
+    asyncio.run(main())
+    assert (
+        registry.get_sample_value(
+            "asynctrace_task_duration_seconds_count", {"operation": "now", "outcome": "finished"}
+        )
+        == 1
+    )
+    assert (
+        registry.get_sample_value(
+            "asynctrace_task_duration_seconds_count", {"operation": "later", "outcome": "exception"}
+        )
+        == 1
+    )

@@ -55,6 +55,7 @@ PY312: Final = sys.version_info >= (3, 12)
 PY314: Final = sys.version_info >= (3, 14)
 
 _INSTALLATION_ATTR: Final = "_asynctrace_installation"
+_STARTS_ATTR: Final = "_asynctrace_starts"
 _ASYNCIO_KEYWORDS: Final = frozenset({"name", "context", "eager_start"})
 _METADATA_KEYWORDS: Final = frozenset({"operation_name", "correlation_id", "priority_hint"})
 _HELPER_KEYWORDS: Final = tuple(sorted(_ASYNCIO_KEYWORDS | _METADATA_KEYWORDS | {"task_group"}))
@@ -294,6 +295,7 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
                 state.hook_failed(instrument.task_finished, exc)
 
     setattr(asynctrace_task_factory, _INSTALLATION_ATTR, installation)
+    setattr(asynctrace_task_factory, _STARTS_ATTR, starts)
     asynctrace_task_factory.__wrapped__ = inner  # type: ignore[attr-defined]
     return asynctrace_task_factory
 
@@ -316,6 +318,17 @@ def adopt_current_task() -> None:
         else:
             _CORRELATION_ID.set(correlation_id)
     _METADATA.set(_make_metadata(None, correlation_id, None))
+
+
+def forget_running(factory: object) -> None:
+    """Uninstalling: tasks still running on the lean path will not be counted when they end.
+
+    Their creation was counted by instruments that are closed now; counting their end in
+    the next installation's would drive its in-flight gauge below zero.
+    """
+    starts: dict[int, int] | None = getattr(factory, _STARTS_ATTR, None)
+    if starts is not None:
+        starts.clear()
 
 
 def installation_of(factory: object) -> Installation | None:

@@ -19,7 +19,13 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 from prometheus_client import CollectorRegistry
 
-from asynctrace._factory import TaskFactory, adopt_current_task, installation_of, make_factory
+from asynctrace._factory import (
+    TaskFactory,
+    adopt_current_task,
+    forget_running,
+    installation_of,
+    make_factory,
+)
 from asynctrace._instrument import Instrument, overrides
 from asynctrace._metadata import TaskMetadata, _check_text, random_correlation_id
 from asynctrace._state import STATE, instrument_source
@@ -113,6 +119,7 @@ class Installation:
                     f"asynctrace.install() (now {current!r}); restore it first."
                 )
             self.loop.set_task_factory(self._previous)
+            forget_running(self._factory)
             self._factory = None
             if self in STATE.loop_installations:
                 STATE.loop_installations.remove(self)
@@ -442,6 +449,7 @@ def reset() -> None:
             try:
                 installation.uninstall()
             except RuntimeError:
+                forget_running(installation._factory)
                 installation._factory = None
         _teardown()  # a no-op when the last uninstall above already tore down
         STATE.clear()

@@ -227,3 +227,33 @@ def test_eager_task_done_in_its_first_step_is_counted() -> None:
         )
         == 1
     )
+
+
+def test_tasks_outliving_an_installation_are_not_counted_by_the_next() -> None:
+    """Tasks started under an installation that is gone are not counted by the next one."""
+    first, second = CollectorRegistry(), CollectorRegistry()
+
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def wait() -> None:
+            await release.wait()
+
+        asynctrace.install(registry=first, loop_monitor=False)
+        tasks = [asynctrace.create_task(wait(), operation_name="w") for _ in range(3)]
+        await asyncio.sleep(0)
+        asynctrace.uninstall()
+        asynctrace.install(registry=second, loop_monitor=False)
+        release.set()
+        await asyncio.gather(*tasks)
+        await asynctrace.create_task(asyncio.sleep(0), operation_name="w")
+
+    asyncio.run(main())
+    assert second.get_sample_value("asynctrace_tasks_created_total", {"operation": "w"}) == 1
+    # 1, not 4: finished counts must not outrun created ones (the in-flight gauge would be <0)
+    assert (
+        second.get_sample_value(
+            "asynctrace_task_duration_seconds_count", {"operation": "w", "outcome": "finished"}
+        )
+        == 1
+    )

@@ -97,17 +97,9 @@ class _LiveRecord(TaskRecord):
     def __call__(self, task: asyncio.Task[Any]) -> None:
         """Record the outcome (without marking an exception retrieved), call the done hooks."""
         self.finished_ns = _perf_ns()
-        if task.cancelled():
-            self.outcome = CANCELLED
-        else:
-            # Read the slot, not task.exception(): that would mark the exception retrieved
-            # and silence asyncio's "Task exception was never retrieved".
-            exc = task._exception
-            if exc is None:
-                self.outcome = FINISHED
-            else:
-                self.outcome = EXCEPTION
-                self.exception = exc
+        self.outcome = outcome = _outcome(task)
+        if outcome == EXCEPTION:
+            self.exception = task._exception
         for hook in STATE.done_hooks:
             try:
                 hook(task, self)
@@ -117,6 +109,15 @@ class _LiveRecord(TaskRecord):
 
 
 _perf_ns: Final = time.perf_counter_ns
+
+
+def _outcome(task: asyncio.Task[Any]) -> Outcome:
+    """How a done task ended, without marking its exception retrieved."""
+    if task.cancelled():
+        return CANCELLED
+    # Read the slot, not task.exception(): that would mark the exception retrieved and
+    # silence asyncio's "Task exception was never retrieved".
+    return FINISHED if task._exception is None else EXCEPTION
 
 
 def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no extra calls
@@ -138,7 +139,6 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
     def _enter_context(record: TaskRecord) -> None:
         # Runs inside the new task's context, before the task exists: what the hooks set
         # here (the task's span, say) is what the first step sees, eager or not.
-        metadata_var.set(record.metadata)
         for hook in state.context_hooks:
             try:
                 hook(record)
@@ -185,12 +185,9 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
             inherited = context.get(cid_var)
         if correlation_id is None:
             correlation_id = inherited
-            if correlation_id is None and (new_id := state.id_generator) is not None:
-                try:
-                    correlation_id = new_id()
-                except Exception as exc:
-                    state.count_error("id_generator", exc)
-                else:
+            if correlation_id is None:
+                correlation_id = _new_correlation_id()
+                if correlation_id is not None:
                     context.run(cid_var.set, correlation_id)
         elif correlation_id != inherited:
             context.run(cid_var.set, correlation_id)
@@ -213,12 +210,12 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
         else:
             inherit = False
             metadata = _make_metadata(operation_name, correlation_id, priority_hint)
+        if not inherit:
+            context.run(metadata_var.set, metadata)
 
         lean = state.lean
         if lean:
             # Only lean instruments observe tasks: no record, one shared done callback.
-            if not inherit:
-                context.run(metadata_var.set, metadata)
             created_ns = perf_ns()
             task = _build(loop, coro, kwargs)
             for instrument in lean:
@@ -237,14 +234,10 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
         done_hooks = state.done_hooks
         if not (context_hooks or done_hooks or state.created_hooks):
             # Nothing observes tasks: metadata only, no record, no done callback.
-            if not inherit:
-                context.run(metadata_var.set, metadata)
             return _build(loop, coro, kwargs)
         record = new_record(metadata, perf_ns())
         if context_hooks:
             context.run(_enter_context, record)
-        elif not inherit:
-            context.run(metadata_var.set, metadata)
         task = _build(loop, coro, kwargs)
         for hook in state.created_hooks:
             try:
@@ -279,12 +272,7 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
             _lean_finish(task, metadata_var.get(None) or _NO_METADATA, finished_ns - created_ns)
 
     def _lean_finish(task: asyncio.Task[Any], metadata: TaskMetadata, duration_ns: int) -> None:
-        if task.cancelled():
-            outcome: Outcome = CANCELLED
-        elif task._exception is None:  # not exception(): that marks it retrieved
-            outcome = FINISHED
-        else:
-            outcome = EXCEPTION
+        outcome = _outcome(task)
         lean = state.lean
         if not lean:  # task hooks were installed since this task started: still count it
             lean = tuple(i for i in state.instruments if isinstance(i, LeanInstrument))
@@ -300,6 +288,18 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
     return asynctrace_task_factory
 
 
+def _new_correlation_id() -> str | None:
+    """A fresh id from the installed generator; None when there is none or it failed."""
+    new_id = STATE.id_generator
+    if new_id is None:
+        return None
+    try:
+        return new_id()
+    except Exception as exc:
+        STATE.count_error("id_generator", exc)
+        return None
+
+
 def adopt_current_task() -> None:
     """Give the running task, made before asynctrace was installed, what the factory would.
 
@@ -310,12 +310,9 @@ def adopt_current_task() -> None:
     if asyncio.current_task() is None or _METADATA.get() is not None:
         return
     correlation_id = _CORRELATION_ID.get()
-    if correlation_id is None and (new_id := STATE.id_generator) is not None:
-        try:
-            correlation_id = new_id()
-        except Exception as exc:
-            STATE.count_error("id_generator", exc)
-        else:
+    if correlation_id is None:
+        correlation_id = _new_correlation_id()
+        if correlation_id is not None:
             _CORRELATION_ID.set(correlation_id)
     _METADATA.set(_make_metadata(None, correlation_id, None))
 

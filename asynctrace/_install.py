@@ -337,8 +337,9 @@ def install(
         blocked_threshold=blocked_threshold,
     )
     options = _make_options(id_generator, instruments, telemetry_options)
+    running = _running_loop()
     if loop is None:
-        loop = _running_loop()
+        loop = running
     elif not isinstance(loop, asyncio.AbstractEventLoop):
         raise TypeError(f"Invalid loop: {loop!r}; expected an asyncio event loop or None.")
     with STATE.lock:
@@ -359,7 +360,7 @@ def install(
         if STATE.process is not None:
             STATE.process._children.append(installation)
         STATE.loop_installations.append(installation)
-    if _running_loop() is loop:
+    if loop is running:  # called inside the loop: the calling task is adopted
         adopt_current_task()
     return installation
 

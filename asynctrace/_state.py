@@ -31,7 +31,7 @@ def instrument_source(instrument: object) -> str:
 class State:
     """The installation, the active instruments and the telemetry error counts.
 
-    The hot path reads ``context_hooks``, ``created_hooks``, ``done_hooks`` and
+    The hot path reads ``context_hooks``, ``created_hooks``, ``done_hooks``, ``lean`` and
     ``id_generator`` without a lock: they are replaced whole (tuples, a callable), never
     mutated, which is safe with and without the GIL. Writers hold ``lock``.
     """
@@ -71,11 +71,8 @@ class State:
         )
         self.done_hooks = tuple(i.task_done for i in self.instruments if overrides(i, "task_done"))
         observers = [i for i in self.instruments if any(overrides(i, h) for h in TASK_HOOKS)]
-        self.lean = (
-            tuple(i for i in observers if isinstance(i, LeanInstrument))
-            if all(isinstance(i, LeanInstrument) for i in observers)
-            else ()
-        )
+        lean = [i for i in observers if isinstance(i, LeanInstrument)]
+        self.lean = tuple(lean) if len(lean) == len(observers) else ()
 
     def hook_failed(self, hook: Callable[..., None], exc: BaseException) -> None:
         """Disable the instrument ``hook`` belongs to, log that once and count it."""

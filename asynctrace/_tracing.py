@@ -97,14 +97,65 @@ def span_name(task: asyncio.Task[Any], metadata: TaskMetadata) -> str:
 def sampled_ids(record: TaskRecord) -> tuple[int, int] | None:
     """The (trace id, span id) of the task's span when it is sampled, else None."""
     data = record.sink_data
-    if isinstance(data, tuple):
-        ctx: SpanContext = data[0]
-        return ctx.trace_id, ctx.span_id
+    if isinstance(data, _TaskSpan):
+        return data.trace_id, data.span_id
     if isinstance(data, trace.Span):
         ctx = data.get_span_context()
         if ctx.trace_flags.sampled:
             return ctx.trace_id, ctx.span_id
     return None
+
+
+class _TaskSpan(NonRecordingSpan):
+    """The fast path's handle: the task's span as its children see it, and its state till done.
+
+    One object per task, kept in the task's context and in its record. The ``SpanContext`` is
+    built when first asked for (by a child, a library, or the end of the task), so a task that
+    never looks at its span carries no ``SpanContext`` while it is pending.
+    """
+
+    __slots__ = (
+        "_context",
+        "parent",
+        "sampler_attributes",
+        "span_id",
+        "trace_flags",
+        "trace_id",
+        "trace_state",
+    )
+
+    def __init__(
+        self,
+        trace_id: int,
+        span_id: int,
+        *,
+        trace_flags: TraceFlags,
+        trace_state: TraceState | None,
+        parent: SpanContext | None,
+        sampler_attributes: Any,  # noqa: ANN401 - the sampler's Attributes, as it gave them
+    ) -> None:
+        self._context: SpanContext | None = None  # type: ignore[assignment]
+        self.trace_id = trace_id
+        self.span_id = span_id
+        self.trace_flags = trace_flags
+        self.trace_state = trace_state
+        self.parent = parent
+        self.sampler_attributes = sampler_attributes
+
+    def get_span_context(self) -> SpanContext:
+        context = self._context
+        if context is None:
+            context = self._context = SpanContext(
+                self.trace_id,
+                self.span_id,
+                is_remote=False,
+                trace_flags=self.trace_flags,
+                trace_state=self.trace_state,
+            )
+        return context
+
+    def __repr__(self) -> str:
+        return f"_TaskSpan({self.get_span_context()!r})"
 
 
 def _attributes(task: asyncio.Task[Any], record: TaskRecord) -> dict[str, Any]:
@@ -214,18 +265,19 @@ class SpanSink(Instrument):
             result = tracer.sampler.should_sample(current, trace_id, name, SpanKind.INTERNAL)
             sampled = result.decision is Decision.RECORD_AND_SAMPLE
             trace_state, sampler_attributes = result.trace_state, result.attributes
-        span_context = SpanContext(
+        handle = _TaskSpan(
             trace_id,
             tracer.id_generator.generate_span_id(),
-            is_remote=False,
             trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
             trace_state=trace_state,
+            parent=parent,
+            sampler_attributes=sampler_attributes,
         )
         # Children (tasks, HTTP clients, DB drivers) see this span as their parent, sampled
         # or not, so a dropped task also drops its subtree under parent-based samplers.
-        otel_context.attach(trace.set_span_in_context(NonRecordingSpan(span_context), current))
+        otel_context.attach(trace.set_span_in_context(handle, current))
         if sampled:
-            record.sink_data = (span_context, parent, sampler_attributes)
+            record.sink_data = handle
 
     def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
         """End the task's span with its outcome."""
@@ -239,10 +291,9 @@ class SpanSink(Instrument):
         end = record.finished_ns + self._epoch_offset
         attributes = _attributes(task, record)
         exc = record.exception
-        if isinstance(data, tuple):
-            span_context, parent, sampler_attributes = data
-            if sampler_attributes:
-                attributes = {**sampler_attributes, **attributes}
+        if isinstance(data, _TaskSpan):
+            if data.sampler_attributes:
+                attributes = {**data.sampler_attributes, **attributes}
             events: tuple[sdk_trace.Event, ...] = ()
             status = _UNSET
             if record.outcome == EXCEPTION and exc is not None:
@@ -252,8 +303,8 @@ class SpanSink(Instrument):
             assert isinstance(tracer, sdk_trace.Tracer)  # noqa: S101 - set by task_context
             span = sdk_trace.ReadableSpan(
                 name=span_name(task, record.metadata),
-                context=span_context,
-                parent=parent,
+                context=data.get_span_context(),
+                parent=data.parent,
                 resource=tracer.resource,
                 attributes=attributes,
                 events=events,

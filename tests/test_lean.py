@@ -257,3 +257,63 @@ def test_tasks_outliving_an_installation_are_not_counted_by_the_next() -> None:
         )
         == 1
     )
+
+
+def test_traced_task_keeps_one_span_handle() -> None:
+    """Fast-path tracing: per pending task, one record, one span handle and its context.
+
+    The handle builds its ``SpanContext`` only when asked, so a leaf that never looks at its
+    span holds none while it waits; a tuple of span state would be one more object.
+    """
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
+        InMemorySpanExporter,
+    )
+
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+
+    async def bare() -> None:
+        pass
+
+    async def traced() -> None:
+        asynctrace.install(
+            registry=CollectorRegistry(), loop_monitor=False, tracer_provider=provider
+        )
+
+    added = tracked_objects_per_pending_task(traced) - tracked_objects_per_pending_task(bare)
+    # the record (the done callback), the span handle, the OpenTelemetry Context holding it,
+    # the context variable set (a HAMT and its node), the callback list and tuple
+    assert added == pytest.approx(7, abs=0.05)
+
+
+def test_span_handle_context_is_the_exported_one() -> None:
+    """The lazily built SpanContext is built once and is the exported span's own."""
+    from opentelemetry import trace  # noqa: PLC0415
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
+        InMemorySpanExporter,
+    )
+
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    seen: list[trace.SpanContext] = []
+
+    async def look() -> None:
+        span = trace.get_current_span()
+        seen.extend((span.get_span_context(), span.get_span_context()))
+        await asyncio.sleep(0)
+
+    async def main() -> None:
+        asynctrace.install(registry=CollectorRegistry(), tracer_provider=provider)
+        await asynctrace.create_task(look(), operation_name="look")
+
+    asyncio.run(main())
+    (span,) = [s for s in exporter.get_finished_spans() if s.name == "look"]
+    assert seen[0] is seen[1]
+    assert seen[0] == span.context
+    assert not seen[0].is_remote
+    assert seen[0].trace_flags.sampled

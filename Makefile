@@ -7,7 +7,7 @@ VENV314 ?= .venv314
 BIN := $(VENV)/bin
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: demo test test-314 test-all lint typecheck check bench bench-guard clean
+.PHONY: demo test test-314 test-all lint typecheck check bench bench-profile bench-guard clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench: .venv-bench/bin/.installed .venv314-bench/bin/.installed
 	.venv-bench/bin/python bench/run.py --loop uvloop
 	.venv314-bench/bin/python bench/run.py $(BENCH_ARGS)
 	.venv-bench/bin/python bench/plot.py
+	$(MAKE) bench-profile
+
+# Where the time goes: py-spy (native frames) on the fan-out, bare / metrics / tracing.
+bench-profile: .venv-bench/bin/.installed .venv314-bench/bin/.installed
+	.venv-bench/bin/python bench/profile.py --out docs/performance/profile-py3.11.md
+	.venv314-bench/bin/python bench/profile.py --out docs/performance/profile-py3.14.md
 
 # CI's coarse guard: asynctrace against bare only, small sizes; fails on gross regressions.
 bench-guard: $(BIN)/.installed

@@ -69,8 +69,13 @@ def callback_factory(
     coro: Coroutine[Any, Any, Any],
     **kwargs: Any,  # noqa: ANN401 - asyncio's own create_task keywords
 ) -> asyncio.Task[Any]:
+    # The callback runs in the task's own context, as asynctrace's does: without context=,
+    # add_done_callback would copy the current context, one more object per task.
+    context = kwargs.get("context")
+    if context is None:
+        context = kwargs["context"] = copy_context()
     task = asyncio.Task(coro, loop=loop, **kwargs)
-    task.add_done_callback(_noop)
+    task.add_done_callback(_noop, context=context)
     return task
 
 
@@ -110,14 +115,15 @@ def span_factory(provider: TracerProvider, *, in_context: bool) -> Any:  # noqa:
         if not parent.is_valid:
             parent = None
         span_context = SpanContext(trace_id, new_span_id(), is_remote=False, trace_flags=sampled)
+        context = kwargs.get("context")
+        if context is None:
+            context = kwargs["context"] = copy_context()
         if in_context:
-            context = kwargs.get("context") or copy_context()
-            kwargs["context"] = context
             span = NonRecordingSpan(span_context)
             context.run(otel_context.attach, trace.set_span_in_context(span))
         task = asyncio.Task(coro, loop=loop, **kwargs)
         starts[id(task)] = (time.perf_counter_ns() + offset, span_context, parent)
-        task.add_done_callback(done)
+        task.add_done_callback(done, context=context)
         return task
 
     return factory

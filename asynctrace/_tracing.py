@@ -17,6 +17,7 @@ Either way the user's provider, sampler, processors and exporters are used uncha
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -79,8 +80,14 @@ _INTERNAL_COROUTINES: Final = frozenset(
 TaskFilter = Callable[[TaskMetadata], bool]
 
 
+# CPython 3.13's loop.create_task calls task.set_name(name) after any task factory, None
+# included, so every task created there without a name is named "None" (python/cpython#130033;
+# asyncio's own eager_task_factory too). Such a task was not named by anyone.
+_UNNAMED_AFTER_FACTORY: Final = "None" if sys.version_info[:2] == (3, 13) else None
+
+
 def _is_default_name(name: str) -> bool:
-    return name.startswith("Task-") and name[5:].isdigit()
+    return (name.startswith("Task-") and name[5:].isdigit()) or name == _UNNAMED_AFTER_FACTORY
 
 
 def span_name(task: asyncio.Task[Any], metadata: TaskMetadata) -> str:

@@ -12,6 +12,9 @@ import asynctrace.testing
 
 PY312 = sys.version_info >= (3, 12)
 PY314 = sys.version_info >= (3, 14)
+# Python 3.13 names every unnamed task made through a task factory "None" (any factory,
+# asyncio's own eager_task_factory too): python/cpython#130033.
+PY313 = sys.version_info[:2] == (3, 13)
 
 _events = asyncio.events
 _get_policy = getattr(_events, "_get_event_loop_policy", asyncio.get_event_loop_policy)

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 import asynctrace
-from tests.conftest import PY312, PY314
+from tests.conftest import PY312, PY313, PY314
 
 
 def run_both(main: Callable[[], Coroutine[Any, Any, Any]]) -> tuple[Any, Any]:
@@ -149,6 +149,11 @@ def test_current_task_and_coroutine_not_wrapped() -> None:
     assert run_both(main) == (True, True)
 
 
+@pytest.mark.xfail(
+    PY313,
+    reason="CPython 3.13 renames unnamed tasks of any task factory 'None' (cpython#130033)",
+    strict=True,
+)
 def test_names_from_the_start() -> None:
     """A name= given is the task's name; unnamed tasks keep asyncio's Task-N naming."""
 

@@ -4,10 +4,12 @@
 PYTHON ?= python3
 VENV ?= .venv
 VENV314 ?= .venv314
+VENV313 ?= .venv313
 BIN := $(VENV)/bin
 PIP_FLAGS ?= -q --disable-pip-version-check
+COMMA := ,
 
-.PHONY: demo test test-314 test-all lint typecheck check bench bench-profile bench-guard clean
+.PHONY: demo test test-313 test-314 test-all lint typecheck check bench bench-profile bench-guard clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,14 +17,22 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev]'
 	touch $@
 
-# Python 3.14 from Debian's packages (see .ci/python314.sh), in its own virtualenv.
-$(VENV314)/bin/.installed: pyproject.toml .ci/python314.sh
-	set -e; py=$$(bash .ci/python314.sh); \
+# Python 3.13 and 3.14 from Debian's packages (see .ci/debian-python.sh), each in its own
+# virtualenv: $(call debian_venv,<version>,<venv>,<extras>)
+define debian_venv
+	set -e; py=$$(bash .ci/debian-python.sh $(1)); \
 	wheel=$$(ls $$(dirname $$py)/../share/python-wheels/pip-*.whl | head -n 1); \
-	$$py -m venv --without-pip $(VENV314); \
-	$(VENV314)/bin/python $$wheel/pip install $(PIP_FLAGS) $$wheel; \
-	$(VENV314)/bin/pip install $(PIP_FLAGS) -e '.[dev]'
+	$$py -m venv --without-pip $(2); \
+	$(2)/bin/python $$wheel/pip install $(PIP_FLAGS) $$wheel; \
+	$(2)/bin/pip install $(PIP_FLAGS) -e '.[$(3)]'
 	touch $@
+endef
+
+$(VENV314)/bin/.installed: pyproject.toml .ci/debian-python.sh
+	$(call debian_venv,3.14,$(VENV314),dev)
+
+$(VENV313)/bin/.installed: pyproject.toml .ci/debian-python.sh
+	$(call debian_venv,3.13,$(VENV313),dev)
 
 # The benchmark needs the peers (opentelemetry-instrumentation-asyncio, sentry-sdk), which pin
 # other OpenTelemetry versions than the tests use: their own virtualenvs.
@@ -32,13 +42,8 @@ $(VENV314)/bin/.installed: pyproject.toml .ci/python314.sh
 	.venv-bench/bin/pip install $(PIP_FLAGS) -e '.[bench,uvloop]'
 	touch $@
 
-.venv314-bench/bin/.installed: pyproject.toml .ci/python314.sh
-	set -e; py=$$(bash .ci/python314.sh); \
-	wheel=$$(ls $$(dirname $$py)/../share/python-wheels/pip-*.whl | head -n 1); \
-	$$py -m venv --without-pip .venv314-bench; \
-	.venv314-bench/bin/python $$wheel/pip install $(PIP_FLAGS) $$wheel; \
-	.venv314-bench/bin/pip install $(PIP_FLAGS) -e '.[bench,uvloop]'
-	touch $@
+.venv314-bench/bin/.installed: pyproject.toml .ci/debian-python.sh
+	$(call debian_venv,3.14,.venv314-bench,bench$(COMMA)uvloop)
 
 BENCH_ARGS ?= --memory 50000 --in-flight 100000
 
@@ -67,6 +72,9 @@ test: $(BIN)/.installed
 test-314: $(VENV314)/bin/.installed
 	$(VENV314)/bin/python -m pytest $(PYTEST_ARGS)
 
+test-313: $(VENV313)/bin/.installed
+	$(VENV313)/bin/python -m pytest $(PYTEST_ARGS)
+
 test-all: test test-314
 
 lint: $(BIN)/.installed
@@ -79,4 +87,4 @@ typecheck: $(BIN)/.installed
 check: lint typecheck test
 
 clean:
-	rm -rf $(VENV) $(VENV314) .venv-bench .venv314-bench .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VENV313) $(VENV314) .venv-bench .venv314-bench .pytest_cache .mypy_cache .ruff_cache

@@ -1,22 +1,31 @@
 #!/usr/bin/env bash
-# Provides a Python 3.14 interpreter on Debian 12 from Debian's own packages (the sid suite),
-# unpacked into a cache folder outside the checkout, and prints its path.
+# Provides a Python interpreter of the given version (3.13 or 3.14) on Debian 12 from Debian's
+# own packages (the sid suite), unpacked into a cache folder outside the checkout, and prints
+# its path:  bash .ci/debian-python.sh 3.14
 #
 # The mirror is read from this machine's apt sources, never written here. apt state and the
 # download cache are private (-o Dir::State / Dir::Cache), so the system's apt is untouched.
 set -euo pipefail
 
-cache="${ASYNCTRACE_PY314_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/asynctrace/py314}"
+version="${1:?usage: debian-python.sh 3.13|3.14}"
+case "$version" in
+    3.13|3.14) ;;
+    *) echo "debian-python: version '$version' is not one of 3.13, 3.14" >&2; exit 2 ;;
+esac
+tag="py${version//./}"
+cache_var="ASYNCTRACE_${tag^^}_CACHE"
+cache="${!cache_var:-${XDG_CACHE_HOME:-$HOME/.cache}/asynctrace/$tag}"
 root="$cache/root"
-py="$root/usr/bin/python3.14"
+py="$root/usr/bin/python$version"
 libdir="$root/usr/lib/x86_64-linux-gnu"
+check="import sys, venv; assert sys.version_info[:2] == (${version/./, })"
 
-if [ -x "$py" ] && "$py" -c 'import sys, venv; assert sys.version_info[:2] == (3, 14)' 2>/dev/null; then
+if [ -x "$py" ] && "$py" -c "$check" 2>/dev/null; then
     echo "$py"
     exit 0
 fi
 
-log() { echo "python314: $*" >&2; }
+log() { echo "debian-python $version: $*" >&2; }
 
 command -v patchelf >/dev/null || { log "installing patchelf"; apt-get install -y -qq patchelf >&2 || { apt-get update -qq >&2; apt-get install -y -qq patchelf >&2; }; }
 
@@ -45,12 +54,12 @@ apt_opts=(
     -o "Debug::NoLocking=1"
 )
 : > "$cache/state/status"
-log "fetching python3.14 from sid (about 35 MB)"
+log "fetching python$version from sid (about 35 MB)"
 apt-get "${apt_opts[@]}" update -qq >&2
-apt-get "${apt_opts[@]}" install -y -qq --download-only python3.14-venv python3.14-dev >&2
+apt-get "${apt_opts[@]}" install -y -qq --download-only "python$version-venv" "python$version-dev" >&2
 for deb in "$cache"/archives/*.deb; do
     dpkg -x "$deb" "$root"
 done
 patchelf --set-interpreter "$libdir/ld-linux-x86-64.so.2" --force-rpath --set-rpath "$libdir" "$py"
-"$py" -c 'import sys, ssl, sqlite3, venv; assert sys.version_info[:2] == (3, 14)' >&2
+"$py" -c "import ssl, sqlite3; $check" >&2
 echo "$py"

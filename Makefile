@@ -51,6 +51,7 @@ bench: .venv-bench/bin/.installed .venv314-bench/bin/.installed
 	.venv-bench/bin/python bench/run.py $(BENCH_ARGS)
 	.venv-bench/bin/python bench/run.py --loop uvloop
 	.venv314-bench/bin/python bench/run.py $(BENCH_ARGS)
+	.venv314-bench/bin/python bench/run.py --loop uvloop
 	.venv-bench/bin/python bench/plot.py
 	$(MAKE) bench-profile
 

@@ -180,6 +180,10 @@ def _attributes(task: asyncio.Task[Any], record: TaskRecord) -> dict[str, Any]:
     return attributes
 
 
+def _error_status(exc: BaseException) -> Status:
+    return Status(StatusCode.ERROR, f"{type(exc).__qualname__}: {exc}")
+
+
 def _exception_event_attributes(exc: BaseException) -> dict[str, Any]:
     return {
         "exception.type": type(exc).__qualname__,
@@ -304,7 +308,7 @@ class SpanSink(Instrument):
             events: tuple[sdk_trace.Event, ...] = ()
             status = _UNSET
             if record.outcome == EXCEPTION and exc is not None:
-                status = Status(StatusCode.ERROR, f"{type(exc).__qualname__}: {exc}")
+                status = _error_status(exc)
                 events = (sdk_trace.Event("exception", _exception_event_attributes(exc), end),)
             tracer = self._tracer
             assert isinstance(tracer, sdk_trace.Tracer)  # noqa: S101 - set by task_context
@@ -338,7 +342,7 @@ class SpanSink(Instrument):
         span.set_attributes(attributes)
         if record.outcome == EXCEPTION and exc is not None:
             span.record_exception(exc, timestamp=end, escaped=True)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__qualname__}: {exc}"))
+            span.set_status(_error_status(exc))
         elif record.outcome == CANCELLED:
             span.set_status(_UNSET)
         span.end(end_time=end)

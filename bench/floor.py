@@ -27,7 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Coroutine
-from contextvars import copy_context
+from contextvars import Context, copy_context
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ import asynctrace
 from asynctrace.testing import reset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import _discarding_provider
+from run import _discarding_provider, leaf
 
 MODES = [
     "bare",
@@ -56,12 +56,20 @@ MODES = [
 TIMES = "\N{MULTIPLICATION SIGN}"
 
 
-async def leaf() -> None:
-    await asyncio.sleep(0)
-
-
 def _noop(task: asyncio.Task[Any]) -> None:
     pass
+
+
+def _task_context(kwargs: dict[str, Any]) -> Context:
+    """The new task's context, made here when not given.
+
+    Callbacks run in it, as asynctrace's do: without context=, add_done_callback would copy
+    the current context, one more object per task.
+    """
+    context = kwargs.get("context")
+    if context is None:
+        context = kwargs["context"] = copy_context()
+    return context
 
 
 def callback_factory(
@@ -69,11 +77,7 @@ def callback_factory(
     coro: Coroutine[Any, Any, Any],
     **kwargs: Any,  # noqa: ANN401 - asyncio's own create_task keywords
 ) -> asyncio.Task[Any]:
-    # The callback runs in the task's own context, as asynctrace's does: without context=,
-    # add_done_callback would copy the current context, one more object per task.
-    context = kwargs.get("context")
-    if context is None:
-        context = kwargs["context"] = copy_context()
+    context = _task_context(kwargs)
     task = asyncio.Task(coro, loop=loop, **kwargs)
     task.add_done_callback(_noop, context=context)
     return task
@@ -115,9 +119,7 @@ def span_factory(provider: TracerProvider, *, in_context: bool) -> Any:  # noqa:
         if not parent.is_valid:
             parent = None
         span_context = SpanContext(trace_id, new_span_id(), is_remote=False, trace_flags=sampled)
-        context = kwargs.get("context")
-        if context is None:
-            context = kwargs["context"] = copy_context()
+        context = _task_context(kwargs)
         if in_context:
             span = NonRecordingSpan(span_context)
             context.run(otel_context.attach, trace.set_span_in_context(span))

@@ -16,6 +16,10 @@ import weakref
 from collections.abc import Awaitable, Callable
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
 import asynctrace
@@ -56,6 +60,14 @@ def tracked_objects_per_pending_task(setup: Callable[[], Awaitable[None]]) -> fl
         return contextvars.Context().run(asyncio.run, main())
     finally:
         gc.enable()
+
+
+def memory_provider() -> tuple[TracerProvider, InMemorySpanExporter]:
+    """An SDK provider on the fast path, exporting to memory as each span ends."""
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return provider, exporter
 
 
 def test_metrics_only_allocates_nothing_per_task() -> None:
@@ -268,14 +280,7 @@ def test_traced_task_keeps_one_span_handle() -> None:
     The handle builds its ``SpanContext`` only when asked, so a leaf that never looks at its
     span holds none while it waits; a tuple of span state would be one more object.
     """
-    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
-        InMemorySpanExporter,
-    )
-
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    provider, _ = memory_provider()
 
     async def bare() -> None:
         pass
@@ -293,16 +298,7 @@ def test_traced_task_keeps_one_span_handle() -> None:
 
 def test_span_handle_context_is_the_exported_one() -> None:
     """The lazily built SpanContext is built once and is the exported span's own."""
-    from opentelemetry import trace  # noqa: PLC0415
-    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
-        InMemorySpanExporter,
-    )
-
-    provider = TracerProvider()
-    exporter = InMemorySpanExporter()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    provider, exporter = memory_provider()
     seen: list[trace.SpanContext] = []
 
     async def look() -> None:

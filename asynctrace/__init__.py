@@ -9,23 +9,33 @@ Exceptions: asynctrace raises only built-in ones, at the edge (bad arguments):
 ``TypeError`` for a wrong type or an unknown keyword, ``ValueError`` for a bad value,
 ``RuntimeError`` for a call in the wrong state. Inside running tasks it never raises: telemetry
 failures are logged once and counted (:func:`telemetry_errors`).
+
+Importing asynctrace loads neither OpenTelemetry nor prometheus_client: ``install()`` loads
+what its options need.
 """
 
 from __future__ import annotations
 
-from asynctrace._factory import create_task, task_metadata
-from asynctrace._install import Installation, install, loop_factory, uninstall
-from asynctrace._instrument import Instrument, TaskRecord
-from asynctrace._logs import TaskContextFilter, add_task_context
+import typing as _typing
+
+from asynctrace._api import flush, install, shutdown, summary, telemetry_errors
+from asynctrace._create_task import create_task
+from asynctrace._hooks import Instrument
+from asynctrace._install import Installation, loop_factory, uninstall
+from asynctrace._introspect import task_metadata
 from asynctrace._metadata import (
     TaskMetadata,
     correlation,
     correlation_id,
     random_correlation_id,
 )
-from asynctrace._state import STATE as _STATE
-from asynctrace._telemetry import OTLPJsonFileSpanExporter, Summary, summary
+from asynctrace._record import TaskRecord
 from asynctrace._version import __version__
+from asynctrace.export.summary import Summary
+from asynctrace.sinks.logs import TaskContextFilter, add_task_context
+
+if _typing.TYPE_CHECKING:
+    from asynctrace.export.files import OTLPJsonFileSpanExporter
 
 __all__ = [
     "Installation",
@@ -40,6 +50,7 @@ __all__ = [
     "correlation",
     "correlation_id",
     "create_task",
+    "flush",
     "install",
     "loop_factory",
     "random_correlation_id",
@@ -51,28 +62,10 @@ __all__ = [
 ]
 
 
-def telemetry_errors() -> dict[str, int]:
-    """Return how many telemetry failures each source had (an instrument, an exporter, ...).
+def __getattr__(name: str) -> object:
+    # The file exporter subclasses the OpenTelemetry SDK's SpanExporter: loaded when asked for.
+    if name == "OTLPJsonFileSpanExporter":
+        from asynctrace.export.files import OTLPJsonFileSpanExporter  # noqa: PLC0415
 
-    Failures never reach the application; each source's first one is logged on the
-    ``asynctrace`` logger.
-
-    Since: 0.1.0
-    """
-    with _STATE.lock:
-        return dict(_STATE.errors)
-
-
-def shutdown() -> None:
-    """Flush and stop what :func:`install` started, and uninstall everywhere.
-
-    Exports the spans still queued (when asynctrace made the TracerProvider), stops the
-    ``/metrics`` server and the loop watchdog, unregisters the metrics and restores the previous
-    task factories and policy. Registered to run at interpreter exit; calling it twice is
-    harmless.
-
-    Since: 0.1.0
-    """
-    from asynctrace._install import reset  # noqa: PLC0415 - keeps the import graph one-way
-
-    reset()  # the last uninstall stops telemetry, which flushes the provider it made
+        return OTLPJsonFileSpanExporter
+    raise AttributeError(f"module 'asynctrace' has no attribute {name!r}")

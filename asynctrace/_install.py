@@ -1,38 +1,38 @@
-"""``install()`` / ``uninstall()``: putting the factory on one loop, or on every loop.
+"""Putting the factory on one loop, or on every loop, and taking it off again.
 
-A process-wide installation (``install()`` with no loop running) wraps the event loop policy,
-so that each loop the policy makes afterwards (``asyncio.run``, ``asyncio.Runner``,
-``asyncio.new_event_loop``, uvloop's policy when ``uvloop.install()`` came first) gets the
-factory. Runners given an explicit ``loop_factory`` bypass policies: wrap that factory with
-:func:`loop_factory`, or call ``install()`` inside the running loop.
+A process-wide installation (no loop running) wraps the event loop policy, so that each loop
+the policy makes afterwards (``asyncio.run``, ``asyncio.Runner``, ``asyncio.new_event_loop``,
+uvloop's policy when ``uvloop.install()`` came first) gets the factory. Runners given an
+explicit ``loop_factory`` bypass policies: wrap that factory with :func:`loop_factory`, or call
+``install()`` inside the running loop.
+
+This module knows nothing of OpenTelemetry or Prometheus: ``install()`` in ``_api`` builds the
+instruments and hands them here. When the last installation goes, the instruments are closed,
+after every lock is released.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, Literal, final
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Final, final
 
-from opentelemetry.metrics import MeterProvider
-from opentelemetry.trace import TracerProvider
-from prometheus_client import CollectorRegistry
+from asynctrace._create_task import FACTORY_MARK
+from asynctrace._factory import TaskFactory, forget_running, make_factory, new_correlation_id
+from asynctrace._hooks import Hooks, Instrument, call_each, source_of
+from asynctrace._metadata import _CORRELATION_ID, _METADATA, _make_metadata
+from asynctrace._state import STATE
 
-from asynctrace._factory import (
-    TaskFactory,
-    adopt_current_task,
-    forget_running,
-    installation_of,
-    make_factory,
-)
-from asynctrace._instrument import Instrument, overrides
-from asynctrace._metadata import TaskMetadata, _check_text, random_correlation_id
-from asynctrace._state import STATE, instrument_source
-from asynctrace._telemetry import Telemetry, TelemetryOptions
-from asynctrace._version import __version__
-
-__all__ = ["Installation", "install", "loop_factory", "uninstall"]
+__all__ = [
+    "Installation",
+    "configured_options",
+    "install_factory",
+    "installation_of",
+    "loop_factory",
+    "reset",
+    "uninstall",
+]
 
 _events: Any = asyncio.events
 # Python 3.14 deprecates the public policy API; the stdlib itself still uses these.
@@ -47,13 +47,10 @@ _PolicyBase: Any = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Options:
-    """The options of the active installation (compared to refuse conflicting re-installs)."""
-
-    id_generator: Callable[[], str] | None = random_correlation_id
-    instruments: tuple[Instrument, ...] = ()
-    telemetry: TelemetryOptions = field(default_factory=TelemetryOptions)
+def installation_of(factory: object) -> Installation | None:
+    """Return the installation that built ``factory``, or None when it is not asynctrace's."""
+    installation = getattr(factory, FACTORY_MARK, None)
+    return installation if isinstance(installation, Installation) else None
 
 
 @final
@@ -72,7 +69,7 @@ class Installation:
         """Use :func:`asynctrace.install`; this is not meant to be called directly."""
         self.loop = loop
         self._parent = parent
-        self._previous: Any = None
+        self._previous: TaskFactory | None = None
         self._factory: TaskFactory | None = None
         self._policy: _InstrumentingPolicy | None = None
         self._children: list[Installation] = []
@@ -81,7 +78,7 @@ class Installation:
     def active(self) -> bool:
         """Whether this installation is still in place."""
         if self.loop is None:
-            return STATE.process is self
+            return _INSTALLED.process is self
         return self._factory is not None and self.loop.get_task_factory() is self._factory
 
     def _attach(self) -> None:
@@ -89,18 +86,13 @@ class Installation:
         self._previous = self.loop.get_task_factory()
         self._factory = make_factory(self, self._previous)
         self.loop.set_task_factory(self._factory)
-        for instrument in STATE.instruments:
-            if overrides(instrument, "loop_attached"):
-                try:
-                    instrument.loop_attached(self.loop)
-                except Exception as exc:
-                    STATE.hook_failed(instrument.loop_attached, exc)
 
     def uninstall(self) -> None:
         """Restore exactly what was there before: the previous task factory or loop policy.
 
         Uninstalling the process-wide installation also restores the factory of the loops it
-        instrumented. Calling it twice is harmless.
+        instrumented. Calling it twice is harmless. When nothing stays installed, the
+        instruments are closed (spans flushed, servers stopped).
 
         Raises:
             RuntimeError: Something replaced asynctrace's factory (or policy) since; asynctrace
@@ -109,28 +101,48 @@ class Installation:
         with STATE.lock:
             if self.loop is None:
                 _uninstall_process(self)
-                return
-            if self._factory is None:
-                return
-            current = self.loop.get_task_factory()
-            if current is not self._factory:
-                raise RuntimeError(
-                    f"Cannot uninstall from {self.loop!r}: its task factory was replaced after "
-                    f"asynctrace.install() (now {current!r}); restore it first."
-                )
-            self.loop.set_task_factory(self._previous)
-            forget_running(self._factory)
-            self._factory = None
-            if self in STATE.loop_installations:
-                STATE.loop_installations.remove(self)
-            if self._parent is not None and self in self._parent._children:
-                self._parent._children.remove(self)
-            _forget_if_idle()
+            else:
+                self._uninstall_loop()
+            closing = _unconfigure_if_idle()
+        _close(closing)
+
+    def _uninstall_loop(self) -> None:
+        assert self.loop is not None  # noqa: S101 - internal invariant
+        if self._factory is None:
+            return
+        current = self.loop.get_task_factory()
+        if current is not self._factory:
+            raise RuntimeError(
+                f"Cannot uninstall from {self.loop!r}: its task factory was replaced after "
+                f"asynctrace.install() (now {current!r}); restore it first."
+            )
+        self.loop.set_task_factory(self._previous)
+        self._forget()
+
+    def _forget(self) -> None:
+        forget_running(self._factory)
+        self._factory = None
+        if self in _INSTALLED.loops:
+            _INSTALLED.loops.remove(self)
+        if self._parent is not None and self in self._parent._children:
+            self._parent._children.remove(self)
 
     def __repr__(self) -> str:
         """Show where the installation is and whether it is active."""
         where = "process" if self.loop is None else repr(self.loop)
         return f"<asynctrace.Installation {where} active={self.active}>"
+
+
+@final
+class _Installed:
+    """Which installations exist: the process-wide one and the per-loop ones."""
+
+    def __init__(self) -> None:
+        self.process: Installation | None = None
+        self.loops: list[Installation] = []
+
+
+_INSTALLED: Final = _Installed()
 
 
 class _InstrumentingPolicy(_PolicyBase):  # type: ignore[misc]
@@ -165,11 +177,13 @@ def _instrument_loop(loop: asyncio.AbstractEventLoop, parent: Installation) -> I
         child = Installation(loop, parent)
         child._attach()
         parent._children.append(child)
-        return child
+        attached = STATE.hooks.attached
+    call_each(attached, STATE.errors, loop)
+    return child
 
 
 def _uninstall_process(installation: Installation) -> None:
-    if STATE.process is not installation:
+    if _INSTALLED.process is not installation:
         return
     policy = installation._policy
     current = _get_policy()
@@ -180,192 +194,133 @@ def _uninstall_process(installation: Installation) -> None:
         )
     for child in list(installation._children):
         if child.active:
-            child.uninstall()
+            child._uninstall_loop()
     installation._children.clear()
     _set_policy(policy._inner if policy is not None else None)
-    STATE.process = None
-    _forget_if_idle()
+    _INSTALLED.process = None
 
 
-def _forget_if_idle() -> None:
-    """Once nothing is installed, tear down: see :func:`_teardown`."""
-    if STATE.process is None and not any(i.active for i in STATE.loop_installations):
-        _teardown()
+def _unconfigure_if_idle() -> tuple[Instrument, ...]:
+    """Once nothing is installed, drop the configuration; return the instruments to close."""
+    if _INSTALLED.process is not None or any(i.active for i in _INSTALLED.loops):
+        return ()
+    _INSTALLED.loops.clear()
+    if STATE.options is None:
+        return ()
+    return STATE.unconfigure()[1].instruments
 
 
-def _teardown() -> None:
-    """Close the user's instruments, stop telemetry (it closes its own), drop the options."""
-    options, STATE.options = STATE.options, None
-    telemetry, STATE.telemetry = STATE.telemetry, None
-    STATE.loop_installations.clear()
-    STATE.id_generator = None
-    STATE.set_instruments(())
-    for instrument in options.instruments if options is not None else ():
+def _close(instruments: tuple[Instrument, ...]) -> None:
+    """Close ``instruments`` in order, each failure counted; called with no lock held."""
+    for instrument in instruments:
         try:
             instrument.close()
         except Exception as exc:
-            STATE.count_error(instrument_source(instrument), exc)
-    if telemetry is not None:
-        telemetry.shutdown()
+            STATE.errors.count(source_of(instrument.close), exc)
 
 
-def _configure(options: Options) -> None:
-    if STATE.options is None:
-        telemetry = Telemetry(options.telemetry, __version__)
-        STATE.options = options
-        STATE.telemetry = telemetry
-        STATE.id_generator = options.id_generator
-        STATE.set_instruments((*telemetry.instruments(), *options.instruments))
-        return
-    if options != STATE.options:
-        raise ValueError(
-            f"asynctrace is already installed with other options ({STATE.options!r}); "
-            f"call asynctrace.uninstall() first to install with {options!r}."
-        )
+def configured_options() -> object:
+    """The options asynctrace is installed with now; None when it is not installed."""
+    return STATE.options
 
 
-def _make_options(
-    id_generator: Callable[[], str] | None,
-    instruments: Iterable[Instrument],
-    telemetry: TelemetryOptions,
-) -> Options:
-    if id_generator is not None and not callable(id_generator):
-        raise TypeError(
-            f"Invalid id_generator: {id_generator!r}; expected a callable returning a str, "
-            "or None to turn generation off."
-        )
-    if id_generator is not None:
-        sample = id_generator()
-        try:
-            _check_text("correlation_id", sample)
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(
-                f"id_generator {id_generator!r} returned an invalid id: {exc}"
-            ) from None
-    instruments = tuple(instruments)
-    for instrument in instruments:
-        if not isinstance(instrument, Instrument):
-            raise TypeError(
-                f"Invalid instrument: {instrument!r}; expected an asynctrace.Instrument."
-            )
-    return Options(id_generator=id_generator, instruments=instruments, telemetry=telemetry)
+def _differences(old: object, new: object, prefix: str = "") -> list[str]:
+    """Names of the dataclass fields that differ between ``old`` and ``new`` (nested too)."""
+    if not (dataclasses.is_dataclass(old) and type(old) is type(new)):
+        return [prefix.rstrip(".") or "options"] if old != new else []
+    names = []
+    for f in dataclasses.fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if dataclasses.is_dataclass(a):
+            names += _differences(a, b, f"{prefix}{f.name}.")
+        elif a != b:
+            names.append(f"{prefix}{f.name} ({a!r} now, {b!r} asked for)")
+    return names
 
 
-def install(
-    loop: asyncio.AbstractEventLoop | None = None,
+def install_factory(
+    loop: asyncio.AbstractEventLoop | None,
     *,
-    id_generator: Callable[[], str] | None = random_correlation_id,
-    instruments: Iterable[Instrument] = (),
-    tracer_provider: TracerProvider | None = None,
-    meter_provider: MeterProvider | None = None,
-    registry: CollectorRegistry | None = None,
-    service_name: str | None = None,
-    otlp_endpoint: str | None = None,
-    otlp_protocol: Literal["http/protobuf", "grpc"] | None = None,
-    traces_file: str | None = None,
-    prometheus_port: int | None = None,
-    prometheus_addr: str = "127.0.0.1",
-    task_filter: Callable[[TaskMetadata], bool] | Literal["operation"] | None = None,
-    metrics: bool = True,
-    max_operations: int = 100,
-    loop_monitor: bool = True,
-    lag_interval: float = 0.25,
-    blocked_threshold: float = 0.1,
+    options: object,
+    make_instruments: Callable[[], tuple[Instrument, ...]],
+    id_generator: Callable[[], str] | None,
 ) -> Installation:
-    """Install the asynctrace task factory; every task created afterwards carries metadata.
+    """Install the factory on ``loop`` (None: process-wide), configured by ``options``.
 
-    - With ``loop=``, or inside a running loop: instruments that loop now.
-    - Otherwise: instruments every loop the process creates from now on through the event
-      loop policy (``asyncio.run``, ``asyncio.Runner``, ``asyncio.new_event_loop``).
-
-    A task factory set before (``asyncio.eager_task_factory``, a Task subclass factory, a
-    framework's) is chained: it still builds the tasks.
-
-    Idempotent: installing again where asynctrace is installed returns the same
-    :class:`Installation` and wraps nothing twice.
-
-    Args:
-        loop: The loop to instrument; by default the running loop, else every future loop.
-        id_generator: Makes the correlation id of a task created where none is set; None turns
-            generation off (such tasks then have no correlation id).
-        instruments: :class:`Instrument` objects to call on task creation and completion.
-        tracer_provider: Record spans with this provider (default: the global one when the app
-            set an SDK provider; else one asynctrace makes when export is asked for).
-        meter_provider: Also record task metrics with this OpenTelemetry MeterProvider.
-        registry: The prometheus_client registry for task metrics (default: ``REGISTRY``).
-        service_name: ``service.name`` of the provider asynctrace makes (``OTEL_SERVICE_NAME``).
-        otlp_endpoint: Export spans by OTLP there (``OTEL_EXPORTER_OTLP_ENDPOINT``).
-        otlp_protocol: ``"http/protobuf"`` (default) or ``"grpc"`` (the ``grpc`` extra).
-        traces_file: With no endpoint, write spans here as OTLP/JSON (default
-            ``asynctrace-traces.jsonl`` when export is asked for).
-        prometheus_port: Serve ``/metrics`` on this port (``ASYNCTRACE_PROMETHEUS_PORT``; 0
-            picks a free one).
-        prometheus_addr: The address to bind ``/metrics`` to.
-        task_filter: Which tasks get spans: a predicate on :class:`TaskMetadata`, or
-            ``"operation"`` for tasks with an operation_name (metrics count every task).
-        metrics: Count tasks into Prometheus metrics.
-        max_operations: Distinct ``operation`` label values before the rest become ``_other``.
-        loop_monitor: Measure event-loop lag and blocked-loop episodes by heartbeat.
-        lag_interval: Seconds between heartbeats.
-        blocked_threshold: Seconds a heartbeat may be late before the loop counts as blocked.
-
-    Returns:
-        The :class:`Installation`; its ``uninstall()`` restores what was there before.
+    Where asynctrace is installed already with equal ``options``, the existing configuration
+    is used and ``make_instruments`` is not called. ``make_instruments`` runs with no lock
+    held; if another thread configured asynctrace meanwhile, what it made is closed again.
 
     Raises:
-        TypeError: An option of the wrong type.
-        ValueError: asynctrace is installed already with different options.
-
-    Since: 0.1.0
+        ValueError: asynctrace is installed with different options; the message names them.
     """
-    telemetry_options = TelemetryOptions.resolve(
-        os.environ,
-        tracer_provider=tracer_provider,
-        meter_provider=meter_provider,
-        registry=registry,
-        service_name=service_name,
-        otlp_endpoint=otlp_endpoint,
-        otlp_protocol=otlp_protocol,
-        traces_file=traces_file,
-        prometheus_port=prometheus_port,
-        prometheus_addr=prometheus_addr,
-        task_filter=task_filter,
-        metrics=metrics,
-        max_operations=max_operations,
-        loop_monitor=loop_monitor,
-        lag_interval=lag_interval,
-        blocked_threshold=blocked_threshold,
-    )
-    options = _make_options(id_generator, instruments, telemetry_options)
-    running = _running_loop()
-    if loop is None:
-        loop = running
-    elif not isinstance(loop, asyncio.AbstractEventLoop):
-        raise TypeError(f"Invalid loop: {loop!r}; expected an asyncio event loop or None.")
-    with STATE.lock:
-        _configure(options)
-        if loop is None:
-            if STATE.process is not None:
-                return STATE.process
-            installation = Installation(None, None)
-            installation._policy = _InstrumentingPolicy(_get_policy(), installation)
-            _set_policy(installation._policy)
-            STATE.process = installation
-            return installation
-        existing = installation_of(loop.get_task_factory())
-        if existing is not None:
-            return existing
-        installation = Installation(loop, STATE.process)
-        installation._attach()
-        if STATE.process is not None:
-            STATE.process._children.append(installation)
-        STATE.loop_installations.append(installation)
-    if loop is running:  # called inside the loop: the calling task is adopted
-        adopt_current_task()
+    built: tuple[Instrument, ...] | None = None
+    discard: tuple[Instrument, ...] = ()
+    try:
+        while True:
+            if built is None and STATE.options is None:
+                built = make_instruments()
+            with STATE.lock:
+                if STATE.options is None:
+                    if built is None:
+                        continue  # uninstalled meanwhile: build, with the lock released
+                    STATE.configure(options, Hooks(built), id_generator)
+                else:
+                    discard = built or ()
+                    if options != STATE.options:
+                        differ = "; ".join(_differences(STATE.options, options))
+                        raise ValueError(
+                            f"asynctrace is already installed with other options: {differ}; "
+                            "call asynctrace.uninstall() first to install with new ones."
+                        )
+                installation, attached = _install_locked(loop)
+                break
+    finally:
+        _close(discard)
+    if attached and loop is not None:
+        call_each(STATE.hooks.attached, STATE.errors, loop)
     return installation
 
 
-def _running_loop() -> asyncio.AbstractEventLoop | None:
+def _install_locked(loop: asyncio.AbstractEventLoop | None) -> tuple[Installation, bool]:
+    if loop is None:
+        if _INSTALLED.process is not None:
+            return _INSTALLED.process, False
+        installation = Installation(None, None)
+        installation._policy = _InstrumentingPolicy(_get_policy(), installation)
+        _set_policy(installation._policy)
+        _INSTALLED.process = installation
+        return installation, False
+    existing = installation_of(loop.get_task_factory())
+    if existing is not None:
+        return existing, False
+    installation = Installation(loop, _INSTALLED.process)
+    installation._attach()
+    if _INSTALLED.process is not None:
+        _INSTALLED.process._children.append(installation)
+    _INSTALLED.loops.append(installation)
+    return installation, True
+
+
+def adopt_current_task() -> None:
+    """Give the running task, made before asynctrace was installed, what the factory would.
+
+    ``install()`` inside a task calls this: the task gets a correlation id (its own, else a
+    new one) and its :class:`TaskMetadata`, set in its context, so the tasks it creates
+    inherit them as they would had ``install()`` run before the loop started.
+    """
+    if asyncio.current_task() is None or _METADATA.get() is not None:
+        return
+    correlation_id = _CORRELATION_ID.get()
+    if correlation_id is None:
+        correlation_id = new_correlation_id()
+        if correlation_id is not None:
+            _CORRELATION_ID.set(correlation_id)
+    _METADATA.set(_make_metadata(None, correlation_id, None))
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running loop of this thread, or None."""
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
@@ -387,18 +342,16 @@ def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> bool:
     Since: 0.1.0
     """
     if loop is None:
-        loop = _running_loop()
+        loop = running_loop()
     with STATE.lock:
         if loop is None:
-            if STATE.process is None:
-                return False
-            STATE.process.uninstall()
-            return True
-        installation = installation_of(loop.get_task_factory())
-        if installation is None:
-            return False
-        installation.uninstall()
-        return True
+            installation = _INSTALLED.process
+        else:
+            installation = installation_of(loop.get_task_factory())
+    if installation is None:
+        return False
+    installation.uninstall()
+    return True
 
 
 def loop_factory(
@@ -426,7 +379,7 @@ def loop_factory(
 
     def instrumented_loop() -> asyncio.AbstractEventLoop:
         loop = make()
-        parent = STATE.process
+        parent = _INSTALLED.process
         if parent is None:
             loop.close()
             raise RuntimeError(
@@ -439,18 +392,20 @@ def loop_factory(
 
 
 def reset() -> None:
-    """Uninstall everything and forget all state (for tests)."""
+    """Uninstall everything and forget all state, error counts included (for tests)."""
     with STATE.lock:
-        if STATE.process is not None:
+        process = _INSTALLED.process
+        if process is not None:
             try:
-                STATE.process.uninstall()
-            except RuntimeError:
-                STATE.process = None
-        for installation in list(STATE.loop_installations):
+                _uninstall_process(process)
+            except RuntimeError:  # someone replaced the policy: leave it, forget ours
+                _INSTALLED.process = None
+        for installation in list(_INSTALLED.loops):
             try:
-                installation.uninstall()
-            except RuntimeError:
-                forget_running(installation._factory)
-                installation._factory = None
-        _teardown()  # a no-op when the last uninstall above already tore down
-        STATE.clear()
+                installation._uninstall_loop()
+            except RuntimeError:  # someone replaced the factory: leave it, forget ours
+                installation._forget()
+        _INSTALLED.loops.clear()
+        closing = STATE.unconfigure()[1].instruments
+    _close(closing)
+    STATE.clear()

@@ -1,99 +1,68 @@
-"""All process-wide state of asynctrace, in one object with one reset."""
+"""The process-wide state the hot path reads, in one object with one reset.
+
+The factory reads ``hooks`` and ``id_generator`` without a lock: each is replaced whole,
+never mutated, which is safe with and without the GIL. Writers hold ``lock``, and never call
+out (instruments, exporters, logging) while holding it.
+
+The installations themselves (which loops, which policy) are bookkept by ``_install``, under
+the same ``lock``.
+"""
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import Final, final
 
-from asynctrace._instrument import TASK_HOOKS, Instrument, LeanInstrument, overrides
+from asynctrace._errors import ErrorCounts
+from asynctrace._hooks import Hooks
 
-if TYPE_CHECKING:
-    import asyncio
-
-    from asynctrace._install import Installation
-    from asynctrace._instrument import TaskRecord
-
-    Hook = Callable[[asyncio.Task[Any], TaskRecord], None]
-
-__all__ = ["STATE", "State", "instrument_source"]
-
-logger: Final = logging.getLogger("asynctrace")
-
-
-def instrument_source(instrument: object) -> str:
-    """How telemetry errors name an instrument (a label value of the errors metric)."""
-    return f"instrument {type(instrument).__name__}"
+__all__ = ["STATE", "State"]
 
 
 @final
 class State:
-    """The installation, the active instruments and the telemetry error counts.
+    """The active configuration (hooks, id generator, options) and the telemetry error counts.
 
-    The hot path reads ``context_hooks``, ``created_hooks``, ``done_hooks``, ``lean`` and
-    ``id_generator`` without a lock: they are replaced whole (tuples, a callable), never
-    mutated, which is safe with and without the GIL. Writers hold ``lock``.
+    Attributes:
+        lock: Held by writers of this object and of the installation bookkeeping.
+        hooks: The hook table of the active instruments (empty when nothing is installed).
+        id_generator: Makes a task's correlation id where none is inherited; None: no id.
+        options: What the active installation was configured with, compared on re-install;
+            None when nothing is installed. The API layer decides its type.
+        errors: Telemetry failures by source.
     """
 
     def __init__(self) -> None:
-        """Start empty: nothing installed."""
+        """Start empty: nothing installed, nothing counted."""
         self.lock = threading.RLock()
+        self.errors = ErrorCounts()
         self.clear()
 
     def clear(self) -> None:
-        """Forget everything: no installation, no instruments, no error counts."""
-        self.process: Installation | None = None
-        self.loop_installations: list[Installation] = []
-        self.options: Any = None
-        self.instruments: tuple[Instrument, ...] = ()
-        self.context_hooks: tuple[Callable[[TaskRecord], None], ...] = ()
-        self.created_hooks: tuple[Hook, ...] = ()
-        self.done_hooks: tuple[Hook, ...] = ()
-        self.lean: tuple[LeanInstrument, ...] = ()
+        """Forget everything: no configuration, no error counts."""
+        self.hooks = Hooks()
         self.id_generator: Callable[[], str] | None = None
-        self.errors: dict[str, int] = {}
-        self.dropped_spans = 0
-        self.telemetry: Any = None
+        self.options: object = None
+        self.errors.clear()
 
-    def set_instruments(self, instruments: tuple[Instrument, ...]) -> None:
-        """Make ``instruments`` the active ones; only the hooks they override are called."""
+    def configure(
+        self, options: object, hooks: Hooks, id_generator: Callable[[], str] | None
+    ) -> None:
+        """Make ``hooks`` and ``id_generator`` the active ones, configured by ``options``."""
         with self.lock:
-            self.instruments = instruments
-            self._rebuild_hooks()
+            self.options = options
+            self.id_generator = id_generator
+            self.hooks = hooks
 
-    def _rebuild_hooks(self) -> None:
-        self.context_hooks = tuple(
-            i.task_context for i in self.instruments if overrides(i, "task_context")
-        )
-        self.created_hooks = tuple(
-            i.task_created for i in self.instruments if overrides(i, "task_created")
-        )
-        self.done_hooks = tuple(i.task_done for i in self.instruments if overrides(i, "task_done"))
-        observers = [i for i in self.instruments if any(overrides(i, h) for h in TASK_HOOKS)]
-        lean = [i for i in observers if isinstance(i, LeanInstrument)]
-        self.lean = tuple(lean) if len(lean) == len(observers) else ()
-
-    def hook_failed(self, hook: Callable[..., None], exc: BaseException) -> None:
-        """Disable the instrument ``hook`` belongs to, log that once and count it."""
-        instrument = getattr(hook, "__self__", hook)
+    def unconfigure(self) -> tuple[object, Hooks]:
+        """Drop the configuration; return what it was (the caller closes its instruments)."""
         with self.lock:
-            self.instruments = tuple(i for i in self.instruments if i is not instrument)
-            self._rebuild_hooks()
-        self.count_error(instrument_source(instrument), exc)
-
-    def count_error(self, source: str, exc: BaseException | None = None) -> None:
-        """Count a telemetry failure from ``source``; log only the first one of each source."""
-        with self.lock:
-            seen = self.errors.get(source, 0)
-            self.errors[source] = seen + 1
-        if not seen:
-            logger.error(
-                "asynctrace: %s failed; telemetry from it is disabled or dropped, the "
-                "application is not affected (further failures are counted, not logged)",
-                source,
-                exc_info=exc,
-            )
+            options, hooks = self.options, self.hooks
+            self.options = None
+            self.id_generator = None
+            self.hooks = Hooks()
+            return options, hooks
 
 
 STATE: Final = State()

@@ -10,10 +10,11 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any, final
 
-from asynctrace._factory import task_record
-from asynctrace._install import install, reset
-from asynctrace._instrument import Instrument, TaskRecord
-from asynctrace._state import STATE
+from asynctrace._api import install
+from asynctrace._hooks import Instrument
+from asynctrace._install import configured_options, reset
+from asynctrace._introspect import task_record
+from asynctrace._record import TaskRecord
 
 __all__ = ["TaskCapture", "capture_tasks", "record_of", "reset"]
 
@@ -51,7 +52,7 @@ def capture_tasks() -> Iterator[TaskCapture]:
             await asyncio.gather(work(), work())
         assert [r.outcome for _, r in captured.done] == ["finished", "finished"]
     """
-    if STATE.options is not None:
+    if configured_options() is not None:
         raise RuntimeError("capture_tasks() needs asynctrace not to be installed already.")
     capture = TaskCapture()
     install(instruments=[capture])

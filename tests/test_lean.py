@@ -23,8 +23,6 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 import asynctrace
-from asynctrace._instrument import TaskRecord
-from asynctrace._state import STATE
 from asynctrace.testing import TaskCapture, record_of
 
 N = 2000
@@ -40,7 +38,16 @@ async def fail() -> None:
 
 
 def tracked_objects_per_pending_task(setup: Callable[[], Awaitable[None]]) -> float:
-    """Objects the collector tracks, per task, with N tasks created and not yet run."""
+    """Objects the collector tracks, per task, with N tasks created and not yet run.
+
+    The least of three runs: another thread (a free-threaded build's, a library's) may
+    allocate while one run counts, which only ever adds objects (seen: 8.0 for 7 in 4 of 91
+    runs on 3.14t). Nothing makes a run count fewer than the tasks' own.
+    """
+    return min(_tracked_once(setup) for _ in range(3))
+
+
+def _tracked_once(setup: Callable[[], Awaitable[None]]) -> float:
 
     async def main() -> float:
         await setup()
@@ -60,6 +67,7 @@ def tracked_objects_per_pending_task(setup: Callable[[], Awaitable[None]]) -> fl
         return contextvars.Context().run(asyncio.run, main())
     finally:
         gc.enable()
+        asynctrace.testing.reset()
 
 
 def memory_provider() -> tuple[TracerProvider, InMemorySpanExporter]:
@@ -78,7 +86,6 @@ def test_metrics_only_allocates_nothing_per_task() -> None:
 
     async def installed() -> None:
         asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
-        assert STATE.lean  # the metrics sink is the only task observer
 
     base = tracked_objects_per_pending_task(bare)
     lean = tracked_objects_per_pending_task(installed)
@@ -99,44 +106,13 @@ def test_records_exist_when_a_task_hook_is_installed() -> None:
         asynctrace.install(
             registry=CollectorRegistry(), loop_monitor=False, instruments=[TaskCapture()]
         )
-        assert not STATE.lean
         task = asyncio.create_task(asyncio.sleep(1))
-        assert isinstance(record_of(task), TaskRecord)
+        assert isinstance(record_of(task), asynctrace.TaskRecord)
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
 
     asyncio.run(main())
-
-
-def test_lean_task_finishing_after_a_switch_is_still_counted() -> None:
-    """A task started on the lean path is counted when it ends, whatever is installed then."""
-    registry = CollectorRegistry()
-
-    async def main() -> None:
-        asynctrace.install(registry=registry, loop_monitor=False)
-        release = asyncio.Event()
-
-        async def wait() -> None:
-            await release.wait()
-
-        task = asynctrace.create_task(wait(), operation_name="late")
-        await asyncio.sleep(0)
-        capture = TaskCapture()
-        STATE.set_instruments((*STATE.instruments, capture))  # records from now on
-        assert not STATE.lean
-        release.set()
-        await task
-        assert capture.done == []  # it was never a record task
-
-    asyncio.run(main())
-    assert (
-        registry.get_sample_value(
-            "asynctrace_task_duration_seconds_count", {"operation": "late", "outcome": "finished"}
-        )
-        == 1
-    )
-    assert registry.get_sample_value("asynctrace_tasks_in_flight", {"operation": "late"}) == 0
 
 
 def test_pending_task_dropped_is_still_collected_and_warned(

@@ -160,12 +160,17 @@ def test_telemetry_error_metric() -> None:
         def task_created(self, task: object, record: object) -> None:  # type: ignore[override]  # noqa: ARG002
             raise RuntimeError
 
-    async def main() -> None:
+    async def main() -> list[float | None]:
         asynctrace.install(registry=registry, instruments=[Boom()], loop_monitor=False)
-        await asyncio.create_task(ok())
+        seen = []
+        for _ in range(2):
+            await asyncio.create_task(ok())
+            seen.append(
+                value(registry, "asynctrace_telemetry_errors_total", source="instrument Boom")
+            )
+        return seen
 
-    asyncio.run(main())
-    assert value(registry, "asynctrace_telemetry_errors_total", source="instrument Boom") == 1
+    assert asyncio.run(main()) == [1, 2]  # each failure counted, the hook still called
 
 
 def test_metrics_are_unregistered_on_uninstall() -> None:
@@ -175,3 +180,15 @@ def test_metrics_are_unregistered_on_uninstall() -> None:
     assert "asynctrace_tasks_created" in generate_latest(registry).decode()
     asynctrace.uninstall()
     assert "asynctrace_" not in generate_latest(registry).decode()
+
+
+def test_collector_describes_its_families_so_clashes_are_caught() -> None:
+    """describe() names the collector's families: a registry refuses a clashing metric."""
+    from prometheus_client import Counter  # noqa: PLC0415
+
+    registry = CollectorRegistry()
+    asynctrace.install(registry=registry, loop_monitor=False)
+    with pytest.raises(ValueError, match="asynctrace_tasks_created"):
+        Counter("asynctrace_tasks_created", "a user metric of the same name", registry=registry)
+    with pytest.raises(ValueError, match="asynctrace_task_duration_seconds"):
+        Counter("asynctrace_task_duration_seconds", "another clash", registry=registry)

@@ -13,6 +13,7 @@ import textwrap
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -158,9 +159,7 @@ def test_collector_down_is_counted_in_metrics() -> None:
     registry = CollectorRegistry()
     asynctrace.install(otlp_endpoint=dead, registry=registry, loop_monitor=False)
     run_requests(2)
-    from asynctrace._state import STATE  # noqa: PLC0415
-
-    assert STATE.telemetry.flush(10_000) in (True, False)
+    assert asynctrace.flush(10) is True  # every queued span went to the (dead) exporter
     source = f"OTLP exporter ({dead})"
     assert (registry.get_sample_value("asynctrace_telemetry_errors_total", {"source": source})
             or 0) >= 1  # fmt: skip
@@ -345,3 +344,44 @@ def test_spans_are_flushed_at_exit(tmp_path: Path) -> None:
         for s in ss["spans"]
     ]
     assert names.count("w") == 5
+
+
+def test_every_span_is_exported_or_counted_when_the_queue_is_full() -> None:
+    """asynctrace's own processor gate counts what does not fit: exported + dropped = ended.
+
+    The exporter blocks until released, so spans pile up beyond the queue's bound; nothing is
+    read from the SDK's internals.
+    """
+    import threading  # noqa: PLC0415
+
+    from opentelemetry.sdk.trace import ReadableSpan  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult  # noqa: PLC0415
+    from opentelemetry.trace import SpanContext, TraceFlags  # noqa: PLC0415
+
+    from asynctrace.export.otlp import (  # noqa: PLC0415
+        CountingExporter,
+        CountingProcessor,
+        SpanDrops,
+    )
+
+    release = threading.Event()
+    exported: list[ReadableSpan] = []
+
+    class Blocked(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            release.wait(10)
+            exported.extend(spans)
+            return SpanExportResult.SUCCESS
+
+    drops = SpanDrops()
+    processor = CountingProcessor(CountingExporter(Blocked(), "blocked", drops), drops, 10)
+    ended = 30
+    for i in range(1, ended + 1):
+        context = SpanContext(i, i, is_remote=False, trace_flags=TraceFlags(TraceFlags.SAMPLED))
+        processor.on_end(ReadableSpan(name=f"s{i}", context=context))
+    # at most the queue's 10 wait, and at most one batch (the queue's size) is being exported
+    assert drops.total_dropped() >= ended - 2 * 10
+    release.set()
+    processor.shutdown()
+    assert len(exported) + drops.total_dropped() == ended
+    assert len({s.name for s in exported}) == len(exported)

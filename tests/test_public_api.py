@@ -1,4 +1,4 @@
-"""The public surface: what `asynctrace` exports, and that each name is documented."""
+"""The public surface: exactly what `asynctrace` exports, and that each name is documented."""
 
 from __future__ import annotations
 
@@ -7,30 +7,42 @@ import inspect
 import asynctrace
 import asynctrace.testing
 
-EXPECTED = {
+EXPECTED = [
     "Installation",
     "Instrument",
+    "OTLPJsonFileSpanExporter",
+    "Summary",
+    "TaskContextFilter",
     "TaskMetadata",
     "TaskRecord",
     "__version__",
+    "add_task_context",
     "correlation",
     "correlation_id",
     "create_task",
+    "flush",
     "install",
     "loop_factory",
     "random_correlation_id",
+    "shutdown",
+    "summary",
     "task_metadata",
     "telemetry_errors",
     "uninstall",
-}
+]
+EXPECTED_TESTING = ["TaskCapture", "capture_tasks", "record_of", "reset"]
 
 
-def test_all_is_sorted_and_complete() -> None:
-    """`__all__` lists exactly the public names, sorted, and each exists."""
-    assert asynctrace.__all__ == sorted(asynctrace.__all__)
-    assert set(asynctrace.__all__) >= EXPECTED
-    for name in asynctrace.__all__:
-        assert hasattr(asynctrace, name), name
+def test_all_is_exactly_the_public_names() -> None:
+    """`__all__` lists exactly the public names, sorted, and each exists (httpx's pin)."""
+    assert asynctrace.__all__ == EXPECTED
+    assert asynctrace.testing.__all__ == EXPECTED_TESTING
+    for module in (asynctrace, asynctrace.testing):
+        for name in module.__all__:
+            assert getattr(module, name) is not None, name
+    public = {n for n in vars(asynctrace) if not n.startswith("_")} - {"annotations"}
+    # what the package exposes besides __all__ is its subpackages, and nothing else
+    assert public - set(EXPECTED) <= {"export", "sinks", "testing"}
 
 
 def test_public_names_have_docstrings() -> None:
@@ -47,6 +59,6 @@ def test_private_modules_declare_all() -> None:
     import importlib  # noqa: PLC0415
     import pkgutil  # noqa: PLC0415
 
-    for info in pkgutil.iter_modules(asynctrace.__path__):
-        module = importlib.import_module(f"asynctrace.{info.name}")
+    for info in pkgutil.walk_packages(asynctrace.__path__, "asynctrace."):
+        module = importlib.import_module(info.name)
         assert isinstance(getattr(module, "__all__", None), list), info.name

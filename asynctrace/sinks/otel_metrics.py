@@ -13,15 +13,14 @@ from typing import Final, final
 
 from opentelemetry.metrics import MeterProvider
 
-from asynctrace._instrument import LeanInstrument, Outcome
+from asynctrace._hooks import LeanInstrument
 from asynctrace._metadata import TaskMetadata
+from asynctrace._record import Outcome
+from asynctrace.sinks.task_metrics import DURATION_BUCKETS
 
 __all__ = ["OTelMetricsSink"]
 
-_BOUNDARIES: Final = [
-    50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1, 0.25, 0.5,
-    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-]  # fmt: skip
+_BOUNDARIES: Final = list(DURATION_BUCKETS)
 
 
 @final

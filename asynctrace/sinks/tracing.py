@@ -39,8 +39,9 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from asynctrace._instrument import CANCELLED, EXCEPTION, Instrument, TaskRecord
+from asynctrace._hooks import Instrument
 from asynctrace._metadata import TaskMetadata
+from asynctrace._record import CANCELLED, EXCEPTION, TaskRecord
 
 __all__ = [
     "ATTR_CORRELATION_ID",
@@ -49,7 +50,6 @@ __all__ = [
     "ATTR_PRIORITY_HINT",
     "ATTR_TASK_NAME",
     "SpanSink",
-    "sampled_ids",
     "span_name",
 ]
 
@@ -80,6 +80,20 @@ _INTERNAL_COROUTINES: Final = frozenset(
 TaskFilter = Callable[[TaskMetadata], bool]
 
 
+def _sdk_processors(tracer: sdk_trace.Tracer) -> tuple[sdk_trace.SpanProcessor, ...] | None:
+    """The span processors of an SDK tracer, or None where they cannot be known.
+
+    The SDK has no public way to list a provider's processors. Its own multi-processor keeps
+    them in ``_span_processors`` (a tuple, replaced whole when one is added, since 1.0); read
+    only from exactly that class. Anything else gets the full path, which needs no look.
+    """
+    multi = tracer.span_processor
+    if type(multi) is not sdk_trace.SynchronousMultiSpanProcessor:
+        return None
+    processors = getattr(multi, "_span_processors", None)
+    return processors if isinstance(processors, tuple) else None
+
+
 # CPython 3.13's loop.create_task calls task.set_name(name) after any task factory, None
 # included, so every task created there without a name is named "None" (python/cpython#130033;
 # asyncio's own eager_task_factory too). Such a task was not named by anyone.
@@ -99,18 +113,6 @@ def span_name(task: asyncio.Task[Any], metadata: TaskMetadata) -> str:
         return name
     coro = task.get_coro()
     return getattr(coro, "__qualname__", None) or _PROVISIONAL_NAME
-
-
-def sampled_ids(record: TaskRecord) -> tuple[int, int] | None:
-    """The (trace id, span id) of the task's span when it is sampled, else None."""
-    data = record.sink_data
-    if isinstance(data, _TaskSpan):
-        return data.trace_id, data.span_id
-    if isinstance(data, trace.Span):
-        ctx = data.get_span_context()
-        if ctx.trace_flags.sampled:
-            return ctx.trace_id, ctx.span_id
-    return None
 
 
 class _TaskSpan(NonRecordingSpan):
@@ -221,8 +223,7 @@ class SpanSink(Instrument):
             self._fast = False
             return
         self._default_sampler = tracer.sampler.get_description() == _DEFAULT_SAMPLER_DESCRIPTION
-        multi = tracer.span_processor
-        processors = getattr(multi, "_span_processors", None)
+        processors = _sdk_processors(tracer)
         self._checked_processors = processors
         if processors is None:
             self._fast = False
@@ -243,9 +244,7 @@ class SpanSink(Instrument):
             return
         tracer = self._tracer
         if isinstance(tracer, sdk_trace.Tracer):
-            if getattr(tracer.span_processor, "_span_processors", None) is not (
-                self._checked_processors
-            ):
+            if _sdk_processors(tracer) is not self._checked_processors:
                 self._recheck()  # a processor was added since
             if self._fast:
                 self._start_fast(tracer, record)
@@ -256,7 +255,10 @@ class SpanSink(Instrument):
             start_time=record.created_ns + self._epoch_offset,
         )
         otel_context.attach(trace.set_span_in_context(span))
-        record.sink_data = span
+        record._span = span
+        span_context = span.get_span_context()
+        if span_context.trace_flags.sampled:
+            record.trace_id, record.span_id = span_context.trace_id, span_context.span_id
 
     def _start_fast(self, tracer: sdk_trace.Tracer, record: TaskRecord) -> None:
         current = otel_context.get_current()
@@ -288,11 +290,12 @@ class SpanSink(Instrument):
         # or not, so a dropped task also drops its subtree under parent-based samplers.
         otel_context.attach(trace.set_span_in_context(handle, current))
         if sampled:
-            record.sink_data = handle
+            record._span = handle
+            record.trace_id, record.span_id = handle.trace_id, handle.span_id
 
     def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
         """End the task's span with its outcome."""
-        data = record.sink_data
+        data = record._span
         if data is None:
             return
         if record.metadata.operation_name is None and (
@@ -327,7 +330,8 @@ class SpanSink(Instrument):
             )
             tracer.span_processor.on_end(span)
             return
-        self._end_full(task, record, data, attributes, end)
+        if isinstance(data, trace.Span):
+            self._end_full(task, record, data, attributes, end)
 
     def _end_full(
         self,

@@ -16,13 +16,11 @@ import threading
 import time
 import traceback
 import weakref
-from typing import TYPE_CHECKING, Final, final
+from typing import Final, final
 
-from asynctrace._factory import task_metadata
-from asynctrace._instrument import Instrument
-
-if TYPE_CHECKING:
-    from asynctrace._metrics import MetricsSink
+from asynctrace._hooks import Instrument
+from asynctrace._introspect import task_metadata
+from asynctrace.sinks.task_metrics import TaskMetrics
 
 __all__ = ["LoopMonitor"]
 
@@ -46,7 +44,7 @@ class LoopMonitor(Instrument):
     """Heartbeats on every instrumented loop, plus one watchdog thread for blocked loops."""
 
     def __init__(
-        self, metrics: MetricsSink, interval: float = 0.25, threshold: float = 0.1
+        self, metrics: TaskMetrics, interval: float = 0.25, threshold: float = 0.1
     ) -> None:
         """Beat every ``interval`` s; a loop late by more than ``threshold`` s is blocked."""
         self._metrics = metrics

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import MutableMapping
 from typing import Any, Final, final
-
-from opentelemetry import trace
 
 from asynctrace._metadata import _CORRELATION_ID, _METADATA
 
@@ -26,14 +25,20 @@ def task_context_fields() -> dict[str, str | None]:
         task = asyncio.current_task()
     except RuntimeError:
         task = None
-    span = trace.get_current_span().get_span_context()
-    valid = span.is_valid
+    trace_id = span_id = None
+    # No OpenTelemetry imported means no span can be current: log correlation alone never
+    # pays for importing it.
+    trace = sys.modules.get("opentelemetry.trace")
+    if trace is not None:
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            trace_id, span_id = f"{span.trace_id:032x}", f"{span.span_id:016x}"
     return {
         "correlation_id": _CORRELATION_ID.get(),
         "operation_name": meta.operation_name if meta is not None else None,
         "task_name": task.get_name() if task is not None else None,
-        "trace_id": f"{span.trace_id:032x}" if valid else None,
-        "span_id": f"{span.span_id:016x}" if valid else None,
+        "trace_id": trace_id,
+        "span_id": span_id,
     }
 
 

@@ -1,0 +1,176 @@
+"""The ``create_task`` helper, and the thread-local slot through which it reaches the factory.
+
+On every Python and loop (3.11+, uvloop too), :func:`create_task` validates its keywords, puts
+them in a thread-local slot and calls the ordinary ``loop.create_task`` /
+``task_group.create_task``; the factory takes them from the slot. The factory reads and clears
+the slot before the task is built, so an eager first step that creates tasks sees a clean slot.
+Python 3.14 needs no slot: its ``create_task`` forwards the keywords to the factory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import difflib
+import sys
+import threading
+from collections.abc import Coroutine
+from typing import Any, Final, TypeVar
+
+from asynctrace._metadata import _CORRELATION_ID, _METADATA, validate_metadata
+
+__all__ = [
+    "ASYNCIO_KEYWORDS",
+    "FACTORY_MARK",
+    "METADATA_KEYWORDS",
+    "PENDING",
+    "close_coro",
+    "create_task",
+    "is_asynctrace_factory",
+    "unknown_keywords_message",
+]
+
+_T = TypeVar("_T")
+
+PY312: Final = sys.version_info >= (3, 12)
+PY314: Final = sys.version_info >= (3, 14)
+
+FACTORY_MARK: Final = "_asynctrace_installation"
+"""The attribute every asynctrace task factory carries: the installation that made it."""
+
+ASYNCIO_KEYWORDS: Final = frozenset({"name", "context", "eager_start"})
+METADATA_KEYWORDS: Final = frozenset({"operation_name", "correlation_id", "priority_hint"})
+_HELPER_KEYWORDS: Final = tuple(sorted(ASYNCIO_KEYWORDS | METADATA_KEYWORDS | {"task_group"}))
+
+Pending = tuple[str | None, str | None, int | None, str | None, bool | None]
+"""(operation_name, correlation_id, priority_hint, name, eager_start)."""
+
+
+class _Slot(threading.local):
+    value: Pending | None = None
+
+
+PENDING: Final = _Slot()
+"""What the helper hands the factory on this thread; None when it hands nothing."""
+
+
+def is_asynctrace_factory(factory: object) -> bool:
+    """Tell whether a loop's task factory is one asynctrace made."""
+    return getattr(factory, FACTORY_MARK, None) is not None
+
+
+def unknown_keywords_message(where: str, names: list[str], accepted: tuple[str, ...]) -> str:
+    """The TypeError message for unknown keywords, each with its nearest accepted one."""
+    parts = []
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, accepted, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        parts.append(f"{name!r}{hint}")
+    return (
+        f"{where} got unexpected keyword argument(s) {', '.join(parts)}; "
+        f"accepted: {', '.join(accepted)}."
+    )
+
+
+def close_coro(coro: object) -> None:
+    """Close a coroutine that will never run, so Python does not warn it was never awaited."""
+    close = getattr(coro, "close", None)
+    if close is not None:
+        close()
+
+
+def create_task(  # noqa: C901, PLR0911, PLR0912 - one check per keyword, one path per case
+    coro: Coroutine[Any, Any, _T],
+    *,
+    task_group: asyncio.TaskGroup | None = None,
+    name: str | None = None,
+    context: contextvars.Context | None = None,
+    eager_start: bool | None = None,
+    operation_name: str | None = None,
+    correlation_id: str | None = None,
+    priority_hint: int | None = None,
+    **unknown: object,
+) -> asyncio.Task[_T]:
+    """Create a task carrying metadata, on every supported Python and loop.
+
+    The same as ``asyncio.create_task(coro, name=..., context=...)`` (or
+    ``task_group.create_task(...)`` when ``task_group`` is given), plus the metadata keywords.
+    On Python 3.14 plain ``asyncio.create_task(coro, operation_name=...)`` does the same.
+
+    Without an asynctrace factory on the running loop the task is still created, with
+    ``correlation_id`` set in its context (it has no :class:`TaskMetadata` then).
+
+    Args:
+        coro: The coroutine to run; closed if the arguments are rejected.
+        task_group: Create the task in this ``asyncio.TaskGroup``.
+        name: The task's name, set before its first step (eager tasks included).
+        context: The ``contextvars.Context`` to run in (metadata is set in it).
+        eager_start: Start the task eagerly (Python 3.12+; 3.12-3.13 need an installed
+            factory, or no other task factory and no task group).
+        operation_name: What the task does; 1-128 printable characters.
+        correlation_id: The request's id; inherited or generated when None.
+        priority_hint: A free integer for the application.
+        **unknown: Rejected with a TypeError that names them.
+
+    Returns:
+        The task.
+
+    Raises:
+        TypeError: An unknown keyword or a value of the wrong type.
+        ValueError: An empty, over-long or non-printable text value.
+        RuntimeError: No running event loop.
+
+    Since: 0.1.0
+    """
+    try:
+        if unknown:
+            raise TypeError(
+                unknown_keywords_message(
+                    "asynctrace.create_task()", list(unknown), _HELPER_KEYWORDS
+                )
+            )
+        validate_metadata(operation_name, correlation_id, priority_hint)
+        if eager_start is not None and not isinstance(eager_start, bool):
+            raise TypeError(f"Invalid eager_start: {eager_start!r}; expected a bool or None.")
+        if eager_start and not PY312:
+            raise TypeError("Invalid eager_start: True; eager tasks need Python 3.12 or later.")
+        if task_group is not None and not isinstance(task_group, asyncio.TaskGroup):
+            raise TypeError(
+                f"Invalid task_group: {task_group!r}; expected an asyncio.TaskGroup or None."
+            )
+        loop = asyncio.get_running_loop()
+    except BaseException:
+        close_coro(coro)
+        raise
+
+    if is_asynctrace_factory(loop.get_task_factory()):
+        PENDING.value = (operation_name, correlation_id, priority_hint, name, eager_start)
+        try:
+            if task_group is not None:
+                return task_group.create_task(coro, name=name, context=context)
+            return loop.create_task(coro, name=name, context=context)
+        finally:
+            PENDING.value = None
+
+    # No asynctrace factory here: still create the task, with the correlation id in its context.
+    ctx = context if context is not None else contextvars.copy_context()
+    if correlation_id is not None:
+        ctx.run(_CORRELATION_ID.set, correlation_id)
+    if ctx.get(_METADATA) is not None:  # don't let the creator's metadata pass for this task's
+        ctx.run(_METADATA.set, None)
+    if not eager_start:
+        if task_group is not None:
+            return task_group.create_task(coro, name=name, context=ctx)
+        return loop.create_task(coro, name=name, context=ctx)
+    if PY314:
+        eager: dict[str, Any] = {"eager_start": True}  # a keyword typeshed for 3.11 lacks
+        if task_group is not None:
+            return task_group.create_task(coro, name=name, context=ctx, **eager)
+        return loop.create_task(coro, name=name, context=ctx, **eager)
+    if task_group is None and loop.get_task_factory() is None:
+        return asyncio.Task(coro, loop=loop, name=name, context=ctx, eager_start=True)  # type: ignore[call-arg]
+    close_coro(coro)
+    raise TypeError(
+        "Invalid eager_start: True; before Python 3.14 an eager task in a TaskGroup or under "
+        "another task factory needs asynctrace.install() on the loop."
+    )

@@ -1,0 +1,78 @@
+"""Telemetry failures: counted per source, logged the first time, then at most once a minute.
+
+Every layer reports here (a hook that raised, an exporter that failed, an id generator that
+returned garbage). Nothing here calls out while holding its lock: the count is taken under
+the lock, the log line is written after it is released.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Final, final
+
+__all__ = ["LOG_EVERY_S", "ErrorCounts"]
+
+logger: Final = logging.getLogger("asynctrace")
+
+LOG_EVERY_S: Final = 60.0
+"""After a source's first failure, how often at most its later failures are logged."""
+
+
+@final
+class ErrorCounts:
+    """How many times each source failed, with rate-limited logging."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, log_every: float = LOG_EVERY_S
+    ) -> None:
+        """Count with ``clock`` (seconds); log a source again after ``log_every`` s at most."""
+        self._clock = clock
+        self._log_every = log_every
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        self._logged_at: dict[str, float] = {}
+        self._logged_count: dict[str, int] = {}
+
+    def count(self, source: str, exc: BaseException | None = None) -> None:
+        """Count one failure of ``source``; log it when it is the first or a minute has passed."""
+        now = self._clock()
+        with self._lock:
+            total = self._counts[source] = self._counts.get(source, 0) + 1
+            last = self._logged_at.get(source)
+            if last is not None and now - last < self._log_every:
+                return
+            unlogged = total - self._logged_count.get(source, 0)
+            self._logged_at[source] = now
+            self._logged_count[source] = total
+        if last is None:
+            logger.error(
+                "asynctrace: %s failed; the application is not affected and telemetry goes on "
+                "(later failures are counted, and logged at most every %.0f s)",
+                source,
+                self._log_every,
+                exc_info=exc,
+            )
+        else:
+            logger.error(
+                "asynctrace: %s failed %d more time(s) since it was last logged (%d in all); "
+                "the latest: %s",
+                source,
+                unlogged,
+                total,
+                type(exc).__qualname__ if exc is not None else "a failed result",
+            )
+
+    def snapshot(self) -> dict[str, int]:
+        """A copy of the counts, by source."""
+        with self._lock:
+            return dict(self._counts)
+
+    def clear(self) -> None:
+        """Forget every count (for tests)."""
+        with self._lock:
+            self._counts.clear()
+            self._logged_at.clear()
+            self._logged_count.clear()

@@ -1,0 +1,173 @@
+"""The hooks that sinks (spans, metrics, yours) implement, their table, and the one isolated call.
+
+Only the hooks an instrument's class overrides go into the table (trio's model), so an unused
+hook costs nothing. :func:`call_each` is the only place a hook is called: a hook that raises
+costs that one call. The failure is counted under the instrument's name and logged (the first
+time, then at most once a minute); the hook is called again for the next task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any, Final, final
+
+from asynctrace._errors import ErrorCounts
+from asynctrace._metadata import TaskMetadata
+from asynctrace._record import FINISHED, Outcome, TaskRecord
+
+__all__ = [
+    "TASK_HOOKS",
+    "Hooks",
+    "Instrument",
+    "LeanInstrument",
+    "call_each",
+    "overrides",
+    "source_of",
+]
+
+
+class Instrument:
+    """Base class for task observers: override the hooks you need, leave the rest.
+
+    Only hooks a subclass overrides are ever called, so an unused hook costs nothing. Hooks run
+    on the event loop's thread, synchronously, and must be quick: record, don't export. A hook
+    that raises costs that one call: the failure is counted under the instrument's class name
+    (:func:`asynctrace.telemetry_errors`) and logged on the ``asynctrace`` logger the first time
+    (then at most once a minute); the hook is still called for later tasks, and the task is
+    never affected.
+
+    Since: 0.1.0
+    """
+
+    def task_context(self, record: TaskRecord) -> None:
+        """Called inside the new task's context before the task is built.
+
+        Context variables set here are what the task's first step sees (even an eager one);
+        the task object does not exist yet.
+        """
+
+    def loop_attached(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Called when asynctrace's factory is put on ``loop`` (to start per-loop monitors)."""
+
+    def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
+        """Called right after the factory built ``task`` (an eager task may be done already)."""
+
+    def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
+        """Called once ``task`` is done; ``record.outcome`` and ``finished_ns`` are set."""
+
+    def close(self) -> None:
+        """Flush and release what the instrument holds.
+
+        Called once, by :func:`asynctrace.shutdown` or when the last installation is removed.
+        """
+
+
+class LeanInstrument(Instrument):
+    """An instrument that needs only each task's metadata, outcome and duration (internal).
+
+    When every installed instrument that observes tasks is lean, the factory keeps no
+    :class:`TaskRecord` at all: it notes the creation time in a per-loop table keyed by the
+    task's id and reads the metadata back from the task's context when it is done. No object
+    is allocated per task, so a large fan-out does not feed the garbage collector. Any other
+    task-observing instrument (spans, yours) switches the factory back to records, and these
+    hooks are then called from ``task_created``/``task_done``.
+    """
+
+    def task_started(self, metadata: TaskMetadata) -> None:
+        """Called right after the factory built a task with ``metadata``."""
+
+    def task_finished(self, metadata: TaskMetadata, outcome: Outcome, duration_ns: int) -> None:
+        """Called once a task is done, ``duration_ns`` after its creation."""
+
+    def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
+        """Forward to :meth:`task_started` (the path with records)."""
+        self.task_started(record.metadata)
+
+    def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
+        """Forward to :meth:`task_finished` (the path with records)."""
+        self.task_finished(
+            record.metadata, record.outcome or FINISHED, record.finished_ns - record.created_ns
+        )
+
+
+TASK_HOOKS: Final = ("task_context", "task_created", "task_done")
+
+
+def overrides(instrument: Instrument, hook: str) -> bool:
+    """Tell whether ``instrument``'s class overrides ``hook`` of :class:`Instrument`."""
+    return getattr(type(instrument), hook) is not getattr(Instrument, hook)
+
+
+def source_of(hook: Callable[..., object]) -> str:
+    """How telemetry errors name the instrument a hook belongs to (a label value)."""
+    owner = getattr(hook, "__self__", hook)
+    return f"instrument {type(owner).__name__}"
+
+
+def call_each(hooks: tuple[Callable[..., None], ...], errors: ErrorCounts, *args: object) -> None:
+    """Call each hook with ``args``; a hook that raises is counted and logged, never re-raised.
+
+    CancelledError is caught too: a hook runs inside a task's completion or creation, where a
+    stray cancellation must not change what the task does.
+    """
+    for hook in hooks:
+        try:
+            hook(*args)
+        except (Exception, asyncio.CancelledError) as exc:
+            errors.count(source_of(hook), exc)
+
+
+_Hook = Callable[..., None]
+
+
+@final
+class Hooks:
+    """The hook table of one set of instruments: replaced whole, never mutated.
+
+    The factory reads these tuples without a lock, which is safe with and without the GIL.
+
+    Attributes:
+        instruments: Every instrument, in the order given (closed in this order).
+        context: ``task_context`` of the instruments that override it.
+        created: ``task_created`` likewise.
+        done: ``task_done`` likewise.
+        attached: ``loop_attached`` likewise.
+        lean: True when every task-observing instrument is a :class:`LeanInstrument`: the
+            factory then keeps no record and calls ``started`` and ``finished`` instead.
+        started: ``task_started`` of the lean instruments (on the lean path).
+        finished: ``task_finished`` of the lean instruments.
+    """
+
+    __slots__ = (
+        "attached",
+        "context",
+        "created",
+        "done",
+        "finished",
+        "instruments",
+        "lean",
+        "started",
+    )
+
+    def __init__(self, instruments: tuple[Instrument, ...] = ()) -> None:
+        """Build the table for ``instruments``."""
+        self.instruments = instruments
+
+        def overridden(hook: str) -> tuple[_Hook, ...]:
+            return tuple(getattr(i, hook) for i in instruments if overrides(i, hook))
+
+        self.attached = overridden("loop_attached")
+        observers = [i for i in instruments if any(overrides(i, h) for h in TASK_HOOKS)]
+        lean = [i for i in observers if isinstance(i, LeanInstrument)]
+        self.lean = bool(lean) and len(lean) == len(observers)
+        self.started: tuple[_Hook, ...] = tuple(i.task_started for i in lean)
+        self.finished: tuple[_Hook, ...] = tuple(i.task_finished for i in lean)
+        self.context: tuple[_Hook, ...] = () if self.lean else overridden("task_context")
+        self.created: tuple[_Hook, ...] = () if self.lean else overridden("task_created")
+        self.done: tuple[_Hook, ...] = () if self.lean else overridden("task_done")
+
+    @property
+    def observes_tasks(self) -> bool:
+        """Whether any hook wants to hear of tasks at all."""
+        return self.lean or bool(self.context or self.created or self.done)

@@ -1,0 +1,204 @@
+"""What ``install()`` sets up for one configuration: sinks, providers, the ``/metrics`` server.
+
+Resolution, for traces:
+
+1. ``tracer_provider=`` given: use it.
+2. Else an SDK ``TracerProvider`` already set globally by the app: use it (the app keeps it).
+3. Else, when export is asked for (``service_name``, ``otlp_endpoint``, ``traces_file``, or
+   ``OTEL_SERVICE_NAME`` / ``OTEL_EXPORTER_OTLP_ENDPOINT`` in the environment): make an SDK
+   provider with asynctrace's counting batch processor. It exports OTLP over HTTP/protobuf (or
+   gRPC with ``otlp_protocol="grpc"``, the ``grpc`` extra) to the endpoint, or, with no
+   endpoint, to an OTLP-JSON file. The provider is set as the global one, since none was.
+4. Else no spans (metrics only). OpenTelemetry is then not imported at all.
+
+Metrics go to ``registry`` (default: prometheus_client's global ``REGISTRY``). With
+``prometheus_port`` (or ``ASYNCTRACE_PROMETHEUS_PORT``) an HTTP endpoint serves them, on
+127.0.0.1 unless ``prometheus_addr`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, final
+
+from asynctrace._hooks import Instrument
+from asynctrace._metadata import TaskMetadata
+from asynctrace._state import STATE
+from asynctrace.export.options import DEFAULT_TRACES_FILE, ExportOptions
+from asynctrace.export.summary import Summary
+from asynctrace.sinks.task_metrics import TaskMetrics
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.trace import TracerProvider as ApiTracerProvider
+
+__all__ = ["Telemetry"]
+
+# Providers asynctrace made (and has shut down since): never reused as "the app's own".
+_MADE_HERE: Final[weakref.WeakSet[Any]] = weakref.WeakSet()
+
+
+def _only_named(metadata: TaskMetadata) -> bool:
+    return metadata.operation_name is not None
+
+
+@final
+class Telemetry(Instrument):
+    """The sinks of one configuration, and the provider and server it started itself.
+
+    It observes no task: its ``close()`` (called after the sinks') stops the ``/metrics``
+    server and flushes and shuts down the provider asynctrace made.
+    """
+
+    def __init__(self, options: ExportOptions, version: str) -> None:
+        """Set up from ``options``; undo everything if a step fails."""
+        self.options = options
+        self._owned_provider: TracerProvider | None = None
+        self._http_server: Any = None
+        self._http_thread: Any = None
+        self.metrics_url: str | None = None
+        self.traces_file: str | None = None
+        self.otlp_endpoint: str | None = None
+        self.metrics: TaskMetrics | None = None
+        self.sinks: list[Instrument] = []
+        try:
+            self._setup(version)
+        except BaseException:
+            for sink in self.sinks:
+                sink.close()
+            self.close()
+            raise
+        atexit.register(self.close)
+
+    def _setup(self, version: str) -> None:
+        options = self.options
+        provider = self._tracer_provider()
+        if provider is not None:
+            from asynctrace.sinks.tracing import SpanSink  # noqa: PLC0415
+
+            tf = options.task_filter
+            task_filter = _only_named if tf == "operation" else tf
+            self.sinks.append(SpanSink(provider, task_filter, version))
+        if options.metrics:
+            self._setup_metrics()
+        if options.meter_provider is not None:
+            from asynctrace.sinks.otel_metrics import OTelMetricsSink  # noqa: PLC0415
+
+            self.sinks.append(OTelMetricsSink(options.meter_provider, version))
+
+    def _setup_metrics(self) -> None:
+        from prometheus_client import REGISTRY, start_http_server  # noqa: PLC0415
+
+        from asynctrace.sinks.prometheus import PrometheusSink  # noqa: PLC0415
+
+        options = self.options
+        registry = options.registry if options.registry is not None else REGISTRY
+        self.metrics = TaskMetrics(options.max_operations)
+        self.sinks.append(self.metrics)
+        self.sinks.append(PrometheusSink(self.metrics, registry, self._dropped_spans))
+        if options.loop_monitor:
+            from asynctrace.sinks.loop_monitor import LoopMonitor  # noqa: PLC0415
+
+            self.sinks.append(
+                LoopMonitor(self.metrics, options.lag_interval, options.blocked_threshold)
+            )
+        if options.prometheus_port is not None:
+            try:
+                server, thread = start_http_server(
+                    options.prometheus_port, options.prometheus_addr, registry
+                )
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"Cannot serve /metrics on {options.prometheus_addr}:"
+                    f"{options.prometheus_port} (prometheus_port): {exc.strerror}",
+                ) from exc
+            self._http_server, self._http_thread = server, thread
+            port = server.server_address[1]
+            self.metrics_url = f"http://{options.prometheus_addr}:{port}/metrics"
+
+    def _dropped_spans(self) -> int:
+        drops = getattr(self, "_drops", None)
+        return drops.total_dropped() if drops is not None else 0
+
+    def _tracer_provider(self) -> ApiTracerProvider | None:
+        options = self.options
+        if options.tracer_provider is not None:
+            return options.tracer_provider  # type: ignore[no-any-return]
+        if not options.export_requested and "opentelemetry.sdk.trace" not in sys.modules:
+            return None  # no SDK loaded: the app cannot have set an SDK provider
+        from opentelemetry import trace  # noqa: PLC0415
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
+        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+
+        current = trace.get_tracer_provider()
+        if isinstance(current, TracerProvider) and current not in _MADE_HERE:
+            return current
+        if not options.export_requested:
+            return None
+        from asynctrace.export.otlp import (  # noqa: PLC0415
+            CountingExporter,
+            CountingProcessor,
+            SpanDrops,
+            otlp_exporter,
+        )
+
+        resource = Resource.create(
+            {SERVICE_NAME: options.service_name} if options.service_name else {}
+        )
+        provider = TracerProvider(resource=resource)
+        if options.otlp_endpoint:
+            exporter = otlp_exporter(options)
+            self.otlp_endpoint = options.otlp_endpoint
+            source = f"OTLP exporter ({options.otlp_endpoint})"
+        else:
+            from asynctrace.export.files import OTLPJsonFileSpanExporter  # noqa: PLC0415
+
+            path = options.traces_file or DEFAULT_TRACES_FILE
+            exporter = OTLPJsonFileSpanExporter(path)
+            self.traces_file = str(Path(path).resolve())
+            source = f"OTLP JSON file exporter ({path})"
+        self._drops = drops = SpanDrops()
+        provider.add_span_processor(
+            CountingProcessor(CountingExporter(exporter, source, drops), drops)
+        )
+        self._owned_provider = provider
+        _MADE_HERE.add(provider)
+        if not isinstance(current, TracerProvider):  # OpenTelemetry allows setting it once
+            trace.set_tracer_provider(provider)
+        return provider
+
+    def instruments(self) -> tuple[Instrument, ...]:
+        """The sinks, in the order they are called (spans before metrics, for exemplars)."""
+        return tuple(self.sinks)
+
+    def summary(self) -> Summary:
+        """Per-operation statistics so far."""
+        rows = self.metrics.stats() if self.metrics is not None else []
+        return Summary(rows, self.metrics_url, self.traces_file, self.otlp_endpoint)
+
+    def flush(self, timeout_millis: int = 10_000) -> bool:
+        """Export the spans still queued in the provider asynctrace made (if it made one)."""
+        if self._owned_provider is not None:
+            return self._owned_provider.force_flush(timeout_millis)
+        return True
+
+    def close(self) -> None:
+        """Stop the ``/metrics`` server, flush and shut down the provider made here. Idempotent."""
+        atexit.unregister(self.close)
+        if self._http_server is not None:
+            server, self._http_server = self._http_server, None
+            server.shutdown()
+            server.server_close()
+            if self._http_thread is not None:
+                self._http_thread.join(timeout=5)
+        if self._owned_provider is not None:
+            provider, self._owned_provider = self._owned_provider, None
+            try:
+                provider.force_flush(10_000)
+                provider.shutdown()
+            except Exception as exc:
+                STATE.errors.count("tracer provider shutdown", exc)

@@ -24,25 +24,22 @@ import argparse
 import asyncio
 import gc
 import statistics
-import sys
 import time
 from collections.abc import Coroutine
 from contextvars import Context, copy_context
-from pathlib import Path
 from typing import Any
 
+from modes import discarding_provider
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 from prometheus_client import CollectorRegistry
+from workloads import leaf
 
 import asynctrace
 from asynctrace.testing import reset
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import _discarding_provider, leaf
 
 MODES = [
     "bare",
@@ -136,11 +133,11 @@ async def _setup(mode: str) -> TracerProvider | None:
     if mode == "noop-callback":
         loop.set_task_factory(callback_factory)
     elif mode.startswith("span-"):
-        provider = _discarding_provider()
+        provider = discarding_provider()
         loop.set_task_factory(span_factory(provider, in_context=mode == "span-in-context"))
         return provider
     elif mode.startswith("asynctrace"):
-        provider = _discarding_provider() if mode == "asynctrace-tracing" else None
+        provider = discarding_provider() if mode == "asynctrace-tracing" else None
         asynctrace.install(
             registry=CollectorRegistry(), loop_monitor=False, tracer_provider=provider
         )

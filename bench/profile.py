@@ -40,10 +40,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from measure import run_once
+from modes import Mode
+from workloads import WORKLOAD_FUNCS
 
-import run as harness  # noqa: E402 - the harness's workloads and modes, one definition
+HERE = Path(__file__).resolve().parent
 
 _RUNNERS = str(Path(asyncio.__file__).parent / "runners.py")
 
@@ -72,7 +73,7 @@ def _package_dirs() -> tuple[tuple[str, str], ...]:
         (str(otel) + os.sep, "OpenTelemetry"),
         (str(Path(prometheus_client.__file__).parent) + os.sep, "prometheus_client"),
         (str(Path(asyncio.__file__).parent) + os.sep, GROUPS[5]),
-        (harness.__file__, "workload coroutines"),
+        (str(HERE / "workloads.py"), "workload coroutines"),
     )
 
 
@@ -81,10 +82,10 @@ def _package_dirs() -> tuple[tuple[str, str], ...]:
 
 def child(args: argparse.Namespace) -> None:
     async def main() -> dict[str, float]:
-        mode = harness._Mode(args.mode)
+        mode = Mode(args.mode)
         await mode.setup()
-        func = harness.WORKLOAD_FUNCS[args.workload]
-        await harness.run_once(func, args.tasks, mode)  # warm-up
+        func = WORKLOAD_FUNCS[args.workload]
+        await run_once(func, args.tasks, mode)  # warm-up
         gc.collect()
         print("ready", flush=True)
         sys.stdin.readline()
@@ -101,7 +102,7 @@ def child(args: argparse.Namespace) -> None:
         tasks, c0, deadline = 0, time.process_time(), time.monotonic() + args.seconds
         with mode.section():
             while time.monotonic() < deadline:
-                tasks += await harness.run_once(func, args.tasks, mode)
+                tasks += await run_once(func, args.tasks, mode)
         cpu = time.process_time() - c0
         gc.callbacks.remove(on_gc)
         return {
@@ -277,7 +278,7 @@ def main() -> int:
     parser.add_argument("--mode", default="bare", help=argparse.SUPPRESS)
     parser.add_argument("--modes", nargs="+",
                         default=["bare", "asynctrace-metrics", "asynctrace-tracing"])  # fmt: skip
-    parser.add_argument("--workload", default="fanout", choices=list(harness.WORKLOAD_FUNCS))
+    parser.add_argument("--workload", default="fanout", choices=list(WORKLOAD_FUNCS))
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")

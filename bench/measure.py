@@ -1,0 +1,157 @@
+"""The worker: times the workloads in one mode, and probes memory and a large in-flight set.
+
+Per workload it reports the median of its repetitions, in microseconds per task, of wall time
+and of process CPU time (all threads: the span export thread included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+from modes import ASYNCTRACE_OPTIONS, Mode
+from workloads import WORKLOAD_FUNCS, Spawn, leaf
+
+
+async def run_once(func: Callable[[int, Spawn], Any], n: int, mode: Mode) -> int:
+    """One workload, its tasks freed and its spans flushed: the whole life of n tasks."""
+    tasks: int = await func(n, mode.spawn)
+    # gather's finished children stay referenced until the loop runs its callback once
+    # more; without this turn they would still be alive, for the collector to walk, while
+    # the next repetition builds its own.
+    await asyncio.sleep(0)
+    mode.flush()
+    return tasks
+
+
+async def _time_workloads(mode: Mode, workloads: list[str], n: int, repeat: int) -> dict:
+    out: dict[str, Any] = {}
+    for wl in workloads:
+        func = WORKLOAD_FUNCS[wl]
+        samples = []
+        for i in range(repeat + 1):  # the first is a warm-up
+            gc.collect()
+            with mode.section():
+                t0, c0 = time.perf_counter(), time.process_time()
+                tasks = await run_once(func, n, mode)
+                wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            if tasks and i:
+                samples.append((wall / tasks * 1e6, cpu / tasks * 1e6))
+        if samples:
+            out[wl] = {
+                "wall_us": statistics.median(s[0] for s in samples),
+                "cpu_us": statistics.median(s[1] for s in samples),
+            }
+    return out
+
+
+async def _memory(mode: Mode, n: int, finished: int = 200_000) -> dict[str, float]:
+    """Bytes added per in-flight task, and growth over many finished tasks."""
+    ev = asyncio.Event()
+
+    async def waiter() -> None:
+        await ev.wait()
+
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    tasks = [asyncio.create_task(waiter()) for _ in range(n)]
+    await asyncio.sleep(0)
+    in_flight = (tracemalloc.get_traced_memory()[0] - before) / n
+    ev.set()
+    await asyncio.gather(*tasks)
+    del tasks
+    # Many finished tasks: memory must stay flat (nothing kept per finished task).
+    size = 10_000
+    batches = max(3, finished // size)
+    marks = []
+    for b in range(batches):
+        await asyncio.gather(*(leaf() for _ in range(size)))
+        mode.flush()
+        if b in (1, batches - 1):
+            gc.collect()
+            marks.append(tracemalloc.get_traced_memory()[0])
+    tracemalloc.stop()
+    return {
+        "bytes_per_in_flight_task": in_flight,
+        "growth_bytes_per_finished_task": (marks[1] - marks[0]) / ((batches - 2) * size),
+        "finished_tasks": batches * size,
+    }
+
+
+async def _in_flight_100k(mode: Mode, n: int) -> dict[str, float]:
+    """With n tasks in flight: scrape, uninstall and install times; the loop lag under load."""
+    from prometheus_client import generate_latest  # noqa: PLC0415
+
+    import asynctrace  # noqa: PLC0415
+
+    ev = asyncio.Event()
+
+    async def waiter() -> None:
+        await ev.wait()
+
+    tasks = [asyncio.create_task(waiter()) for _ in range(n)]
+    await asyncio.sleep(0)
+    out: dict[str, float] = {}
+    registry = ASYNCTRACE_OPTIONS.get("registry")
+    if registry is not None:
+        t0 = time.perf_counter()
+        body = generate_latest(registry)
+        out["scrape_ms"] = (time.perf_counter() - t0) * 1e3
+        out["scrape_bytes"] = len(body)
+        t0 = time.perf_counter()
+        asynctrace.uninstall()
+        out["uninstall_ms"] = (time.perf_counter() - t0) * 1e3
+        t0 = time.perf_counter()
+        asynctrace.install(**ASYNCTRACE_OPTIONS)
+        out["install_ms"] = (time.perf_counter() - t0) * 1e3
+    # Lag: a 5 ms probe timer while all n tasks finish at once.
+    loop = asyncio.get_running_loop()
+    lags: list[float] = []
+    stop = False
+
+    def probe(expected: float) -> None:
+        lags.append(loop.time() - expected)
+        if not stop:
+            loop.call_at(loop.time() + 0.005, probe, loop.time() + 0.005)
+
+    loop.call_at(loop.time() + 0.005, probe, loop.time() + 0.005)
+    await asyncio.sleep(0.02)
+    t0 = time.perf_counter()
+    ev.set()
+    await asyncio.gather(*tasks)
+    mode.flush()
+    out["drain_ms"] = (time.perf_counter() - t0) * 1e3
+    await asyncio.sleep(0.02)
+    stop = True
+    out["max_lag_ms"] = max(lags) * 1e3 if lags else 0.0
+    return out
+
+
+def worker(args: argparse.Namespace) -> None:
+    async def main() -> dict[str, Any]:
+        mode = Mode(args.mode)
+        await mode.setup()
+        result: dict[str, Any] = {"workloads": await _time_workloads(
+            mode, args.workloads, args.tasks, args.repeat
+        )}  # fmt: skip
+        if args.memory:
+            result["memory"] = await _memory(mode, args.memory, args.finished)
+        if args.in_flight and (args.mode == "bare" or args.mode.startswith("asynctrace")):
+            result["in_flight"] = await _in_flight_100k(mode, args.in_flight)
+        return result
+
+    if args.loop == "uvloop":
+        import uvloop  # noqa: PLC0415
+
+        result = uvloop.run(main())
+    else:
+        result = asyncio.run(main())
+    print(json.dumps(result))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-# Targets of the performance work, and the coarse CI guard (far above them: noise never fails
-# CI, a gross regression does).
+# The published targets (docs/performance.md), and the coarse CI guard (far above them:
+# noise never fails CI, a gross regression does).
 TARGETS = {"asynctrace-metrics": 1.25, "asynctrace-tracing": 2.0}
 GUARD = {"asynctrace-metrics": 5.0, "asynctrace-tracing": 10.0}
 

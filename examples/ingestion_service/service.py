@@ -135,7 +135,7 @@ async def ingest(
     for doc in documents:
         by_source.setdefault(str(doc.get("source", "unknown")), []).append(doc)
     sources = list(by_source)
-    # The seed's migration: explicit tasks with metadata, gather semantics kept.
+    # One task per source, each with its metadata; gather keeps the order of the sources.
     tasks = [
         asynctrace.create_task(
             normalize_source(s, by_source[s], config.source(s)),

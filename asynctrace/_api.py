@@ -11,7 +11,7 @@ import asyncio
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from asynctrace._hooks import Instrument
 from asynctrace._install import (
@@ -27,6 +27,11 @@ from asynctrace._version import __version__
 from asynctrace.export.options import ExportOptions
 from asynctrace.export.setup import Telemetry
 from asynctrace.export.summary import Summary
+
+if TYPE_CHECKING:  # annotations only: nothing is imported at run time
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
 
 __all__ = ["Options", "flush", "install", "shutdown", "summary", "telemetry_errors"]
 
@@ -72,9 +77,9 @@ def install(
     *,
     id_generator: Callable[[], str] | None = random_correlation_id,
     instruments: Iterable[Instrument] = (),
-    tracer_provider: Any = None,  # noqa: ANN401 - an OpenTelemetry TracerProvider
-    meter_provider: Any = None,  # noqa: ANN401 - an OpenTelemetry MeterProvider
-    registry: Any = None,  # noqa: ANN401 - a prometheus_client CollectorRegistry
+    tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
+    registry: CollectorRegistry | None = None,
     service_name: str | None = None,
     otlp_endpoint: str | None = None,
     otlp_protocol: Literal["http/protobuf", "grpc"] | None = None,

@@ -7,6 +7,7 @@ interpreter each and look at ``sys.modules``: what a user's process actually loa
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -30,6 +31,26 @@ def test_layer_contracts_are_kept() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 kept, 0 broken" in result.stdout, result.stdout
+
+
+def test_type_checking_imports_name_no_module_of_the_package() -> None:
+    """Type-only imports (hidden from the contracts) never close an import circle inside.
+
+    The package's own ``__init__`` is the one exception: it sits above every layer, and names
+    the exporter it loads lazily for type checkers.
+    """
+    offenders = []
+    for path in sorted((ROOT / "asynctrace").rglob("*.py")):
+        if path == ROOT / "asynctrace" / "__init__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and (inner.module or "").startswith(
+                        "asynctrace"
+                    ):
+                        offenders.append(f"{path.name}: from {inner.module} import ...")
+    assert offenders == []
 
 
 def loaded_after(code: str) -> dict[str, list[str]]:

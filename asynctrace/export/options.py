@@ -10,9 +10,14 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from asynctrace._metadata import TaskMetadata
+
+if TYPE_CHECKING:  # annotations only: nothing is imported at run time
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
 
 __all__ = ["DEFAULT_TRACES_FILE", "ExportOptions", "Protocol", "TaskFilterOption"]
 
@@ -31,9 +36,9 @@ def _is_instance(value: object, module: str, cls: str) -> bool:
 class ExportOptions:
     """install()'s telemetry options, after the environment is read (once, at install)."""
 
-    tracer_provider: Any = None
-    registry: Any = None
-    meter_provider: Any = None
+    tracer_provider: TracerProvider | None = None
+    registry: CollectorRegistry | None = None
+    meter_provider: MeterProvider | None = None
     service_name: str | None = None
     otlp_endpoint: str | None = None
     otlp_protocol: Protocol | None = None

@@ -127,7 +127,7 @@ class Telemetry(Instrument):
     def _tracer_provider(self) -> ApiTracerProvider | None:
         options = self.options
         if options.tracer_provider is not None:
-            return options.tracer_provider  # type: ignore[no-any-return]
+            return options.tracer_provider
         if not options.export_requested and "opentelemetry.sdk.trace" not in sys.modules:
             return None  # no SDK loaded: the app cannot have set an SDK provider
         from opentelemetry import trace  # noqa: PLC0415

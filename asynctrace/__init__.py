@@ -23,13 +23,9 @@ from asynctrace._create_task import create_task
 from asynctrace._hooks import Instrument
 from asynctrace._install import Installation, loop_factory, uninstall
 from asynctrace._introspect import task_metadata
-from asynctrace._metadata import (
-    TaskMetadata,
-    correlation,
-    correlation_id,
-    random_correlation_id,
-)
+from asynctrace._metadata import TaskMetadata, correlation_id, random_correlation_id
 from asynctrace._record import TaskRecord
+from asynctrace._scope import correlation
 from asynctrace._version import __version__
 from asynctrace.export.summary import Summary
 from asynctrace.sinks.logs import TaskContextFilter, add_task_context

@@ -21,7 +21,7 @@ from asynctrace._install import (
     reset,
     running_loop,
 )
-from asynctrace._metadata import TaskMetadata, _check_text, random_correlation_id
+from asynctrace._metadata import TaskMetadata, check_text, random_correlation_id
 from asynctrace._state import STATE
 from asynctrace._version import __version__
 from asynctrace.export.options import ExportOptions
@@ -58,7 +58,7 @@ def _make_options(
     if id_generator is not None:
         sample = id_generator()
         try:
-            _check_text("correlation_id", sample)
+            check_text("correlation_id", sample)
         except (TypeError, ValueError) as exc:
             raise type(exc)(
                 f"id_generator {id_generator!r} returned an invalid id: {exc}"

@@ -50,6 +50,18 @@ class Instrument:
     def loop_attached(self, loop: asyncio.AbstractEventLoop) -> None:
         """Called when asynctrace's factory is put on ``loop`` (to start per-loop monitors)."""
 
+    def correlation_scope(
+        self,
+        correlation_id: str,  # noqa: ARG002
+        name: str | None,  # noqa: ARG002
+    ) -> Callable[[BaseException | None], None] | None:
+        """Called inside a :func:`asynctrace.correlation` block that sets a new id.
+
+        ``name`` is the block's ``span_name``. Return a callable to run when the block ends
+        (given the exception that ends it, or None), or None.
+        """
+        return None
+
     def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
         """Called right after the factory built ``task`` (an eager task may be done already)."""
 
@@ -133,6 +145,7 @@ class Hooks:
         created: ``task_created`` likewise.
         done: ``task_done`` likewise.
         attached: ``loop_attached`` likewise.
+        scope: ``correlation_scope`` likewise.
         lean: True when every task-observing instrument is a :class:`LeanInstrument`: the
             factory then keeps no record and calls ``started`` and ``finished`` instead.
         started: ``task_started`` of the lean instruments (on the lean path).
@@ -147,6 +160,7 @@ class Hooks:
         "finished",
         "instruments",
         "lean",
+        "scope",
         "started",
     )
 
@@ -158,6 +172,9 @@ class Hooks:
             return tuple(getattr(i, hook) for i in instruments if overrides(i, hook))
 
         self.attached = overridden("loop_attached")
+        self.scope: tuple[Callable[..., Callable[[BaseException | None], None] | None], ...] = (
+            tuple(i.correlation_scope for i in instruments if overrides(i, "correlation_scope"))
+        )
         observers = [i for i in instruments if any(overrides(i, h) for h in TASK_HOOKS)]
         lean = [i for i in observers if isinstance(i, LeanInstrument)]
         self.lean = bool(lean) and len(lean) == len(observers)

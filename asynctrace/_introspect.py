@@ -8,7 +8,7 @@ import gc
 from typing import Any, Final, cast
 
 from asynctrace._factory import LiveRecord
-from asynctrace._metadata import _METADATA, TaskMetadata
+from asynctrace._metadata import _CORRELATION_ID, _METADATA, TaskMetadata, _make_metadata
 from asynctrace._record import TaskRecord
 
 __all__ = ["task_metadata", "task_record"]
@@ -35,6 +35,11 @@ def task_metadata(task: asyncio.Future[Any] | None = None) -> TaskMetadata | Non
     Args:
         task: The task; by default the current one (None outside a task).
 
+    With no argument it describes the code running now: inside a
+    :func:`asynctrace.correlation` block its ``correlation_id`` is the block's, as
+    :func:`asynctrace.correlation_id` says. Given a task, it is the metadata the task was
+    created with.
+
     The metadata is read from the task's context (nothing is stored on the task), while it
     runs and after it is done. So a task built by calling ``asyncio.Task(...)`` directly
     (bypassing ``create_task`` and so the factory) inside an instrumented task reports the
@@ -49,7 +54,14 @@ def task_metadata(task: asyncio.Future[Any] | None = None) -> TaskMetadata | Non
             return None
         # Inside a task (even during an eager first step, before the factory has returned
         # the task) the metadata is in the context.
-        return _METADATA.get() if current is not None else None
+        if current is None:
+            return None
+        metadata = _METADATA.get()
+        correlation_id = _CORRELATION_ID.get()
+        if metadata is not None and metadata.correlation_id != correlation_id:
+            # inside a correlation() block: one rule, the innermost id
+            return _make_metadata(metadata.operation_name, correlation_id, metadata.priority_hint)
+        return metadata
     return cast("TaskMetadata | None", _context_of(task).get(_METADATA))
 
 

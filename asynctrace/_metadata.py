@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, final
 
 __all__ = [
     "MAX_ID_LENGTH",
     "TaskMetadata",
-    "correlation",
+    "check_text",
     "correlation_id",
     "random_correlation_id",
 ]
@@ -79,7 +78,8 @@ def _make_metadata(
     return metadata
 
 
-def _check_text(what: str, value: object) -> None:
+def check_text(what: str, value: object) -> None:
+    """Raise TypeError/ValueError unless ``value`` is None or 1-128 printable characters."""
     if value is None:
         return
     if not isinstance(value, str):
@@ -97,8 +97,8 @@ def validate_metadata(
     operation_name: object, correlation_id: object, priority_hint: object
 ) -> None:
     """Raise TypeError or ValueError naming the first field that is not acceptable."""
-    _check_text("operation_name", operation_name)
-    _check_text("correlation_id", correlation_id)
+    check_text("operation_name", operation_name)
+    check_text("correlation_id", correlation_id)
     if priority_hint is not None and (
         not isinstance(priority_hint, int) or isinstance(priority_hint, bool)
     ):
@@ -109,42 +109,13 @@ def correlation_id() -> str | None:
     """Return the correlation id of the current context, or None when none is set.
 
     Inside a task created while asynctrace is installed this is the task's id (given with
-    ``correlation_id=``, inherited from where the task was created, or generated).
+    ``correlation_id=``, inherited from where the task was created, or generated); inside a
+    :func:`correlation` block, the block's id. It is the one rule every signal follows: logs,
+    spans and metadata read here agree with it.
 
     Since: 0.1.0
     """
     return _CORRELATION_ID.get()
-
-
-@contextlib.contextmanager
-def correlation(value: str) -> Iterator[str]:
-    """Set the correlation id for a block and for the tasks created inside it.
-
-    The previous value is restored on exit, also when the block raises::
-
-        with asynctrace.correlation("req-7"):
-            await asyncio.gather(fetch(), store())  # both tasks carry "req-7"
-
-    Args:
-        value: The id; 1 to 128 printable characters.
-
-    Yields:
-        The id that was set.
-
-    Raises:
-        TypeError: ``value`` is not a str.
-        ValueError: ``value`` is empty, too long or not printable.
-
-    Since: 0.1.0
-    """
-    if value is None:
-        raise TypeError("Invalid correlation_id: None; expected a str.")
-    _check_text("correlation_id", value)
-    token = _CORRELATION_ID.set(value)
-    try:
-        yield value
-    finally:
-        _CORRELATION_ID.reset(token)
 
 
 _getrandbits = random.getrandbits

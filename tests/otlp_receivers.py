@@ -43,6 +43,7 @@ class Received:
                             "parent_span_id": s.parent_span_id.hex() or None,
                             "attributes": {a.key: _value(a.value) for a in s.attributes},
                             "status_code": s.status.code,
+                            "links": [(ln.trace_id.hex(), ln.span_id.hex()) for ln in s.links],
                             "resource": resource,
                             "scope": ss.scope.name,
                         }

@@ -69,22 +69,31 @@ def test_otlp_http_export(otlp_http: tuple[str, Received]) -> None:
     asynctrace.shutdown()  # flushes
     spans = received.snapshot()
     names = sorted(s["name"] for s in spans)
-    # asyncio.run's main task is a task too: the root of the tree
-    assert names == sorted(["request", "normalize", "fetch"] * 3 + [MAIN])
+    # asyncio.run's main task is a task too; each request() enters its own correlation block
+    assert names == sorted(["request", "correlation", "normalize", "fetch"] * 3 + [MAIN])
     assert {s["resource"]["service.name"] for s in spans} == {"ingest"}
     by_id = {s["span_id"]: s for s in spans}
+    (main,) = [s for s in spans if s["name"] == MAIN]
     for s in spans:
-        if s["name"] == "request":
+        if s["name"] == "request":  # the server's own tasks: in main's trace
             assert by_id[s["parent_span_id"]]["name"] == MAIN
+            assert s["trace_id"] == main["trace_id"]
+        elif s["name"] == "correlation":  # each request: a trace of its own, linked back
+            assert s["parent_span_id"] is None
+            assert s["trace_id"] != main["trace_id"]
+            (link,) = s["links"]
+            assert by_id[link[1]]["name"] == "request"
+            assert link[0] == main["trace_id"]
         elif s["name"] != MAIN:
             parent = by_id[s["parent_span_id"]]
-            assert parent["name"] == "request"
+            assert parent["name"] == "correlation"
             assert parent["trace_id"] == s["trace_id"]
-            # request() sets the id inside itself, so its children carry it
-            siblings = [c for c in spans if c["parent_span_id"] == parent["span_id"]]
-            ids = {c["attributes"]["asynctrace.correlation_id"] for c in siblings}
-            assert len(ids) == 1
-            assert ids.pop().startswith("req-")
+    # one trace per correlation id, and each id in one trace only
+    traces: dict[str, set[str]] = {}
+    for s in spans:
+        traces.setdefault(s["trace_id"], set()).add(s["attributes"]["asynctrace.correlation_id"])
+    assert all(len(ids) == 1 for ids in traces.values()), traces
+    assert len(traces) == 4
     assert {s["status_code"] for s in spans if s["name"] == "fetch"} == {2}  # ERROR
 
 
@@ -100,7 +109,7 @@ def test_otlp_grpc_export_from_env(
     run_requests(1)
     asynctrace.shutdown()
     spans = received.snapshot()
-    assert len(spans) == 4  # main, request, normalize, fetch
+    assert len(spans) == 5  # main, request, its correlation block, normalize, fetch
     assert {s["resource"]["service.name"] for s in spans} == {"from-env"}
 
 
@@ -120,10 +129,10 @@ def test_file_is_the_embedded_default(tmp_path: Path) -> None:
             assert attrs["service.name"] == {"stringValue": "local"}
             for ss in rs["scopeSpans"]:
                 spans.extend(ss["spans"])
-    assert len(spans) == 7  # main and 2 x (request, normalize, fetch)
+    assert len(spans) == 9  # main and 2 x (request, correlation, normalize, fetch)
     assert all(len(s["traceId"]) == 32 and len(s["spanId"]) == 16 for s in spans)
     int(spans[0]["traceId"], 16)  # hex, not base64
-    assert {s["name"] for s in spans} == {"request", "normalize", "fetch", MAIN}
+    assert {s["name"] for s in spans} == {"request", "correlation", "normalize", "fetch", MAIN}
 
 
 def test_collector_down_never_breaks_the_app(caplog: pytest.LogCaptureFixture) -> None:

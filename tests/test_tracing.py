@@ -69,11 +69,16 @@ def test_gather_fan_out_forms_one_tree(traced: tuple[TracerProvider, InMemorySpa
             assert await asyncio.gather(*tasks) == [0, 1, 2]
         rid = request.get_span_context()
         spans = by_name(exporter.get_finished_spans())
+        # the app's span decides the trace: asynctrace never cuts a trace it did not make
         assert {s.context.trace_id for s in spans.values()} == {rid.trace_id}
+        block = spans["correlation"]  # the correlation block's span, under the app's span
+        assert block.parent is not None
+        assert block.parent.span_id == rid.span_id
+        assert block.links == ()
         for i in range(3):
             b, lf = spans[f"branch-{i}"], spans[f"leaf-{i}"]
             assert b.parent is not None
-            assert b.parent.span_id == rid.span_id
+            assert b.parent.span_id == block.context.span_id
             assert lf.parent is not None
             assert lf.parent.span_id == b.context.span_id
             assert b.attributes is not None

@@ -12,6 +12,18 @@ Two paths, chosen per provider:
   ``tracer.start_span``, made current in the task and ended at completion.
 
 Either way the user's provider, sampler, processors and exporters are used unchanged.
+
+**One trace per correlation id.** Every span asynctrace makes (a task's, or a correlation
+block's) knows its correlation id. A new span whose parent would be one of asynctrace's spans
+with another id starts a new trace instead, with a span link to that span: a request's tasks
+form their own trace, linked to the long-lived task that spawned them, and no trace of
+asynctrace's holds two ids. A span the application or another instrumentation made current (an
+HTTP server span, ``tracer.start_as_current_span``) is always the parent: asynctrace never cuts
+a trace it did not make.
+
+**Correlation blocks.** ``with asynctrace.correlation(id)`` with a new id opens a scope span
+(``correlation``, or the block's ``span_name``) current for the block: the root of that id's
+trace here, so the block's tasks share one trace and the block's logs carry its ids.
 """
 
 from __future__ import annotations
@@ -30,6 +42,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcess
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
+    INVALID_SPAN,
+    Link,
     NonRecordingSpan,
     SpanContext,
     SpanKind,
@@ -49,6 +63,7 @@ __all__ = [
     "ATTR_OUTCOME",
     "ATTR_PRIORITY_HINT",
     "ATTR_TASK_NAME",
+    "SCOPE_SPAN_NAME",
     "SpanSink",
     "span_name",
 ]
@@ -60,6 +75,8 @@ ATTR_CORRELATION_ID: Final = "asynctrace.correlation_id"
 ATTR_PRIORITY_HINT: Final = "asynctrace.priority_hint"
 
 _PROVISIONAL_NAME: Final = "asyncio.task"
+SCOPE_SPAN_NAME: Final = "correlation"
+"""The name of a correlation block's span when the block gives none."""
 _UNSET: Final = Status(StatusCode.UNSET)
 # The SDK's default sampler, ParentBased(ALWAYS_ON): its decision is "as the parent, else yes",
 # which the fast path takes inline instead of calling it for every task.
@@ -116,15 +133,17 @@ def span_name(task: asyncio.Task[Any], metadata: TaskMetadata) -> str:
 
 
 class _TaskSpan(NonRecordingSpan):
-    """The fast path's handle: the task's span as its children see it, and its state till done.
+    """The fast path's handle: the span as its children see it, and its state till it ends.
 
-    One object per task, kept in the task's context and in its record. The ``SpanContext`` is
-    built when first asked for (by a child, a library, or the end of the task), so a task that
-    never looks at its span carries no ``SpanContext`` while it is pending.
+    One object per task (or correlation block), kept in its context and in its record. The
+    ``SpanContext`` is built when first asked for (by a child, a library, or the end of the
+    task), so a task that never looks at its span carries no ``SpanContext`` while pending.
     """
 
     __slots__ = (
         "_context",
+        "correlation_id",
+        "links",
         "parent",
         "sampler_attributes",
         "span_id",
@@ -142,6 +161,8 @@ class _TaskSpan(NonRecordingSpan):
         trace_state: TraceState | None,
         parent: SpanContext | None,
         sampler_attributes: Any,  # noqa: ANN401 - the sampler's Attributes, as it gave them
+        correlation_id: str | None,
+        links: tuple[Link, ...],
     ) -> None:
         self._context: SpanContext | None = None  # type: ignore[assignment]
         self.trace_id = trace_id
@@ -150,6 +171,8 @@ class _TaskSpan(NonRecordingSpan):
         self.trace_state = trace_state
         self.parent = parent
         self.sampler_attributes = sampler_attributes
+        self.correlation_id = correlation_id
+        self.links = links
 
     def get_span_context(self) -> SpanContext:
         context = self._context
@@ -165,6 +188,20 @@ class _TaskSpan(NonRecordingSpan):
 
     def __repr__(self) -> str:
         return f"_TaskSpan({self.get_span_context()!r})"
+
+
+_NOT_OURS: Final = object()
+
+
+def _correlation_of(span: trace.Span) -> object:
+    """The correlation id of a span asynctrace made; ``_NOT_OURS`` for anyone else's span."""
+    if isinstance(span, _TaskSpan):
+        return span.correlation_id
+    if isinstance(span, sdk_trace.Span):  # the full path: made by asynctrace's own tracer
+        scope = span.instrumentation_scope
+        if scope is not None and scope.name == "asynctrace":
+            return (span.attributes or {}).get(ATTR_CORRELATION_ID)
+    return _NOT_OURS
 
 
 def _attributes(task: asyncio.Task[Any], record: TaskRecord) -> dict[str, Any]:
@@ -195,9 +232,12 @@ def _exception_event_attributes(exc: BaseException) -> dict[str, Any]:
     }
 
 
+_Started = _TaskSpan | trace.Span
+
+
 @final
 class SpanSink(Instrument):
-    """Records each task the filter admits as a span of ``tracer_provider``."""
+    """Records each task the filter admits, and each correlation block, as a span."""
 
     def __init__(
         self,
@@ -238,60 +278,175 @@ class SpanSink(Instrument):
         """Whether spans are built as finished ReadableSpans (see the module docstring)."""
         return self._fast
 
-    def task_context(self, record: TaskRecord) -> None:
-        """Start the task's span in the task's context (parent: the span current there)."""
-        if self._filter is not None and not self._filter(record.metadata):
-            return
+    def _start(
+        self, name: str, correlation_id: str | None, start_ns: int
+    ) -> tuple[_Started, object]:
+        """Start a span in the current context and make it current; return it and the token.
+
+        Its parent is the current span, unless that is one of asynctrace's spans of another
+        correlation id: then it is the root of a new trace, linked to that span.
+        """
+        current = otel_context.get_current()
+        here = trace.get_current_span(current)
+        links: tuple[Link, ...] = ()
+        owner = _correlation_of(here)
+        if owner is not _NOT_OURS and owner != correlation_id:
+            links = (Link(here.get_span_context()),)
+            current = trace.set_span_in_context(INVALID_SPAN, current)
         tracer = self._tracer
+        started: _Started
         if isinstance(tracer, sdk_trace.Tracer):
             if _sdk_processors(tracer) is not self._checked_processors:
                 self._recheck()  # a processor was added since
             if self._fast:
-                self._start_fast(tracer, record)
-                return
-        span = tracer.start_span(
-            record.metadata.operation_name or _PROVISIONAL_NAME,
+                started = self._start_fast(tracer, name, correlation_id, current, links)
+                return started, otel_context.attach(trace.set_span_in_context(started, current))
+        started = tracer.start_span(
+            name,
+            context=current,
             kind=SpanKind.INTERNAL,
-            start_time=record.created_ns + self._epoch_offset,
+            attributes={ATTR_CORRELATION_ID: correlation_id} if correlation_id else None,
+            links=links,
+            start_time=start_ns + self._epoch_offset,
         )
-        otel_context.attach(trace.set_span_in_context(span))
-        record._span = span
-        span_context = span.get_span_context()
-        if span_context.trace_flags.sampled:
-            record.trace_id, record.span_id = span_context.trace_id, span_context.span_id
+        return started, otel_context.attach(trace.set_span_in_context(started, current))
 
-    def _start_fast(self, tracer: sdk_trace.Tracer, record: TaskRecord) -> None:
-        current = otel_context.get_current()
-        parent = trace.get_current_span(current).get_span_context()
-        if parent.is_valid:
+    def _start_fast(
+        self,
+        tracer: sdk_trace.Tracer,
+        name: str,
+        correlation_id: str | None,
+        current: otel_context.Context,
+        links: tuple[Link, ...],
+    ) -> _TaskSpan:
+        parent: SpanContext | None = trace.get_current_span(current).get_span_context()
+        if parent is not None and parent.is_valid:
             trace_id = parent.trace_id
         else:
             trace_id = tracer.id_generator.generate_trace_id()
-            parent = None  # type: ignore[assignment]
+            parent = None
         trace_state: TraceState | None
         if self._default_sampler:
             sampled = parent is None or parent.trace_flags.sampled
             trace_state = parent.trace_state if parent is not None else None
             sampler_attributes = None
         else:
-            name = record.metadata.operation_name or _PROVISIONAL_NAME
-            result = tracer.sampler.should_sample(current, trace_id, name, SpanKind.INTERNAL)
+            result = tracer.sampler.should_sample(
+                current, trace_id, name, SpanKind.INTERNAL, links=links
+            )
             sampled = result.decision is Decision.RECORD_AND_SAMPLE
             trace_state, sampler_attributes = result.trace_state, result.attributes
-        handle = _TaskSpan(
+        # Children (tasks, HTTP clients, DB drivers) see this span as their parent, sampled
+        # or not, so a dropped task also drops its subtree under parent-based samplers.
+        return _TaskSpan(
             trace_id,
             tracer.id_generator.generate_span_id(),
             trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
             trace_state=trace_state,
             parent=parent,
             sampler_attributes=sampler_attributes,
+            correlation_id=correlation_id,
+            links=links,
         )
-        # Children (tasks, HTTP clients, DB drivers) see this span as their parent, sampled
-        # or not, so a dropped task also drops its subtree under parent-based samplers.
-        otel_context.attach(trace.set_span_in_context(handle, current))
-        if sampled:
-            record._span = handle
-            record.trace_id, record.span_id = handle.trace_id, handle.span_id
+
+    def task_context(self, record: TaskRecord) -> None:
+        """Start the task's span in the task's context (see the module docstring for parents)."""
+        meta = record.metadata
+        if self._filter is not None and not self._filter(meta):
+            return
+        # In the task's own context, which ends with the task: nothing to detach.
+        started, _ = self._start(
+            meta.operation_name or _PROVISIONAL_NAME, meta.correlation_id, record.created_ns
+        )
+        if isinstance(started, _TaskSpan):  # its SpanContext is built only when asked for
+            if started.trace_flags.sampled:
+                record._span = started
+                record.trace_id, record.span_id = started.trace_id, started.span_id
+            return
+        record._span = started  # an SDK span is ended even when not sampled
+        span_context = started.get_span_context()
+        if span_context.trace_flags.sampled:
+            record.trace_id, record.span_id = span_context.trace_id, span_context.span_id
+
+    def correlation_scope(
+        self, correlation_id: str, name: str | None
+    ) -> Callable[[BaseException | None], None]:
+        """Open the block's span, current inside it; the returned callable ends it."""
+        start_ns = time.perf_counter_ns()
+        started, token = self._start(name or SCOPE_SPAN_NAME, correlation_id, start_ns)
+
+        def end(exc: BaseException | None) -> None:
+            end_ns = time.perf_counter_ns() + self._epoch_offset
+            otel_context.detach(token)  # type: ignore[arg-type]
+            self._end_scope(
+                started,
+                name=name or SCOPE_SPAN_NAME,
+                correlation_id=correlation_id,
+                start_ns=start_ns,
+                end=end_ns,
+                exc=exc,
+            )
+
+        return end
+
+    def _end_scope(
+        self,
+        started: _Started,
+        *,
+        name: str,
+        correlation_id: str,
+        start_ns: int,
+        end: int,
+        exc: BaseException | None,
+    ) -> None:
+        attributes: dict[str, Any] = {ATTR_CORRELATION_ID: correlation_id}
+        failed = exc is not None and not isinstance(exc, asyncio.CancelledError)
+        if isinstance(started, _TaskSpan):
+            if started.trace_flags.sampled:
+                exc = exc if failed else None
+                self._emit(started, name, attributes, start_ns=start_ns, end=end, exc=exc)
+            return
+        if failed and exc is not None:
+            started.record_exception(exc, timestamp=end, escaped=True)
+            started.set_status(_error_status(exc))
+        started.end(end_time=end)
+
+    def _emit(
+        self,
+        handle: _TaskSpan,
+        name: str,
+        attributes: dict[str, Any],
+        *,
+        start_ns: int,
+        end: int,
+        exc: BaseException | None,
+    ) -> None:
+        """Hand a fast-path span, finished, to the provider's processors."""
+        if handle.sampler_attributes:
+            attributes = {**handle.sampler_attributes, **attributes}
+        events: tuple[sdk_trace.Event, ...] = ()
+        status = _UNSET
+        if exc is not None:
+            status = _error_status(exc)
+            events = (sdk_trace.Event("exception", _exception_event_attributes(exc), end),)
+        tracer = self._tracer
+        assert isinstance(tracer, sdk_trace.Tracer)  # noqa: S101 - the fast path needs it
+        tracer.span_processor.on_end(
+            sdk_trace.ReadableSpan(
+                name=name,
+                context=handle.get_span_context(),
+                parent=handle.parent,
+                resource=tracer.resource,
+                attributes=attributes,
+                events=events,
+                links=handle.links,
+                kind=SpanKind.INTERNAL,
+                status=status,
+                start_time=start_ns + self._epoch_offset,
+                end_time=end,
+                instrumentation_scope=self._scope,
+            )
+        )
 
     def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
         """End the task's span with its outcome."""
@@ -304,33 +459,11 @@ class SpanSink(Instrument):
             return  # on the full path the span is never ended, so never exported
         end = record.finished_ns + self._epoch_offset
         attributes = _attributes(task, record)
-        exc = record.exception
+        exc = record.exception if record.outcome == EXCEPTION else None
         if isinstance(data, _TaskSpan):
-            if data.sampler_attributes:
-                attributes = {**data.sampler_attributes, **attributes}
-            events: tuple[sdk_trace.Event, ...] = ()
-            status = _UNSET
-            if record.outcome == EXCEPTION and exc is not None:
-                status = _error_status(exc)
-                events = (sdk_trace.Event("exception", _exception_event_attributes(exc), end),)
-            tracer = self._tracer
-            assert isinstance(tracer, sdk_trace.Tracer)  # noqa: S101 - set by task_context
-            span = sdk_trace.ReadableSpan(
-                name=span_name(task, record.metadata),
-                context=data.get_span_context(),
-                parent=data.parent,
-                resource=tracer.resource,
-                attributes=attributes,
-                events=events,
-                kind=SpanKind.INTERNAL,
-                status=status,
-                start_time=record.created_ns + self._epoch_offset,
-                end_time=end,
-                instrumentation_scope=self._scope,
-            )
-            tracer.span_processor.on_end(span)
-            return
-        if isinstance(data, trace.Span):
+            name = span_name(task, record.metadata)
+            self._emit(data, name, attributes, start_ns=record.created_ns, end=end, exc=exc)
+        elif isinstance(data, trace.Span):
             self._end_full(task, record, data, attributes, end)
 
     def _end_full(

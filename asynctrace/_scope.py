@@ -1,0 +1,73 @@
+"""``correlation()``: a block with its own correlation id, and the instruments' scope hook."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from asynctrace._hooks import source_of
+from asynctrace._metadata import _CORRELATION_ID, check_text
+from asynctrace._state import STATE
+
+__all__ = ["correlation"]
+
+
+@contextlib.contextmanager
+def correlation(value: str, *, span_name: str | None = None) -> Iterator[str]:
+    """Set the correlation id for a block and for the tasks created inside it.
+
+    The previous value is restored on exit, also when the block raises::
+
+        with asynctrace.correlation("req-7"):
+            await asyncio.gather(fetch(), store())  # both tasks carry "req-7"
+
+    Entering a block whose id differs from the current one opens a new scope: with tracing
+    on, a span (named ``span_name``, else ``"correlation"``) current for the block and the
+    root of the id's trace here, linked to the span that was current at the boundary. The
+    block's tasks are its children; its logs carry its ids. An id equal to the current one
+    changes nothing.
+
+    Args:
+        value: The id; 1 to 128 printable characters.
+        span_name: The name of the block's span, such as ``"POST /ingest"``; 1 to 128
+            printable characters.
+
+    Yields:
+        The id that was set.
+
+    Raises:
+        TypeError: ``value`` is not a str (or ``span_name`` neither a str nor None).
+        ValueError: ``value`` (or ``span_name``) is empty, too long or not printable.
+
+    Since: 0.1.0
+    """
+    if value is None:
+        raise TypeError("Invalid correlation_id: None; expected a str.")
+    check_text("correlation_id", value)
+    check_text("span_name", span_name)
+    if _CORRELATION_ID.get() == value:
+        yield value
+        return
+    token = _CORRELATION_ID.set(value)
+    ends: list[Callable[[BaseException | None], None]] = []
+    for hook in STATE.hooks.scope:
+        try:
+            end = hook(value, span_name)
+        except Exception as exc:
+            STATE.errors.count(source_of(hook), exc)
+        else:
+            if end is not None:
+                ends.append(end)
+    error: BaseException | None = None
+    try:
+        yield value
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        for end in reversed(ends):
+            try:
+                end(error)
+            except Exception as exc:
+                STATE.errors.count(source_of(end), exc)
+        _CORRELATION_ID.reset(token)

@@ -103,7 +103,11 @@ def install(
     framework's) is chained: it still builds the tasks.
 
     Idempotent: installing again where asynctrace is installed returns the same
-    :class:`Installation` and wraps nothing twice.
+    :class:`Installation` and wraps nothing twice. A bare ``install()`` (no option given)
+    where asynctrace is installed already joins the options in force, whatever they are;
+    one that gives options must give the same ones (else ValueError), until every
+    installation has ended: ``uninstall()``, or their loops closed. A loop's installation
+    ends when the loop closes, so each ``asyncio.run()`` may install with options of its own.
 
     Args:
         loop: The loop to instrument; by default the running loop, else every future loop.
@@ -161,6 +165,27 @@ def install(
         blocked_threshold=blocked_threshold,
     )
     options = _make_options(id_generator, instruments, export)
+    # A bare install() (every option at its default) asks for no configuration of its own:
+    # it joins the one in force, where asynctrace is installed already.
+    bare = _BARE == (
+        id_generator,
+        tuple(options.instruments),
+        tracer_provider,
+        meter_provider,
+        registry,
+        service_name,
+        otlp_endpoint,
+        otlp_protocol,
+        traces_file,
+        prometheus_port,
+        prometheus_addr,
+        task_filter,
+        metrics,
+        max_operations,
+        loop_monitor,
+        lag_interval,
+        blocked_threshold,
+    )
     running = running_loop()
     if loop is None:
         loop = running
@@ -172,11 +197,36 @@ def install(
         return (*telemetry.instruments(), *options.instruments, telemetry)
 
     installation = install_factory(
-        loop, options=options, make_instruments=make_instruments, id_generator=id_generator
+        loop,
+        options=options,
+        make_instruments=make_instruments,
+        id_generator=id_generator,
+        join=bare,
     )
     if running is not None and loop is running:  # inside the loop: adopt the calling task
         adopt_current_task()
     return installation
+
+
+_BARE: tuple[object, ...] = (
+    random_correlation_id,
+    (),
+    None,
+    None,
+    None,
+    None,
+    None,
+    None,
+    None,
+    None,
+    "127.0.0.1",
+    None,
+    True,
+    100,
+    True,
+    0.25,
+    0.1,
+)
 
 
 def _telemetry() -> Telemetry | None:

@@ -25,7 +25,7 @@ from asynctrace._create_task import (
     close_coro,
     unknown_keywords_message,
 )
-from asynctrace._hooks import call_each
+from asynctrace._hooks import Hooks, call_each
 from asynctrace._metadata import (
     _CORRELATION_ID,
     _METADATA,
@@ -54,17 +54,30 @@ _perf_ns: Final = time.perf_counter_ns
 
 @final
 class LiveRecord(TaskRecord):
-    """The record of a task the factory made. It is also the task's done callback."""
+    """The record of a task the factory made. It is also the task's done callback.
 
-    __slots__ = ()
+    It keeps the hook table it was created under: a task that ends after that configuration
+    ended (uninstalled, or its loops closed) is not recorded by the next one, whose
+    instruments never saw it start.
+    """
+
+    __slots__ = ("_hooks",)
+
+    def __init__(self, metadata: TaskMetadata, created_ns: int, hooks: Hooks) -> None:
+        """Record a task created at ``created_ns``, under ``hooks``."""
+        TaskRecord.__init__(self, metadata, created_ns)
+        self._hooks = hooks
 
     def __call__(self, task: asyncio.Task[Any]) -> None:
         """Record the outcome (without marking an exception retrieved), call the done hooks."""
         self.finished_ns = _perf_ns()
         self.outcome = outcome = outcome_of(task)
+        hooks = self._hooks
+        if hooks is not STATE.hooks:
+            return  # its configuration has ended
         if outcome == EXCEPTION:
             self.exception = task._exception
-        call_each(STATE.hooks.done, STATE.errors, task, self)
+        call_each(hooks.done, STATE.errors, task, self)
         self.exception = None
 
 
@@ -194,7 +207,7 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
         if not (hooks.context or hooks.done or hooks.created):
             # Nothing observes tasks: metadata only, no record, no done callback.
             return _build(loop, coro, kwargs)
-        record = new_record(metadata, perf_ns())
+        record = new_record(metadata, perf_ns(), hooks)
         if hooks.context:
             # Runs inside the new task's context, before the task exists: what the hooks set
             # here (the task's span, say) is what the first step sees, eager or not.

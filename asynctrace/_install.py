@@ -76,10 +76,14 @@ class Installation:
 
     @property
     def active(self) -> bool:
-        """Whether this installation is still in place."""
+        """Whether this installation is still in place (a closed loop's is not)."""
         if self.loop is None:
             return _INSTALLED.process is self
-        return self._factory is not None and self.loop.get_task_factory() is self._factory
+        return (
+            self._factory is not None
+            and not self.loop.is_closed()
+            and self.loop.get_task_factory() is self._factory
+        )
 
     def _attach(self) -> None:
         assert self.loop is not None  # noqa: S101 - internal invariant
@@ -118,6 +122,11 @@ class Installation:
             )
         self.loop.set_task_factory(self._previous)
         self._forget()
+
+    @property
+    def loop_closed(self) -> bool:
+        """Whether this is a loop installation whose loop has closed (it ended with it)."""
+        return self.loop is not None and self.loop.is_closed()
 
     def _forget(self) -> None:
         forget_running(self._factory)
@@ -174,6 +183,7 @@ def _instrument_loop(loop: asyncio.AbstractEventLoop, parent: Installation) -> I
         existing = installation_of(loop.get_task_factory())
         if existing is not None:
             return existing
+        parent._children[:] = [c for c in parent._children if not c.loop_closed]
         child = Installation(loop, parent)
         child._attach()
         parent._children.append(child)
@@ -201,7 +211,11 @@ def _uninstall_process(installation: Installation) -> None:
 
 
 def _unconfigure_if_idle() -> tuple[Instrument, ...]:
-    """Once nothing is installed, drop the configuration; return the instruments to close."""
+    """Once nothing is installed, drop the configuration; return the instruments to close.
+
+    A loop that closed ends its installation: it no longer counts, and is forgotten.
+    """
+    _INSTALLED.loops[:] = [i for i in _INSTALLED.loops if not i.loop_closed]
     if _INSTALLED.process is not None or any(i.active for i in _INSTALLED.loops):
         return ()
     _INSTALLED.loops.clear()
@@ -244,16 +258,22 @@ def install_factory(
     options: object,
     make_instruments: Callable[[], tuple[Instrument, ...]],
     id_generator: Callable[[], str] | None,
+    join: bool = False,
 ) -> Installation:
     """Install the factory on ``loop`` (None: process-wide), configured by ``options``.
 
-    Where asynctrace is installed already with equal ``options``, the existing configuration
-    is used and ``make_instruments`` is not called. ``make_instruments`` runs with no lock
-    held; if another thread configured asynctrace meanwhile, what it made is closed again.
+    Where asynctrace is installed already with equal ``options`` (or with any, when ``join``
+    is true: a bare ``install()``), the existing configuration is used and
+    ``make_instruments`` is not called. A configuration whose every installation has ended
+    (their loops closed) is dropped first. ``make_instruments`` runs with no lock held; if
+    another thread configured asynctrace meanwhile, what it made is closed again.
 
     Raises:
         ValueError: asynctrace is installed with different options; the message names them.
     """
+    with STATE.lock:
+        ended = _unconfigure_if_idle()
+    _close(ended)
     built: tuple[Instrument, ...] | None = None
     discard: tuple[Instrument, ...] = ()
     try:
@@ -267,7 +287,7 @@ def install_factory(
                     STATE.configure(options, Hooks(built), id_generator)
                 else:
                     discard = built or ()
-                    if options != STATE.options:
+                    if not join and options != STATE.options:
                         differ = "; ".join(_differences(STATE.options, options))
                         raise ValueError(
                             f"asynctrace is already installed with other options: {differ}; "
@@ -348,6 +368,8 @@ def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> bool:
             installation = _INSTALLED.process
         else:
             installation = installation_of(loop.get_task_factory())
+        ended = _unconfigure_if_idle() if installation is None else ()
+    _close(ended)
     if installation is None:
         return False
     installation.uninstall()

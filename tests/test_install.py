@@ -8,6 +8,7 @@ import warnings
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 import asynctrace
 from asynctrace.testing import TaskCapture, capture_tasks, record_of
@@ -74,13 +75,35 @@ def test_idempotent_never_wraps_twice() -> None:
     asyncio.run(main())
 
 
-def test_conflicting_options_are_refused() -> None:
-    """Installing again with other options raises, naming both; after uninstall it works."""
-    asynctrace.install(id_generator=None)
-    with pytest.raises(ValueError, match="already installed with other options"):
-        asynctrace.install()
+def test_conflicting_options_are_refused_naming_what_differs() -> None:
+    """Installing again with other options raises, naming only the options that differ."""
+    first, second = CollectorRegistry(), CollectorRegistry()
+    installation = asynctrace.install(id_generator=None, registry=first)
+    with pytest.raises(ValueError, match="already installed with other options") as raised:
+        asynctrace.install(id_generator=None, registry=second, max_operations=7)
+    message = str(raised.value)
+    assert "export.registry (" in message
+    assert "export.max_operations (100 now, 7 asked for)" in message
+    assert "id_generator" not in message  # the same on both sides: not named
+    assert len(message) < 400, message
+    # the same options again: the same installation, nothing wrapped twice
+    assert asynctrace.install(id_generator=None, registry=first) is installation
     asynctrace.uninstall()
-    asynctrace.install()
+    asynctrace.install(registry=second)  # nothing installed any more: new options are fine
+
+
+def test_bare_install_joins_the_options_in_force() -> None:
+    """A bare install() where asynctrace is installed joins it, whatever its options."""
+    registry = CollectorRegistry()
+
+    async def main() -> object:
+        asynctrace.install()  # a library making sure: joins, does not conflict
+        await asynctrace.create_task(asyncio.sleep(0), operation_name="joined")
+        return asynctrace.correlation_id()
+
+    asynctrace.install(registry=registry, id_generator=lambda: "fixed-id", loop_monitor=False)
+    assert asyncio.run(main()) == "fixed-id"
+    assert registry.get_sample_value("asynctrace_tasks_created_total", {"operation": "joined"})
 
 
 def test_bad_options() -> None:

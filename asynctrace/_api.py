@@ -8,6 +8,8 @@ the core (``_install``), which puts the factory on the loop or the policy.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -146,6 +148,7 @@ def install(
 
     Since: 0.1.0
     """
+    given = dict(locals())  # first: the arguments as given
     export = ExportOptions.resolve(
         os.environ,
         tracer_provider=tracer_provider,
@@ -167,24 +170,8 @@ def install(
     options = _make_options(id_generator, instruments, export)
     # A bare install() (every option at its default) asks for no configuration of its own:
     # it joins the one in force, where asynctrace is installed already.
-    bare = _BARE == (
-        id_generator,
-        tuple(options.instruments),
-        tracer_provider,
-        meter_provider,
-        registry,
-        service_name,
-        otlp_endpoint,
-        otlp_protocol,
-        traces_file,
-        prometheus_port,
-        prometheus_addr,
-        task_filter,
-        metrics,
-        max_operations,
-        loop_monitor,
-        lag_interval,
-        blocked_threshold,
+    bare = not options.instruments and all(
+        given[name] == default for name, default in _defaults().items()
     )
     running = running_loop()
     if loop is None:
@@ -208,25 +195,14 @@ def install(
     return installation
 
 
-_BARE: tuple[object, ...] = (
-    random_correlation_id,
-    (),
-    None,
-    None,
-    None,
-    None,
-    None,
-    None,
-    None,
-    None,
-    "127.0.0.1",
-    None,
-    True,
-    100,
-    True,
-    0.25,
-    0.1,
-)
+@functools.cache
+def _defaults() -> dict[str, object]:
+    """install()'s options and their defaults (but ``loop`` and ``instruments``)."""
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(install).parameters.items()
+        if name not in ("loop", "instruments")
+    }
 
 
 def _telemetry() -> Telemetry | None:

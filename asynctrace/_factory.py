@@ -40,6 +40,7 @@ __all__ = [
     "LiveRecord",
     "TaskFactory",
     "forget_running",
+    "forget_task",
     "make_factory",
     "new_correlation_id",
     "outcome_of",
@@ -249,6 +250,12 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
     setattr(asynctrace_task_factory, _STARTS_ATTR, starts)
     asynctrace_task_factory.__wrapped__ = inner  # type: ignore[attr-defined]
     return asynctrace_task_factory
+
+
+def forget_task(factory: object, task: asyncio.Future[Any]) -> bool:
+    """Forget a lean-path task that was destroyed while pending; False if none was noted."""
+    starts: dict[int, int] | None = getattr(factory, _STARTS_ATTR, None)
+    return starts is not None and starts.pop(id(task), None) is not None
 
 
 def forget_running(factory: object) -> None:

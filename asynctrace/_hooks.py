@@ -68,6 +68,13 @@ class Instrument:
     def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
         """Called once ``task`` is done; ``record.outcome`` and ``finished_ns`` are set."""
 
+    def task_destroyed(self, task: asyncio.Future[Any], metadata: TaskMetadata) -> None:
+        """Called when ``task`` was destroyed while still pending: it will never be done.
+
+        asyncio reports it (and still logs "Task was destroyed but it is pending!"); the
+        task had ``metadata``. Called on the thread that collected the task.
+        """
+
     def close(self) -> None:
         """Flush and release what the instrument holds.
 
@@ -145,6 +152,7 @@ class Hooks:
         created: ``task_created`` likewise.
         done: ``task_done`` likewise.
         attached: ``loop_attached`` likewise.
+        destroyed: ``task_destroyed`` likewise.
         scope: ``correlation_scope`` likewise.
         lean: True when every task-observing instrument is a :class:`LeanInstrument`: the
             factory then keeps no record and calls ``started`` and ``finished`` instead.
@@ -156,6 +164,7 @@ class Hooks:
         "attached",
         "context",
         "created",
+        "destroyed",
         "done",
         "finished",
         "instruments",
@@ -172,6 +181,7 @@ class Hooks:
             return tuple(getattr(i, hook) for i in instruments if overrides(i, hook))
 
         self.attached = overridden("loop_attached")
+        self.destroyed = overridden("task_destroyed")
         self.scope: tuple[Callable[..., Callable[[BaseException | None], None] | None], ...] = (
             tuple(i.correlation_scope for i in instruments if overrides(i, "correlation_scope"))
         )

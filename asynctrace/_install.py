@@ -19,9 +19,17 @@ from collections.abc import Callable
 from typing import Any, Final, final
 
 from asynctrace._create_task import FACTORY_MARK
-from asynctrace._factory import TaskFactory, forget_running, make_factory, new_correlation_id
+from asynctrace._factory import (
+    LiveRecord,
+    TaskFactory,
+    forget_running,
+    forget_task,
+    make_factory,
+    new_correlation_id,
+)
 from asynctrace._hooks import Hooks, Instrument, call_each, source_of
-from asynctrace._metadata import _CORRELATION_ID, _METADATA, _make_metadata
+from asynctrace._introspect import task_metadata, task_record
+from asynctrace._metadata import _CORRELATION_ID, _METADATA, TaskMetadata, _make_metadata
 from asynctrace._state import STATE
 
 __all__ = [
@@ -63,7 +71,17 @@ class Installation:
     Since: 0.1.0
     """
 
-    __slots__ = ("__weakref__", "_children", "_factory", "_parent", "_policy", "_previous", "loop")
+    __slots__ = (
+        "__weakref__",
+        "_children",
+        "_factory",
+        "_handler",
+        "_parent",
+        "_policy",
+        "_previous",
+        "_previous_handler",
+        "loop",
+    )
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None, parent: Installation | None) -> None:
         """Use :func:`asynctrace.install`; this is not meant to be called directly."""
@@ -73,6 +91,8 @@ class Installation:
         self._factory: TaskFactory | None = None
         self._policy: _InstrumentingPolicy | None = None
         self._children: list[Installation] = []
+        self._handler: _ExceptionHandler | None = None
+        self._previous_handler: _ExceptionHandler | None = None
 
     @property
     def active(self) -> bool:
@@ -86,10 +106,16 @@ class Installation:
         )
 
     def _attach(self) -> None:
-        assert self.loop is not None  # noqa: S101 - internal invariant
-        self._previous = self.loop.get_task_factory()
+        loop = self.loop
+        assert loop is not None  # noqa: S101 - internal invariant
+        self._previous = loop.get_task_factory()
         self._factory = make_factory(self, self._previous)
-        self.loop.set_task_factory(self._factory)
+        loop.set_task_factory(self._factory)
+        # asyncio reports a task destroyed while pending through the exception handler (with
+        # the task): chained in front of the one set before, which still gets every call.
+        self._previous_handler = loop.get_exception_handler()
+        self._handler = _chained_handler(self)
+        loop.set_exception_handler(self._handler)
 
     def uninstall(self) -> None:
         """Restore exactly what was there before: the previous task factory or loop policy.
@@ -121,6 +147,8 @@ class Installation:
                 f"asynctrace.install() (now {current!r}); restore it first."
             )
         self.loop.set_task_factory(self._previous)
+        if self.loop.get_exception_handler() is self._handler:  # else: leave the app's own
+            self.loop.set_exception_handler(self._previous_handler)
         self._forget()
 
     @property
@@ -140,6 +168,42 @@ class Installation:
         """Show where the installation is and whether it is active."""
         where = "process" if self.loop is None else repr(self.loop)
         return f"<asynctrace.Installation {where} active={self.active}>"
+
+
+_ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+_NO_METADATA: Final = TaskMetadata()
+
+
+def _chained_handler(installation: Installation) -> _ExceptionHandler:
+    def asynctrace_exception_handler(
+        loop: asyncio.AbstractEventLoop, context: dict[str, Any]
+    ) -> None:
+        task = context.get("task")
+        if isinstance(task, asyncio.Future) and not task.done():
+            try:
+                _task_destroyed(installation, task)
+            except Exception as exc:
+                STATE.errors.count("destroyed-task tracking", exc)
+        previous = installation._previous_handler
+        if previous is None:
+            loop.default_exception_handler(context)
+        else:
+            previous(loop, context)
+
+    return asynctrace_exception_handler
+
+
+def _task_destroyed(installation: Installation, task: asyncio.Future[Any]) -> None:
+    """A pending task of ours was destroyed: forget what was kept for it, tell the hooks."""
+    hooks = STATE.hooks
+    if forget_task(installation._factory, task):  # the lean path noted its creation
+        metadata = task_metadata(task)
+    else:
+        record = task_record(task)
+        if not isinstance(record, LiveRecord) or record._hooks is not hooks:
+            return  # not ours, or its configuration has ended
+        metadata = record.metadata
+    call_each(hooks.destroyed, STATE.errors, task, metadata or _NO_METADATA)
 
 
 @final

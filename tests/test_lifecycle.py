@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import weakref
 
+import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -83,3 +85,84 @@ def test_tasks_in_flight_at_uninstall_are_not_recorded_by_the_next_installation(
     named = [r.metadata.operation_name for _, r in second.done if r.metadata.operation_name]
     assert named == ["new"]
     assert [s.name for s in exporter.get_finished_spans()] == ["new"]
+
+
+def _drop_pending_tasks(count: int, capture: TaskCapture | None = None) -> CollectorRegistry:
+    """Make ``count`` tasks that wait forever, drop every reference, collect them."""
+    registry = CollectorRegistry()
+
+    async def spawn() -> None:
+        never = asyncio.get_running_loop().create_future()
+
+        async def stuck() -> None:
+            await never
+
+        for _ in range(count):
+            asynctrace.create_task(stuck(), operation_name="stuck")
+        await asyncio.sleep(0)  # each now waits on `never`, which only they reference
+
+    async def main() -> None:
+        instruments = [capture] if capture is not None else []
+        asynctrace.install(registry=registry, loop_monitor=False, instruments=instruments)
+        await spawn()
+        gc.collect()  # the tasks, their coroutines and `never` form garbage cycles
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    return registry
+
+
+def _in_flight(registry: CollectorRegistry) -> float | None:
+    return registry.get_sample_value("asynctrace_tasks_in_flight", {"operation": "stuck"})
+
+
+def test_tasks_destroyed_while_pending_are_counted_and_forgotten(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Metrics only (no record per task): destroyed tasks leave nothing behind.
+
+    They are counted by operation, no longer in flight, and asyncio still logs its warning.
+    """
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        registry = _drop_pending_tasks(50)
+    destroyed = registry.get_sample_value(
+        "asynctrace_tasks_destroyed_pending_total", {"operation": "stuck"}
+    )
+    assert destroyed == 50
+    assert created(registry, "stuck") == 50
+    assert _in_flight(registry) == 0
+    warnings = [r for r in caplog.records if "destroyed but it is pending" in r.getMessage()]
+    assert len(warnings) == 50
+
+
+def test_tasks_destroyed_while_pending_with_records() -> None:
+    """With records (an instrument observing tasks) the same: counted, not in flight."""
+    capture = TaskCapture()
+    registry = _drop_pending_tasks(20, capture)
+    assert (
+        registry.get_sample_value(
+            "asynctrace_tasks_destroyed_pending_total", {"operation": "stuck"}
+        )
+        == 20
+    )
+    assert _in_flight(registry) == 0
+    assert [r.metadata.operation_name for _, r in capture.done].count("stuck") == 0
+
+
+def test_the_apps_exception_handler_still_gets_every_call() -> None:
+    """The handler set before install() sees every report; uninstall puts it back."""
+    seen: list[str] = []
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        seen.append(str(context.get("message")))
+
+    async def main() -> bool:
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(handler)
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        loop.call_exception_handler({"message": "from the app"})
+        asynctrace.uninstall()
+        return loop.get_exception_handler() is handler
+
+    assert asyncio.run(main()) is True
+    assert seen == ["from the app"]

@@ -65,7 +65,8 @@ class PrometheusSink(Instrument, Collector):
 
     def collect(self) -> Iterator[Metric]:
         """The metric families, folded from every thread's shard."""
-        created, series, lag, blocked = self._metrics.fold()
+        folded = self._metrics.fold()
+        created, series, lag, blocked = folded.created, folded.series, folded.lag, folded.blocked
         finished: dict[str, int] = {}
         duration = HistogramMetricFamily(
             f"{PREFIX}task_duration_seconds",
@@ -100,11 +101,20 @@ class PrometheusSink(Instrument, Collector):
             "Tasks created and not yet done, by operation.",
             labels=["operation"],
         )
+        destroyed = folded.destroyed
+        destroyed_family = CounterMetricFamily(
+            f"{PREFIX}tasks_destroyed_pending",
+            "Tasks destroyed while still pending (never done), by operation.",
+            labels=["operation"],
+        )
         for op in sorted(created):
             created_family.add_metric([op], created[op])
-            in_flight.add_metric([op], max(0, created[op] - finished.get(op, 0)))
+            gone = finished.get(op, 0) + destroyed.get(op, 0)
+            in_flight.add_metric([op], max(0, created[op] - gone))
+            destroyed_family.add_metric([op], destroyed.get(op, 0))
         yield created_family
         yield in_flight
+        yield destroyed_family
 
         lag_family = HistogramMetricFamily(
             f"{PREFIX}event_loop_lag_seconds",

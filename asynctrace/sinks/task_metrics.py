@@ -17,6 +17,7 @@ import asyncio
 import threading
 import time
 from bisect import bisect_left
+from dataclasses import dataclass, field
 from typing import Any, Final, final
 
 from asynctrace._hooks import LeanInstrument
@@ -29,6 +30,7 @@ __all__ = [
     "OTHER_OPERATION",
     "OUTCOMES",
     "UNNAMED_OPERATION",
+    "Folded",
     "OperationStats",
     "Series",
     "TaskMetrics",
@@ -64,15 +66,36 @@ class Series:
 class _Shard:
     """What one thread counted. Only its own thread writes it."""
 
-    __slots__ = ("blocked", "created", "lag", "last_label", "last_metadata", "series")
+    __slots__ = (
+        "blocked",
+        "created",
+        "destroyed",
+        "lag",
+        "last_label",
+        "last_metadata",
+        "series",
+    )
 
     def __init__(self) -> None:
         self.last_metadata: object = None
         self.last_label = ""
         self.created: dict[str, int] = {}
+        self.destroyed: dict[str, int] = {}
         self.series: dict[tuple[str, str], Series] = {}
         self.lag = Series(len(LAG_BUCKETS) + 1)
         self.blocked: dict[str, int] = {}
+
+
+@final
+@dataclass(slots=True)
+class Folded:
+    """What the shards counted, summed: by operation (and outcome, for durations)."""
+
+    lag: Series
+    created: dict[str, int] = field(default_factory=dict)
+    series: dict[tuple[str, str], Series] = field(default_factory=dict)
+    blocked: dict[str, int] = field(default_factory=dict)
+    destroyed: dict[str, int] = field(default_factory=dict)
 
 
 @final
@@ -195,6 +218,12 @@ class TaskMetrics(LeanInstrument):
         lag.counts[bisect_left(self._lag_bounds_ns, ns)] += 1
         lag.sum_ns += ns
 
+    def task_destroyed(self, task: asyncio.Future[Any], metadata: TaskMetadata) -> None:  # noqa: ARG002
+        """Count a task destroyed while pending: no longer in flight, never finished."""
+        shard, op = self._shard_and_label(metadata)
+        destroyed = shard.destroyed
+        destroyed[op] = destroyed.get(op, 0) + 1
+
     def count_blocked(self, operation_name: str | None) -> None:
         """Count one blocked-loop episode (any thread)."""
         op = self.label(operation_name) if operation_name is not None else "unknown"
@@ -203,19 +232,18 @@ class TaskMetrics(LeanInstrument):
 
     # -- folding, at scrape or summary time ------------------------------------------------
 
-    def fold(
-        self,
-    ) -> tuple[dict[str, int], dict[tuple[str, str], Series], Series, dict[str, int]]:
-        """Created counts, duration series, lag and blocked counts, summed over the threads."""
+    def fold(self) -> Folded:
+        """Every count, summed over the threads' shards."""
         with self._lock:
             shards = list(self._shards)
-        created: dict[str, int] = {}
-        series: dict[tuple[str, str], Series] = {}
-        lag = Series(len(LAG_BUCKETS) + 1)
-        blocked: dict[str, int] = {}
+        folded = Folded(Series(len(LAG_BUCKETS) + 1))
+        created, series, lag = folded.created, folded.series, folded.lag
+        blocked, destroyed = folded.blocked, folded.destroyed
         for shard in shards:
             for op, n in list(shard.created.items()):
                 created[op] = created.get(op, 0) + n
+            for op, n in list(shard.destroyed.items()):
+                destroyed[op] = destroyed.get(op, 0) + n
             for key, s in list(shard.series.items()):
                 total = series.get(key)
                 if total is None:
@@ -234,13 +262,12 @@ class TaskMetrics(LeanInstrument):
             lag.sum_ns += shard.lag.sum_ns
             for op, n in list(shard.blocked.items()):
                 blocked[op] = blocked.get(op, 0) + n
-        return created, series, lag, blocked
+        return folded
 
     def stats(self) -> list[OperationStats]:
         """Per-operation totals, sorted by operation."""
-        _, series, _, _ = self.fold()
         by_op: dict[str, OperationStats] = {}
-        for (op, outcome), s in series.items():
+        for (op, outcome), s in self.fold().series.items():
             st = by_op.get(op)
             if st is None:
                 st = by_op[op] = OperationStats(op, DURATION_BUCKETS)

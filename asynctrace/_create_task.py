@@ -18,6 +18,7 @@ from collections.abc import Coroutine
 from typing import Any, Final, TypeVar
 
 from asynctrace._metadata import _CORRELATION_ID, _METADATA, validate_metadata
+from asynctrace._state import STATE
 
 __all__ = [
     "ASYNCIO_KEYWORDS",
@@ -143,7 +144,10 @@ def create_task(  # noqa: C901, PLR0911, PLR0912 - one check per keyword, one pa
         close_coro(coro)
         raise
 
-    if is_asynctrace_factory(loop.get_task_factory()):
+    covered = is_asynctrace_factory(loop.get_task_factory())
+    if not covered and STATE.cover_loop is not None:
+        covered = STATE.cover_loop(loop)  # a loop the process-wide installation never saw
+    if covered:
         PENDING.value = (operation_name, correlation_id, priority_hint, name, eager_start)
         try:
             if task_group is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any, Final, final
 
@@ -170,6 +171,8 @@ class Installation:
         return f"<asynctrace.Installation {where} active={self.active}>"
 
 
+logger: Final = logging.getLogger("asynctrace")
+
 _ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
 _NO_METADATA: Final = TaskMetadata()
 
@@ -213,6 +216,7 @@ class _Installed:
     def __init__(self) -> None:
         self.process: Installation | None = None
         self.loops: list[Installation] = []
+        self.warned: set[str] = set()  # the uncovered-loop warnings already logged
 
 
 _INSTALLED: Final = _Installed()
@@ -272,6 +276,7 @@ def _uninstall_process(installation: Installation) -> None:
     installation._children.clear()
     _set_policy(policy._inner if policy is not None else None)
     _INSTALLED.process = None
+    STATE.cover_loop = None
 
 
 def _unconfigure_if_idle() -> tuple[Instrument, ...]:
@@ -374,6 +379,7 @@ def _install_locked(loop: asyncio.AbstractEventLoop | None) -> tuple[Installatio
         installation._policy = _InstrumentingPolicy(_get_policy(), installation)
         _set_policy(installation._policy)
         _INSTALLED.process = installation
+        STATE.cover_loop = _cover_loop
         return installation, False
     existing = installation_of(loop.get_task_factory())
     if existing is not None:
@@ -384,6 +390,49 @@ def _install_locked(loop: asyncio.AbstractEventLoop | None) -> tuple[Installatio
         _INSTALLED.process._children.append(installation)
     _INSTALLED.loops.append(installation)
     return installation, True
+
+
+_UNCOVERED: Final = {
+    "policy": ("the event loop policy was replaced after asynctrace.install() (uvloop.install()?)"),
+    "factory": (
+        "it was made without the event loop policy (uvloop.run(), "
+        "asyncio.Runner(loop_factory=...), a framework's own loop)"
+    ),
+}
+
+
+def _cover_loop(loop: object) -> bool:
+    """Instrument a running loop the process-wide installation does not cover; warn once.
+
+    Such a loop bypassed the policy. asynctrace notices it at its first call inside it (the
+    helper, ``correlation()``), instruments it with the process-wide options and adopts the
+    running task; tasks created before that call have no metadata.
+    """
+    if not isinstance(loop, asyncio.AbstractEventLoop):
+        return False
+    with STATE.lock:
+        process = _INSTALLED.process
+        if process is None or loop.is_closed():
+            return False
+        if installation_of(loop.get_task_factory()) is not None:
+            return True
+        why = "policy" if _get_policy() is not process._policy else "factory"
+        first = why not in _INSTALLED.warned
+        _INSTALLED.warned.add(why)
+    _instrument_loop(loop, process)
+    if running_loop() is loop:
+        adopt_current_task()
+    if first:
+        logger.warning(
+            "asynctrace: the running loop %s had no asynctrace factory although asynctrace "
+            "is installed process-wide: %s. It is instrumented from now on; tasks created "
+            "in it before this call carry no metadata. Call asynctrace.install() after "
+            "uvloop.install(), wrap the loop factory with asynctrace.loop_factory(), or call "
+            "asynctrace.install() inside the loop. (Logged once.)",
+            type(loop).__name__,
+            _UNCOVERED[why],
+        )
+    return True
 
 
 def adopt_current_task() -> None:
@@ -492,6 +541,7 @@ def reset() -> None:
             except RuntimeError:  # someone replaced the factory: leave it, forget ours
                 installation._forget()
         _INSTALLED.loops.clear()
+        _INSTALLED.warned.clear()
         closing = STATE.unconfigure()[1].instruments
     _close(closing)
     STATE.clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 
@@ -48,6 +49,14 @@ def correlation(value: str, *, span_name: str | None = None) -> Iterator[str]:
     if _CORRELATION_ID.get() == value:
         yield value
         return
+    cover = STATE.cover_loop
+    if cover is not None:  # a process-wide installation: does it cover the running loop?
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            cover(loop)
     token = _CORRELATION_ID.set(value)
     ends: list[Callable[[BaseException | None], None]] = []
     for hook in STATE.hooks.scope:

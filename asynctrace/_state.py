@@ -31,6 +31,10 @@ class State:
         options: What the active installation was configured with, compared on re-install;
             None when nothing is installed. The API layer decides its type.
         errors: Telemetry failures by source.
+        cover_loop: While a process-wide installation exists: instruments a running loop it
+            does not cover yet (one made without the policy), returning whether the loop now
+            has asynctrace's factory. Set by ``_install``; asynctrace's calls inside a loop
+            use it, so a loop that bypassed the policy is noticed at the first of them.
     """
 
     def __init__(self) -> None:
@@ -44,6 +48,7 @@ class State:
         self.hooks = Hooks()
         self.id_generator: Callable[[], str] | None = None
         self.options: object = None
+        self.cover_loop: Callable[[object], bool] | None = None
         self.errors.clear()
 
     def configure(

@@ -265,6 +265,73 @@ def test_uvloop_policy_is_wrapped() -> None:
         set_policy(before)
 
 
+def _uncovered_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "had no asynctrace factory" in r.getMessage()]
+
+
+@pytest.mark.skipif(uvloop is None, reason="uvloop has no wheel for this Python")
+def test_uvloop_run_after_a_process_wide_install_is_covered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvloop.run() bypasses the policy: the first asynctrace call in it instruments it.
+
+    The running task is adopted, later tasks carry metadata, and a warning says once what
+    happened and what to do instead.
+    """
+    assert uvloop is not None
+
+    async def main() -> tuple[Any, Any, Any]:
+        before = asynctrace.task_metadata()  # nothing yet: the loop bypassed the policy
+        task = asynctrace.create_task(asyncio.sleep(0), operation_name="uv")
+        await task
+        plain = asyncio.ensure_future(asyncio.sleep(0))  # after the first call: covered too
+        await plain
+        return before, asynctrace.task_metadata(task), asynctrace.task_metadata(plain)
+
+    asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+    with caplog.at_level(logging.WARNING, logger="asynctrace"):
+        for _ in range(2):
+            before, meta, plain = uvloop.run(main())
+            assert before is None
+            assert meta is not None
+            assert meta.operation_name == "uv"
+            assert plain is not None
+            assert plain.correlation_id == meta.correlation_id  # both from the adopted main
+    (warning,) = _uncovered_warnings(caplog)  # once, not once per loop
+    assert "made without the event loop policy" in warning
+
+
+@pytest.mark.skipif(uvloop is None, reason="uvloop has no wheel for this Python")
+def test_uvloop_install_after_a_process_wide_install_is_covered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """uvloop.install() replaces asynctrace's policy: noticed at the first call, then covered."""
+    assert uvloop is not None
+    events: Any = asyncio.events
+    get_policy = getattr(events, "_get_event_loop_policy", asyncio.get_event_loop_policy)
+    set_policy = getattr(events, "_set_event_loop_policy", asyncio.set_event_loop_policy)
+    asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+    ours = get_policy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        uv_policy = uvloop.EventLoopPolicy()
+    set_policy(uv_policy)  # what uvloop.install() does
+
+    async def main() -> Any:
+        with asynctrace.correlation("req-uv"):
+            return asynctrace.task_metadata(asyncio.ensure_future(asyncio.sleep(0)))
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="asynctrace"):
+            meta = asyncio.run(main())
+    finally:
+        set_policy(ours)  # so that uninstall finds its own policy again
+    assert meta is not None
+    assert meta.correlation_id == "req-uv"
+    (warning,) = _uncovered_warnings(caplog)
+    assert "policy was replaced" in warning
+
+
 class Boom(asynctrace.Instrument):
     """An instrument whose task_done hook raises."""
 

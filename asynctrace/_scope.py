@@ -49,16 +49,37 @@ def correlation(value: str, *, span_name: str | None = None) -> Iterator[str]:
     if _CORRELATION_ID.get() == value:
         yield value
         return
+    _cover_running_loop()
+    token = _CORRELATION_ID.set(value)
+    ends = _open(value, span_name)
+    error: BaseException | None = None
+    try:
+        yield value
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        _close(ends, error)
+        _CORRELATION_ID.reset(token)
+
+
+_End = Callable[[BaseException | None], None]
+
+
+def _cover_running_loop() -> None:
+    """Under a process-wide installation, make sure the running loop has the factory."""
     cover = STATE.cover_loop
-    if cover is not None:  # a process-wide installation: does it cover the running loop?
+    if cover is not None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            pass
-        else:
-            cover(loop)
-    token = _CORRELATION_ID.set(value)
-    ends: list[Callable[[BaseException | None], None]] = []
+            return
+        cover(loop)
+
+
+def _open(value: str, span_name: str | None) -> list[_End]:
+    """Call each instrument's scope hook; keep what each returns to end the block."""
+    ends: list[_End] = []
     for hook in STATE.hooks.scope:
         try:
             end = hook(value, span_name)
@@ -67,16 +88,13 @@ def correlation(value: str, *, span_name: str | None = None) -> Iterator[str]:
         else:
             if end is not None:
                 ends.append(end)
-    error: BaseException | None = None
-    try:
-        yield value
-    except BaseException as exc:
-        error = exc
-        raise
-    finally:
-        for end in reversed(ends):
-            try:
-                end(error)
-            except Exception as exc:
-                STATE.errors.count(source_of(end), exc)
-        _CORRELATION_ID.reset(token)
+    return ends
+
+
+def _close(ends: list[_End], error: BaseException | None) -> None:
+    """End the block for each instrument, innermost first; a failure costs that one call."""
+    for end in reversed(ends):
+        try:
+            end(error)
+        except Exception as exc:
+            STATE.errors.count(source_of(end), exc)

@@ -77,24 +77,25 @@ def _cover_running_loop() -> None:
         cover(loop)
 
 
-def _open(value: str, span_name: str | None) -> list[_End]:
+def _open(value: str, span_name: str | None) -> list[tuple[str, _End]]:
     """Call each instrument's scope hook; keep what each returns to end the block."""
-    ends: list[_End] = []
+    ends: list[tuple[str, _End]] = []
     for hook in STATE.hooks.scope:
+        source = source_of(hook)
         try:
             end = hook(value, span_name)
         except Exception as exc:
-            STATE.errors.count(source_of(hook), exc)
+            STATE.errors.count(source, exc)
         else:
             if end is not None:
-                ends.append(end)
+                ends.append((source, end))
     return ends
 
 
-def _close(ends: list[_End], error: BaseException | None) -> None:
+def _close(ends: list[tuple[str, _End]], error: BaseException | None) -> None:
     """End the block for each instrument, innermost first; a failure costs that one call."""
-    for end in reversed(ends):
+    for source, end in reversed(ends):
         try:
             end(error)
         except Exception as exc:
-            STATE.errors.count(source_of(end), exc)
+            STATE.errors.count(source, exc)

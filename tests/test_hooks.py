@@ -106,3 +106,31 @@ def test_raising_id_generator_costs_one_id() -> None:
     ids = asyncio.run(main())
     assert ids == ["id-3", "id-4", "id-5"]
     assert asynctrace.telemetry_errors() == {"id_generator": 1}
+
+
+def test_a_raising_scope_hook_costs_only_its_call() -> None:
+    """A correlation_scope hook (or what it returns) raising: the block runs, counted by name."""
+    ended: list[object] = []
+
+    class Scoper(asynctrace.Instrument):
+        def correlation_scope(self, correlation_id: str, name: str | None) -> Any:  # noqa: ARG002
+            if correlation_id == "bad-open":
+                raise RuntimeError("open")
+
+            def end(exc: BaseException | None) -> None:
+                ended.append(exc)
+                raise RuntimeError("end")
+
+            return end
+
+    async def main() -> list[str | None]:
+        asynctrace.install(instruments=[Scoper()], metrics=False)
+        seen = []
+        for cid in ("bad-open", "bad-end"):
+            with asynctrace.correlation(cid):
+                seen.append(asynctrace.correlation_id())
+        return seen
+
+    assert asyncio.run(main()) == ["bad-open", "bad-end"]
+    assert ended == [None]
+    assert asynctrace.telemetry_errors() == {"instrument Scoper": 2}

@@ -1,17 +1,22 @@
-"""Real OTLP receivers for tests: OTLP/HTTP (protobuf) and OTLP/gRPC, on 127.0.0.1.
+"""Real OTLP receivers for tests: OTLP/HTTP (protobuf or JSON) and OTLP/gRPC, on 127.0.0.1.
 
 Built from the official opentelemetry-proto message and service definitions. They keep every
-``ExportTraceServiceRequest`` they get, flattened into plain span dicts.
+``ExportTraceServiceRequest`` they get, flattened into plain span dicts, and the HTTP paths and
+content types they were sent with. The HTTP one serves the trace path it is given (by default
+``/v1/traces``), as a collector configured for it would, and answers 404 elsewhere.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import threading
 from collections.abc import Iterator
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from google.protobuf import json_format
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
@@ -28,6 +33,7 @@ class Received:
         self._lock = threading.Lock()
         self.spans: list[dict[str, Any]] = []
         self.requests = 0
+        self.posts: list[tuple[str, str]] = []  # (path, content type), every POST
 
     def add(self, request: trace_service_pb2.ExportTraceServiceRequest) -> None:
         flat = []
@@ -57,19 +63,39 @@ class Received:
             return list(self.spans)
 
 
-def http_receiver() -> Iterator[tuple[str, Received]]:
+def _base64_ids(node: Any) -> Any:
+    """OTLP/JSON carries ids as hex; protobuf's JSON mapping wants base64."""
+    if isinstance(node, dict):
+        return {
+            k: base64.b64encode(bytes.fromhex(v)).decode()
+            if k in ("traceId", "spanId", "parentSpanId") and isinstance(v, str)
+            else _base64_ids(v)
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_base64_ids(v) for v in node]
+    return node
+
+
+def http_receiver(path: str = "/v1/traces") -> Iterator[tuple[str, Received]]:
     """Serve OTLP/HTTP on a free port; yields (base URL, received)."""
     received = Received()
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if self.path != "/v1/traces":
+            content_type = self.headers.get("Content-Type", "")
+            with received._lock:
+                received.posts.append((self.path, content_type))
+            if self.path != path:
                 self.send_response(404)
                 self.end_headers()
                 return
             request = trace_service_pb2.ExportTraceServiceRequest()
-            request.ParseFromString(body)
+            if content_type.startswith("application/json"):
+                json_format.ParseDict(_base64_ids(json.loads(body)), request)
+            else:
+                request.ParseFromString(body)
             received.add(request)
             payload = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
             self.send_response(200)

@@ -144,7 +144,7 @@ def test_export_install_loads_the_sdk() -> None:
         import asynctrace
         from prometheus_client import CollectorRegistry
 
-        asynctrace.install(traces_file="/dev/null", registry=CollectorRegistry())
+        asynctrace.install(otlp_endpoint="http://127.0.0.1:9", registry=CollectorRegistry())
         asynctrace.shutdown()
         """
     )

@@ -169,7 +169,7 @@ def test_collector_down_is_counted_in_metrics() -> None:
     asynctrace.install(otlp_endpoint=dead, registry=registry, loop_monitor=False)
     run_requests(2)
     assert asynctrace.flush(10) is True  # every queued span went to the (dead) exporter
-    source = f"OTLP exporter ({dead})"
+    source = f"OTLP exporter (http/protobuf, {dead}/v1/traces)"
     assert (registry.get_sample_value("asynctrace_telemetry_errors_total", {"source": source})
             or 0) >= 1  # fmt: skip
     dropped = registry.get_sample_value("asynctrace_spans_dropped_total")

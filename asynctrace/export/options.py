@@ -1,8 +1,19 @@
 """install()'s telemetry options: given as arguments or taken from the standard environment.
 
-Read once, at install. Nothing here imports OpenTelemetry or prometheus_client: a provider or
-registry the user passes is checked against classes from the modules the user already
-imported to make it.
+Read once, at install; an argument beats its variable. The OpenTelemetry variables mean what
+the specification says:
+
+- ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` is the full URL, used as given;
+  ``OTEL_EXPORTER_OTLP_ENDPOINT`` is a base URL, to which ``/v1/traces`` is added (over HTTP).
+  ``otlp_endpoint=`` is a base URL too.
+- ``OTEL_TRACES_EXPORTER``: a comma-separated list of ``otlp``, ``console``, ``none``.
+- ``OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL``: ``http/protobuf``, ``http/json`` or ``grpc``;
+  checked only when asynctrace exports spans itself (other SDK parts read it too).
+- ``OTEL_SDK_DISABLED=true``: asynctrace records no spans (unless given a tracer_provider).
+- ``OTEL_SERVICE_NAME`` names the service; it asks for no export.
+
+Nothing here imports OpenTelemetry or prometheus_client: a provider or registry the user
+passes is checked against classes from the modules the user already imported to make it.
 """
 
 from __future__ import annotations
@@ -19,11 +30,18 @@ if TYPE_CHECKING:  # annotations only: nothing is imported at run time
     from opentelemetry.trace import TracerProvider
     from prometheus_client import CollectorRegistry
 
-__all__ = ["DEFAULT_TRACES_FILE", "ExportOptions", "Protocol", "TaskFilterOption"]
+__all__ = [
+    "EXPORTERS",
+    "PROTOCOLS",
+    "ExportOptions",
+    "Protocol",
+    "TaskFilterOption",
+]
 
-Protocol = Literal["http/protobuf", "grpc"]
+Protocol = Literal["http/protobuf", "http/json", "grpc"]
+PROTOCOLS: Final = ("http/protobuf", "http/json", "grpc")
+EXPORTERS: Final = ("otlp", "console", "none")
 TaskFilterOption = Callable[[TaskMetadata], bool] | Literal["operation"] | None
-DEFAULT_TRACES_FILE: Final = "asynctrace-traces.jsonl"
 
 
 def _is_instance(value: object, module: str, cls: str) -> bool:
@@ -51,23 +69,35 @@ class ExportOptions:
     loop_monitor: bool = True
     lag_interval: float = 0.25
     blocked_threshold: float = 0.1
+    # From the environment only:
+    traces_exporters: tuple[str, ...] = ()
+    otlp_url: str | None = None
+    sdk_disabled: bool = False
+    timeout_from_env: bool = False
 
     @classmethod
     def resolve(cls, env: Mapping[str, str], **given: Any) -> ExportOptions:  # noqa: ANN401
         """Fill unset options from ``env`` and validate all of them."""
         if given.get("service_name") is None:
             given["service_name"] = env.get("OTEL_SERVICE_NAME") or None
-        if given.get("otlp_endpoint") is None:
-            given["otlp_endpoint"] = (
-                env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-                or env.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-                or None
-            )
-        if given.get("otlp_protocol") is None:
+        protocol = given.get("otlp_protocol")
+        if protocol is None:
             proto = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or env.get(
                 "OTEL_EXPORTER_OTLP_PROTOCOL"
             )
-            given["otlp_protocol"] = proto or None
+            given["otlp_protocol"] = proto.strip() if proto else None
+        elif protocol not in PROTOCOLS:  # an argument is checked at once; a variable on use
+            raise ValueError(
+                f"Invalid otlp_protocol: {protocol!r}; expected one of {', '.join(PROTOCOLS)}."
+            )
+        exporters = _traces_exporters(env, otlp_asked=given.get("otlp_endpoint") is not None)
+        given["traces_exporters"] = exporters
+        if "otlp" in exporters:
+            given["otlp_url"] = _otlp_url(env, given.get("otlp_endpoint"), given["otlp_protocol"])
+        given["sdk_disabled"] = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
+        given["timeout_from_env"] = bool(
+            env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or env.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+        )
         if given.get("prometheus_port") is None and env.get("ASYNCTRACE_PROMETHEUS_PORT"):
             raw = env["ASYNCTRACE_PROMETHEUS_PORT"]
             try:
@@ -80,12 +110,30 @@ class ExportOptions:
         options.validate()
         return options
 
+    def validate_export(self) -> None:
+        """Raise ValueError naming a protocol or exporter asynctrace cannot export with.
+
+        Checked only when asynctrace exports spans itself: these variables also configure
+        other parts of an app's OpenTelemetry SDK.
+        """
+        if self.otlp_protocol not in (None, *PROTOCOLS):
+            raise ValueError(
+                f"Invalid otlp_protocol (or OTEL_EXPORTER_OTLP_PROTOCOL): "
+                f"{self.otlp_protocol!r}; expected one of {', '.join(PROTOCOLS)}."
+            )
+        for name in self.traces_exporters:
+            if name not in EXPORTERS:
+                raise ValueError(
+                    f"Invalid OTEL_TRACES_EXPORTER entry: {name!r}; asynctrace exports with "
+                    f"{', '.join(EXPORTERS)}."
+                )
+
     def validate(self) -> None:
         """Raise TypeError/ValueError naming the first bad option."""
-        if self.otlp_protocol not in (None, "http/protobuf", "grpc"):
-            raise ValueError(
-                f"Invalid otlp_protocol: {self.otlp_protocol!r}; expected 'http/protobuf' or "
-                "'grpc'."
+        if self.otlp_protocol is not None and not isinstance(self.otlp_protocol, str):
+            raise TypeError(
+                f"Invalid otlp_protocol: {self.otlp_protocol!r}; expected one of "
+                f"{', '.join(PROTOCOLS)}."
             )
         port = self.prometheus_port
         if port is not None and (
@@ -130,5 +178,48 @@ class ExportOptions:
 
     @property
     def export_requested(self) -> bool:
-        """Whether the user asked asynctrace to set up trace export."""
-        return bool(self.service_name or self.otlp_endpoint or self.traces_file)
+        """Whether the user asked asynctrace to export spans (a service name alone does not)."""
+        if self.sdk_disabled:
+            return False
+        return bool(self.traces_exporters or self.traces_file)
+
+    @property
+    def tracing_note(self) -> str | None:
+        """Why spans are off by the environment's choice, or None."""
+        if self.sdk_disabled:
+            return "disabled by OTEL_SDK_DISABLED"
+        return None
+
+
+def _traces_exporters(env: Mapping[str, str], *, otlp_asked: bool) -> tuple[str, ...]:
+    """OTEL_TRACES_EXPORTER as a tuple (``none`` alone: empty); ``otlp`` when asked for."""
+    raw = env.get("OTEL_TRACES_EXPORTER")
+    if raw:
+        names = tuple(n.strip().lower() for n in raw.split(",") if n.strip())
+        names = tuple(n for n in names if n != "none")
+    else:
+        endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or env.get(
+            "OTEL_EXPORTER_OTLP_ENDPOINT"
+        )
+        names = ("otlp",) if endpoint else ()
+    if otlp_asked and "otlp" not in names:  # otlp_endpoint= beats the environment
+        names = ("otlp", *names)
+    return names
+
+
+def _otlp_url(env: Mapping[str, str], argument: object, protocol: str | None) -> str:
+    """The URL spans go to, by the specification's rules (see the module docstring)."""
+    grpc = protocol == "grpc"
+    if isinstance(argument, str):
+        base = argument
+    else:
+        signal = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        if signal:
+            return signal  # the full URL, as given
+        base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or (
+            "http://localhost:4317" if grpc else "http://localhost:4318"
+        )
+    if grpc:
+        return base
+    url = base.rstrip("/")
+    return url if url.endswith("/v1/traces") else url + "/v1/traces"

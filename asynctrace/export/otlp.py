@@ -13,63 +13,32 @@ Drops are counted by asynctrace's own wrappers, never by reading the SDK's inter
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Mapping, Sequence
 from typing import Final, final
 
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from asynctrace._state import STATE
+from asynctrace.export.drops import SpanDrops
 from asynctrace.export.options import ExportOptions
 
-__all__ = ["MAX_QUEUE_SIZE", "CountingExporter", "CountingProcessor", "SpanDrops", "otlp_exporter"]
+__all__ = [
+    "MAX_QUEUE_SIZE",
+    "CountingExporter",
+    "CountingProcessor",
+    "OTLPJsonHttpSpanExporter",
+    "otlp_exporter",
+]
+
+EXPORT_TIMEOUT_S: Final = 5.0
+"""How long one export request may take, unless OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT says."""
+_RETRYABLE: Final = frozenset({429, 502, 503, 504})
 
 MAX_QUEUE_SIZE: Final = 2048
 """Spans waiting for export at most (the SDK's default); more are dropped and counted."""
-
-
-@final
-class SpanDrops:
-    """Counts of one export pipeline: spans handed on, spans at the exporter, spans dropped."""
-
-    __slots__ = ("_lock", "dropped", "handed", "reached")
-
-    def __init__(self) -> None:
-        """Start at zero."""
-        self._lock = threading.Lock()
-        self.handed = 0
-        self.reached = 0
-        self.dropped = 0
-
-    def admit(self, limit: int) -> bool:
-        """Count one span handed on, unless ``limit`` are waiting already: then one dropped."""
-        with self._lock:
-            if self.handed - self.reached >= limit:
-                self.dropped += 1
-                return False
-            self.handed += 1
-            return True
-
-    def arrive(self, count: int) -> None:
-        """``count`` spans reached the exporter."""
-        with self._lock:
-            self.reached += count
-
-    def drop(self, count: int) -> None:
-        """``count`` spans were dropped (a failed export)."""
-        with self._lock:
-            self.dropped += count
-
-    def drop_waiting(self) -> None:
-        """Count every span handed on that never reached the exporter as dropped."""
-        with self._lock:
-            self.dropped += self.handed - self.reached
-            self.reached = self.handed
-
-    def total_dropped(self) -> int:
-        """Spans dropped so far."""
-        return self.dropped
 
 
 @final
@@ -152,10 +121,74 @@ class CountingProcessor(SpanProcessor):
         return self._inner.force_flush(timeout_millis)
 
 
-def otlp_exporter(options: ExportOptions) -> SpanExporter:
-    """The OTLP span exporter for ``options`` (HTTP/protobuf, or gRPC with its extra)."""
-    endpoint = options.otlp_endpoint
-    assert endpoint is not None  # noqa: S101 - checked by the caller
+def _headers(env: Mapping[str, str]) -> dict[str, str]:
+    from opentelemetry.util.re import parse_env_headers  # noqa: PLC0415
+
+    raw = env.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or env.get("OTEL_EXPORTER_OTLP_HEADERS")
+    return dict(parse_env_headers(raw, liberal=True)) if raw else {}
+
+
+def _timeout(env: Mapping[str, str]) -> float:
+    raw = env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or env.get("OTEL_EXPORTER_OTLP_TIMEOUT")
+    try:
+        return float(raw) / 1000 if raw else EXPORT_TIMEOUT_S  # the variables are milliseconds
+    except ValueError:
+        return EXPORT_TIMEOUT_S
+
+
+@final
+class OTLPJsonHttpSpanExporter(SpanExporter):
+    """OTLP over HTTP with a JSON body (``OTEL_EXPORTER_OTLP_PROTOCOL=http/json``).
+
+    The encoding is the one :class:`~asynctrace.OTLPJsonFileSpanExporter` writes (the OTLP/JSON
+    mapping). A refused batch is retried while the timeout lasts, on 429, 502, 503 and 504 as
+    the specification says; anything else fails the batch (the caller counts it).
+    """
+
+    def __init__(self, url: str, headers: Mapping[str, str], timeout_s: float) -> None:
+        """POST batches to ``url`` with ``headers``, each within ``timeout_s`` seconds."""
+        import requests  # noqa: PLC0415 - the HTTP/protobuf exporter's own dependency
+
+        self._url = url
+        self._timeout_s = timeout_s
+        self._session = requests.Session()
+        self._session.headers.update({**headers, "Content-Type": "application/json"})
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Send one batch; SUCCESS only on a 2xx answer."""
+        from asynctrace.export.files import encode_json  # noqa: PLC0415
+
+        body = encode_json(spans).encode()
+        deadline = time.monotonic() + self._timeout_s
+        delay = 0.1
+        while True:
+            left = deadline - time.monotonic()
+            response = self._session.post(self._url, data=body, timeout=max(0.05, left))
+            if response.ok:
+                return SpanExportResult.SUCCESS
+            if response.status_code not in _RETRYABLE or left <= delay:
+                return SpanExportResult.FAILURE
+            time.sleep(delay)
+            delay *= 2
+
+    def shutdown(self) -> None:
+        """Close the connection pool."""
+        self._session.close()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:  # noqa: ARG002
+        """Nothing is buffered here."""
+        return True
+
+
+def otlp_exporter(options: ExportOptions, env: Mapping[str, str] = os.environ) -> SpanExporter:
+    """The OTLP span exporter for ``options``: HTTP/protobuf, HTTP/JSON, or gRPC (its extra).
+
+    The exporter is given the URL (see ``export.options``); headers, TLS and compression are
+    read from the standard variables by the SDK's exporters as usual.
+    """
+    url = options.otlp_url
+    assert url is not None  # noqa: S101 - resolved with "otlp" among the exporters
+    timeout = None if options.timeout_from_env else EXPORT_TIMEOUT_S
     if options.otlp_protocol == "grpc":
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
@@ -165,12 +198,11 @@ def otlp_exporter(options: ExportOptions) -> SpanExporter:
             raise ValueError(
                 "Invalid otlp_protocol: 'grpc'; install the extra: pip install 'asynctrace[grpc]'."
             ) from None
-        return GrpcExporter(endpoint=endpoint, insecure=endpoint.startswith("http://"))
+        return GrpcExporter(endpoint=url, insecure=url.startswith("http://"), timeout=timeout)
+    if options.otlp_protocol == "http/json":
+        return OTLPJsonHttpSpanExporter(url, _headers(env), _timeout(env))
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
         OTLPSpanExporter as HttpExporter,
     )
 
-    url = endpoint.rstrip("/")
-    if not url.endswith("/v1/traces"):
-        url += "/v1/traces"
-    return HttpExporter(endpoint=url, timeout=5)
+    return HttpExporter(endpoint=url, timeout=timeout)

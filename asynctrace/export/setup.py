@@ -4,12 +4,13 @@ Resolution, for traces:
 
 1. ``tracer_provider=`` given: use it.
 2. Else an SDK ``TracerProvider`` already set globally by the app: use it (the app keeps it).
-3. Else, when export is asked for (``service_name``, ``otlp_endpoint``, ``traces_file``, or
-   ``OTEL_SERVICE_NAME`` / ``OTEL_EXPORTER_OTLP_ENDPOINT`` in the environment): make an SDK
-   provider with asynctrace's counting batch processor. It exports OTLP over HTTP/protobuf (or
-   gRPC with ``otlp_protocol="grpc"``, the ``grpc`` extra) to the endpoint, or, with no
-   endpoint, to an OTLP-JSON file. The provider is set as the global one, since none was.
-4. Else no spans (metrics only). OpenTelemetry is then not imported at all.
+3. Else, when export is asked for (``otlp_endpoint=``, ``traces_file=``, or the standard
+   variables: an OTLP endpoint, ``OTEL_TRACES_EXPORTER``; see ``export.options``): make an
+   SDK provider with one counting batch processor per exporter: OTLP (HTTP/protobuf,
+   HTTP/JSON, or gRPC with its extra), the console, and the OTLP-JSON file when one is named.
+   The provider is set as the global one, since none was.
+4. Else no spans (metrics only). OpenTelemetry is then not imported at all. A service name
+   alone asks for no export, and ``OTEL_SDK_DISABLED=true`` turns spans off.
 
 Metrics go to ``registry`` (default: prometheus_client's global ``REGISTRY``). With
 ``prometheus_port`` (or ``ASYNCTRACE_PROMETHEUS_PORT``) an HTTP endpoint serves them, on
@@ -21,18 +22,19 @@ from __future__ import annotations
 import atexit
 import sys
 import weakref
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, final
 
 from asynctrace._hooks import Instrument
 from asynctrace._metadata import TaskMetadata
 from asynctrace._state import STATE
-from asynctrace.export.options import DEFAULT_TRACES_FILE, ExportOptions
+from asynctrace.export.drops import SpanDrops
+from asynctrace.export.options import ExportOptions
 from asynctrace.export.summary import Summary
 from asynctrace.sinks.task_metrics import TaskMetrics
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import TracerProvider as ApiTracerProvider
 
 __all__ = ["Telemetry"]
@@ -64,6 +66,8 @@ class Telemetry(Instrument):
         self.otlp_endpoint: str | None = None
         self.metrics: TaskMetrics | None = None
         self.sinks: list[Instrument] = []
+        self.tracing = "off"
+        self._drops: list[SpanDrops] = []
         try:
             self._setup(version)
         except BaseException:
@@ -121,54 +125,78 @@ class Telemetry(Instrument):
             self.metrics_url = f"http://{options.prometheus_addr}:{port}/metrics"
 
     def _dropped_spans(self) -> int:
-        drops = getattr(self, "_drops", None)
-        return drops.total_dropped() if drops is not None else 0
+        return sum(drops.total_dropped() for drops in self._drops)
 
     def _tracer_provider(self) -> ApiTracerProvider | None:
         options = self.options
         if options.tracer_provider is not None:
+            self.tracing = "the tracer_provider given to install()"
             return options.tracer_provider
+        if options.sdk_disabled:
+            self.tracing = "disabled by OTEL_SDK_DISABLED"
+            return None
         if not options.export_requested and "opentelemetry.sdk.trace" not in sys.modules:
             return None  # no SDK loaded: the app cannot have set an SDK provider
         from opentelemetry import trace  # noqa: PLC0415
-        from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
         from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
 
         current = trace.get_tracer_provider()
         if isinstance(current, TracerProvider) and current not in _MADE_HERE:
+            self.tracing = "the application's TracerProvider"
             return current
         if not options.export_requested:
             return None
+        options.validate_export()
+        provider = self._make_provider()
+        if not isinstance(current, TracerProvider):  # OpenTelemetry allows setting it once
+            trace.set_tracer_provider(provider)
+        return provider
+
+    def _make_provider(self) -> TracerProvider:
+        """A provider exporting where the options say, each exporter behind a counting gate."""
+        from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
+        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+
         from asynctrace.export.otlp import (  # noqa: PLC0415
             CountingExporter,
             CountingProcessor,
-            SpanDrops,
             otlp_exporter,
         )
 
+        options = self.options
+        exporters: list[tuple[SpanExporter, str]] = []
+        file_exporter: SpanExporter | None = None
+        file_drops: SpanDrops | None = None
+        if "otlp" in options.traces_exporters:
+            self.otlp_endpoint = options.otlp_url
+            protocol = options.otlp_protocol or "http/protobuf"
+            source = f"OTLP exporter ({protocol}, {options.otlp_url})"
+            exporters.append((otlp_exporter(options), source))
+        if "console" in options.traces_exporters:
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter  # noqa: PLC0415
+
+            # sys.stdout as it is now: the SDK's default is the one it saw when first imported
+            exporters.append((ConsoleSpanExporter(out=sys.stdout), "console exporter"))
+        if options.traces_file:
+            from asynctrace.export.files import OTLPJsonFileSpanExporter  # noqa: PLC0415
+
+            file_drops = SpanDrops()
+            file_exporter = OTLPJsonFileSpanExporter(options.traces_file, on_drop=file_drops.drop)
+            self.traces_file = str(file_exporter.path.resolve())
+            exporters.append((file_exporter, f"OTLP JSON file ({self.traces_file})"))
         resource = Resource.create(
             {SERVICE_NAME: options.service_name} if options.service_name else {}
         )
         provider = TracerProvider(resource=resource)
-        if options.otlp_endpoint:
-            exporter = otlp_exporter(options)
-            self.otlp_endpoint = options.otlp_endpoint
-            source = f"OTLP exporter ({options.otlp_endpoint})"
-        else:
-            from asynctrace.export.files import OTLPJsonFileSpanExporter  # noqa: PLC0415
-
-            path = options.traces_file or DEFAULT_TRACES_FILE
-            exporter = OTLPJsonFileSpanExporter(path)
-            self.traces_file = str(Path(path).resolve())
-            source = f"OTLP JSON file exporter ({path})"
-        self._drops = drops = SpanDrops()
-        provider.add_span_processor(
-            CountingProcessor(CountingExporter(exporter, source, drops), drops)
-        )
+        for exporter, source in exporters:
+            drops = file_drops if exporter is file_exporter and file_drops else SpanDrops()
+            self._drops.append(drops)
+            provider.add_span_processor(
+                CountingProcessor(CountingExporter(exporter, source, drops), drops)
+            )
+        self.tracing = "; ".join(source for _, source in exporters)
         self._owned_provider = provider
         _MADE_HERE.add(provider)
-        if not isinstance(current, TracerProvider):  # OpenTelemetry allows setting it once
-            trace.set_tracer_provider(provider)
         return provider
 
     def instruments(self) -> tuple[Instrument, ...]:
@@ -178,7 +206,9 @@ class Telemetry(Instrument):
     def summary(self) -> Summary:
         """Per-operation statistics so far."""
         rows = self.metrics.stats() if self.metrics is not None else []
-        return Summary(rows, self.metrics_url, self.traces_file, self.otlp_endpoint)
+        return Summary(
+            rows, self.metrics_url, self.traces_file, self.otlp_endpoint, tracing=self.tracing
+        )
 
     def flush(self, timeout_millis: int = 10_000) -> bool:
         """Export the spans still queued in the provider asynctrace made (if it made one)."""

@@ -21,6 +21,8 @@ class Summary:
         metrics_url: Where ``/metrics`` is served, or None.
         traces_file: The OTLP/JSON traces file, or None.
         otlp_endpoint: Where spans are sent by OTLP, or None.
+        tracing: Where spans go, in words: the exporters asynctrace set up, the app's own
+            provider, ``"off"``, or ``"disabled by OTEL_SDK_DISABLED"``.
 
     Since: 0.1.0
     """
@@ -31,12 +33,15 @@ class Summary:
         metrics_url: str | None,
         traces_file: str | None,
         otlp_endpoint: str | None,
+        *,
+        tracing: str = "off",
     ) -> None:
         """Hold ``rows`` and the places telemetry goes."""
         self.rows = rows
         self.metrics_url = metrics_url
         self.traces_file = traces_file
         self.otlp_endpoint = otlp_endpoint
+        self.tracing = tracing
 
     def __str__(self) -> str:
         """Render the table."""
@@ -59,10 +64,11 @@ class Summary:
             for r in self.rows
         ]
         widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-        return "\n".join(
+        table = "\n".join(
             "  ".join(
                 cell.ljust(w) if i == 0 else cell.rjust(w)
                 for i, (cell, w) in enumerate(zip(row, widths, strict=True))
             )
             for row in lines
         )
+        return f"{table}\nspans: {self.tracing}"

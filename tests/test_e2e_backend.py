@@ -374,7 +374,96 @@ def test_service_correlation_ids_and_bad_input(processes: Processes) -> None:
     status, body, rid = _post(url, b'{"documents": 5}', {"X-Request-ID": "bad-1"})
     assert status == 400
     assert rid == "bad-1"
-    assert "documents must be a list" in body["error"]
+    assert '"documents" must be a list' in body["error"]
     status, body, _ = _post(url, b"not json", {})
     assert status == 400
     assert body["error"].startswith("invalid body:")
+
+
+def test_service_refuses_bad_input_without_a_500(processes: Processes) -> None:
+    """Bad ids get a fresh one (the rejection logged, escaped); bad bodies 400/413, as JSON."""
+    url, _ = start_service(processes, "bad", ["web:latency=0.001"])
+    docs = json.dumps({"documents": [{"source": "web", "id": "1", "body": "x"}]}).encode()
+    for bad in ("x" * 129, "has\ttab", "\xff\xfe not utf-8"):
+        status, body, rid = _post(url, docs, {"X-Request-ID": bad})
+        assert status == 200, bad
+        assert rid == body["request_id"]
+        assert re.fullmatch(r"[0-9a-f]{32}", rid), rid  # a fresh id, not the bad one
+    log = processes.log("bad")
+    assert log.count("rejected X-Request-ID") == 3
+    assert "\\t" in log  # the tab was logged escaped, not as a tab
+
+    cases = [
+        (b'{"documents": [1]}', 400, "documents[0] must be an object"),
+        (b'{"documents": [null]}', 400, "documents[0] must be an object"),
+        (b'{"documents": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, "invalid body"),
+        (json.dumps({"documents": [[[[[[[[[1]]]]]]]]]}).encode(), 400, "nested deeper"),
+        (json.dumps({"documents": [{"source": f"s{i}"} for i in range(33)]}).encode(),
+         400, "33 sources; at most 32"),
+        (json.dumps({"documents": [{"source": "web"}] * 2001}).encode(), 400, "at most 2000"),
+        (json.dumps({"documents": [{"source": "web", "body": "x" * 600_000}]}).encode(),
+         413, "body over"),
+    ]  # fmt: skip
+    for body_bytes, expected, text in cases:
+        status, body, rid = _post(url, body_bytes, {"X-Request-ID": "bad-body"})
+        assert (status, rid) == (expected, "bad-body"), (body_bytes[:40], body)
+        assert text in body["error"], body
+    assert "Traceback" not in processes.log("bad")
+    status, _, _ = _post(url, docs, {})  # and the service still serves
+    assert status == 200
+
+
+def _load_module() -> Any:
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("ingestion_load", SERVICE.parent / "load.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_request_under_load_is_its_own_trace(processes: Processes) -> None:
+    """The example under the load generator, spans by OTLP to a real receiver: N requests,
+    N traces, each holding that request's tasks only; the server's own tasks hold none."""
+    import asyncio  # noqa: PLC0415
+
+    receiver = http_receiver()
+    endpoint, received = next(receiver)
+    try:
+        url, _ = start_service(
+            processes, "load", ["crm:latency=0.002,fail=0.3", "web:latency=0.002", "mobile"],
+            env={"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint},
+        )  # fmt: skip
+        stats = asyncio.run(_load_module().run_load(url, duration=3.0, rate=20.0))
+        processes.stop("load")  # SIGTERM: the service flushes its spans on the way out
+    finally:
+        receiver.close()
+    assert stats.errors == 0
+    assert stats.statuses == {200: stats.requests}
+    assert stats.requests >= 20
+    request_ids = set(stats.request_ids)
+    assert len(request_ids) == stats.requests
+    request_names = {"POST /ingest", "normalize", "fetch", "store"}
+    traces: dict[str, list[dict[str, Any]]] = {}
+    for s in received.snapshot():
+        traces.setdefault(s["trace_id"], []).append(s)
+    request_traces = {t: spans for t, spans in traces.items()
+                      if any(s["name"] == "POST /ingest" for s in spans)}  # fmt: skip
+    assert len(request_traces) == stats.requests  # N requests, N traces
+    seen_ids = set()
+    for spans in request_traces.values():
+        ids = {s["attributes"].get("asynctrace.correlation_id") for s in spans}
+        assert len(ids) == 1, ids  # one request per trace
+        seen_ids |= ids
+        assert {s["name"] for s in spans} <= request_names
+        assert sum(s["name"] == "POST /ingest" for s in spans) == 1
+        assert any(s["name"] == "normalize" for s in spans)
+    assert seen_ids == request_ids  # every request's trace, and no other
+    for t, spans in traces.items():
+        if t not in request_traces:  # the server's own tasks
+            assert not {s["name"] for s in spans} & request_names
+            ids = {s["attributes"].get("asynctrace.correlation_id") for s in spans}
+            assert not ids & request_ids

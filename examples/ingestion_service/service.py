@@ -2,9 +2,13 @@
 
 POST /ingest with {"documents": [{"source": "crm", "id": "...", "body": "..."}, ...]}
 
-- The request's correlation id comes from ``X-Request-ID``, else from the W3C ``traceparent``
-  header (the trace continues the caller's), else a fresh one. It is returned in the
+- A middleware gives each request its correlation scope: the id comes from ``X-Request-ID``
+  (when it is a valid id; a bad one is logged and replaced), else from the W3C ``traceparent``
+  header (the trace continues the caller's), else a fresh one. Each request is one trace (the
+  caller's, or its own, linked to the connection's task). The id is returned in the
   ``X-Request-ID`` response header and the body.
+- Limits: a body over 512 KiB gets 413; more than 2,000 documents, 32 sources, JSON nested
+  deeper than 8 levels, or documents that are not objects get 400 with a JSON error.
 - Normalization fans out one task per source (``operation_name`` per stage, a priority hint
   per source), keeps ``asyncio.gather`` result order, then stores the results in SQLite
   (aiosqlite).
@@ -25,14 +29,15 @@ import logging
 import random
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiosqlite
 import structlog
 from aiohttp import web
+from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
 
 import asynctrace
 
@@ -154,40 +159,112 @@ async def ingest(
 
 # -- HTTP -----------------------------------------------------------------------------------
 
-tracer = trace.get_tracer("ingestion-service")
+MAX_BODY_BYTES = 512 * 1024  # a larger body gets 413
+MAX_DOCUMENTS = 2_000  # per request, else 400
+MAX_SOURCES = 32  # distinct sources per request (one task each), else 400
+MAX_DEPTH = 8  # JSON nesting, else 400
+
+
+class BodyError(ValueError):
+    """The body is not what POST /ingest accepts; the message says what is wrong."""
+
+
+def _depth(node: object, limit: int) -> int:
+    """How deep ``node`` nests, counting at most to ``limit`` + 1."""
+    if isinstance(node, dict | list) and limit >= 0:
+        items = node.values() if isinstance(node, dict) else node
+        return 1 + max((_depth(v, limit - 1) for v in items), default=0)
+    return 0
+
+
+def parse_documents(payload: object) -> list[dict[str, Any]]:
+    """The documents of a body, checked: objects with short text fields, within the limits."""
+    if not isinstance(payload, dict) or "documents" not in payload:
+        raise BodyError('expected an object with a "documents" list')
+    if _depth(payload, MAX_DEPTH) > MAX_DEPTH:
+        raise BodyError(f"nested deeper than {MAX_DEPTH} levels")
+    documents = payload["documents"]
+    if not isinstance(documents, list):
+        raise BodyError('"documents" must be a list')
+    if len(documents) > MAX_DOCUMENTS:
+        raise BodyError(f"{len(documents)} documents; at most {MAX_DOCUMENTS} per request")
+    for i, doc in enumerate(documents):
+        if not isinstance(doc, dict):
+            raise BodyError(f"documents[{i}] must be an object, got {type(doc).__name__}")
+        source = doc.get("source", "unknown")
+        if not isinstance(source, str) or not 0 < len(source) <= 64:  # noqa: PLR2004
+            raise BodyError(f"documents[{i}].source must be a string of 1 to 64 characters")
+    sources = {doc.get("source", "unknown") for doc in documents}
+    if len(sources) > MAX_SOURCES:
+        raise BodyError(f"{len(sources)} sources; at most {MAX_SOURCES} per request")
+    return documents
+
+
+def request_id_of(request: web.Request, parent: Any) -> str:  # noqa: ANN401 - an OTel Context
+    """The caller's X-Request-ID when valid, else the caller's trace id, else a fresh id.
+
+    A header that is not an acceptable id (over 128 characters, not printable, not UTF-8) is
+    logged, as its repr (escaped, cut to 200 characters), and replaced: never a 500.
+    """
+    given = request.headers.get("X-Request-ID")
+    if given is not None:
+        try:
+            asynctrace.TaskMetadata(correlation_id=given)  # the library's own check of an id
+        except (TypeError, ValueError):
+            log.warning("rejected X-Request-ID", header=repr(given)[:200])
+        else:
+            return given
+    span_ctx = trace.get_current_span(parent).get_span_context()
+    if span_ctx.is_valid:
+        return f"{span_ctx.trace_id:032x}"
+    return asynctrace.random_correlation_id()
+
+
+@web.middleware
+async def correlation_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """One correlation scope per request: its own trace, or the caller's, and its id echoed.
+
+    The caller's W3C ``traceparent`` (when valid) is made current first, so the request's span
+    continues the caller's trace; without one, the request starts a trace of its own, linked
+    to the connection's task.
+    """
+    parent = propagate.extract(request.headers)
+    request_id = request_id_of(request, parent)
+    continues = trace.get_current_span(parent).get_span_context().is_valid
+    token = otel_context.attach(parent) if continues else None
+    try:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        with asynctrace.correlation(request_id, span_name=f"{request.method} {route}"):
+            response = await handler(request)
+    finally:
+        if token is not None:
+            otel_context.detach(token)
+    response.headers["X-Request-ID"] = request_id
+    return response
 
 
 async def handle_ingest(request: web.Request) -> web.Response:
-    """POST /ingest: the request's correlation id, a server span, the pipeline."""
-    parent = propagate.extract(request.headers)  # W3C traceparent, if the caller sent one
-    span_ctx = trace.get_current_span(parent).get_span_context()
-    request_id = request.headers.get("X-Request-ID") or (
-        f"{span_ctx.trace_id:032x}" if span_ctx.is_valid else asynctrace.random_correlation_id()
-    )
-    with (
-        asynctrace.correlation(request_id),
-        tracer.start_as_current_span("POST /ingest", context=parent, kind=SpanKind.SERVER) as span,
-    ):
-        try:
-            payload = await request.json()
-            documents = payload["documents"]
-            if not isinstance(documents, list):
-                raise TypeError("documents must be a list")
-        except (ValueError, KeyError, TypeError) as exc:
-            span.set_status(Status(StatusCode.ERROR, "bad request"))
-            return web.json_response(
-                {"error": f"invalid body: {exc}", "request_id": request_id},
-                status=400,
-                headers={"X-Request-ID": request_id},
-            )
-        span.set_attribute("asynctrace.correlation_id", request_id)
-        result = await ingest(request.app[DB_KEY], request.app[CONFIG_KEY], documents)
-        if result["failed_sources"]:
-            span.set_attribute("ingestion.failed_sources", result["failed_sources"])
-        log.info("ingested", **result)
+    """POST /ingest: check the body, run the pipeline; a bad body gets 400 (or 413)."""
+    request_id = asynctrace.correlation_id()
+    try:
+        payload = await request.json()
+        documents = parse_documents(payload)
+    except web.HTTPRequestEntityTooLarge:
         return web.json_response(
-            {**result, "request_id": request_id}, headers={"X-Request-ID": request_id}
+            {"error": f"body over {MAX_BODY_BYTES} bytes", "request_id": request_id},
+            status=413,
         )
+    except (ValueError, RecursionError) as exc:  # bad JSON, a BodyError, or absurd nesting
+        reason = str(exc) if isinstance(exc, BodyError) else "invalid JSON"
+        return web.json_response(
+            {"error": f"invalid body: {reason}", "request_id": request_id}, status=400
+        )
+    result = await ingest(request.app[DB_KEY], request.app[CONFIG_KEY], documents)
+    log.info("ingested", **result)
+    return web.json_response({**result, "request_id": request_id})
 
 
 async def handle_health(request: web.Request) -> web.Response:  # noqa: ARG001
@@ -197,7 +274,7 @@ async def handle_health(request: web.Request) -> web.Response:  # noqa: ARG001
 
 async def make_app(config: ServiceConfig) -> web.Application:
     """The aiohttp application with its SQLite connection."""
-    app = web.Application()
+    app = web.Application(middlewares=[correlation_middleware], client_max_size=MAX_BODY_BYTES)
     app[CONFIG_KEY] = config
     db = await aiosqlite.connect(config.database)
     await db.execute(

@@ -427,7 +427,8 @@ def _load_module() -> Any:
 
 def test_each_request_under_load_is_its_own_trace(processes: Processes) -> None:
     """The example under the load generator, spans by OTLP to a real receiver: N requests,
-    N traces, each holding that request's tasks only; the server's own tasks hold none."""
+    N traces, each holding that request's tasks only; the server's own tasks hold none.
+    """
     import asyncio  # noqa: PLC0415
 
     receiver = http_receiver()

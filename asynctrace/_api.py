@@ -94,6 +94,7 @@ def install(
     loop_monitor: bool = True,
     lag_interval: float = 0.25,
     blocked_threshold: float = 0.1,
+    shutdown_timeout: float = 5.0,
 ) -> Installation:
     """Install the asynctrace task factory; every task created afterwards carries metadata.
 
@@ -137,6 +138,10 @@ def install(
         loop_monitor: Measure event-loop lag and blocked-loop episodes by heartbeat.
         lag_interval: Seconds between heartbeats.
         blocked_threshold: Seconds a heartbeat may be late before the loop counts as blocked.
+        shutdown_timeout: Seconds that ending the export may take in all (``shutdown()``,
+            the last ``uninstall()``, process exit); spans still queued then are dropped and
+            counted. Inside a running loop the export ends in a background thread, so the
+            loop never waits for it.
 
     Returns:
         The :class:`Installation`; its ``uninstall()`` restores what was there before.
@@ -166,6 +171,7 @@ def install(
         loop_monitor=loop_monitor,
         lag_interval=lag_interval,
         blocked_threshold=blocked_threshold,
+        shutdown_timeout=shutdown_timeout,
     )
     options = _make_options(id_generator, instruments, export)
     # A bare install() (every option at its default) asks for no configuration of its own:

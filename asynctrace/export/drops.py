@@ -12,7 +12,7 @@ __all__ = ["SpanDrops"]
 class SpanDrops:
     """Counts of one export pipeline: spans handed on, spans at the exporter, spans dropped."""
 
-    __slots__ = ("_lock", "dropped", "handed", "reached")
+    __slots__ = ("_lock", "closed", "dropped", "handed", "reached")
 
     def __init__(self) -> None:
         """Start at zero."""
@@ -20,6 +20,7 @@ class SpanDrops:
         self.handed = 0
         self.reached = 0
         self.dropped = 0
+        self.closed = False
 
     def admit(self, limit: int) -> bool:
         """Count one span handed on, unless ``limit`` are waiting already: then one dropped."""
@@ -30,21 +31,31 @@ class SpanDrops:
             self.handed += 1
             return True
 
-    def arrive(self, count: int) -> None:
-        """``count`` spans reached the exporter."""
+    def arrive(self, count: int) -> bool:
+        """``count`` spans reach the exporter; False once closed (they were counted then)."""
         with self._lock:
+            if self.closed:
+                return False
             self.reached += count
+            return True
 
     def drop(self, count: int) -> None:
         """``count`` spans were dropped (a failed export)."""
         with self._lock:
             self.dropped += count
 
-    def drop_waiting(self) -> None:
-        """Count every span handed on that never reached the exporter as dropped."""
+    def close(self) -> int:
+        """No more exports: count every span handed on that never reached the exporter.
+
+        Returns how many that was. Batches the export thread takes from its queue later
+        are refused (``arrive`` returns False), since they are counted here.
+        """
         with self._lock:
-            self.dropped += self.handed - self.reached
+            waiting = 0 if self.closed else self.handed - self.reached
+            self.closed = True
+            self.dropped += waiting
             self.reached = self.handed
+            return waiting
 
     def total_dropped(self) -> int:
         """Spans dropped so far."""

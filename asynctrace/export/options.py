@@ -69,6 +69,7 @@ class ExportOptions:
     loop_monitor: bool = True
     lag_interval: float = 0.25
     blocked_threshold: float = 0.1
+    shutdown_timeout: float = 5.0
     # From the environment only:
     traces_exporters: tuple[str, ...] = ()
     otlp_url: str | None = None
@@ -171,7 +172,7 @@ class ExportOptions:
             raise ValueError(
                 f"Invalid max_operations: {self.max_operations!r}; expected an int >= 1."
             )
-        for name in ("lag_interval", "blocked_threshold"):
+        for name in ("lag_interval", "blocked_threshold", "shutdown_timeout"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"Invalid {name}: {value!r}; expected seconds > 0.")

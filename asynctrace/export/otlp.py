@@ -13,9 +13,11 @@ Drops are counted by asynctrace's own wrappers, never by reading the SDK's inter
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final, final
 
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
@@ -33,6 +35,10 @@ __all__ = [
     "otlp_exporter",
 ]
 
+logger: Final = logging.getLogger("asynctrace")
+
+DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 5.0
+"""How long shutting an export pipeline down may take in all, unless configured."""
 EXPORT_TIMEOUT_S: Final = 5.0
 """How long one export request may take, unless OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT says."""
 _RETRYABLE: Final = frozenset({429, 502, 503, 504})
@@ -52,8 +58,9 @@ class CountingExporter(SpanExporter):
         self._drops = drops
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        """Export one batch; a failed one is counted as dropped."""
-        self._drops.arrive(len(spans))
+        """Export one batch; a failed one is counted as dropped, a late one refused."""
+        if not self._drops.arrive(len(spans)):
+            return SpanExportResult.FAILURE  # past the shutdown deadline: counted already
         try:
             result = self._inner.export(spans)
         except Exception as exc:
@@ -111,14 +118,49 @@ class CountingProcessor(SpanProcessor):
             self._inner.on_end(span)
 
     def shutdown(self) -> None:
-        """Export what is queued (within the SDK's timeout); count the rest as dropped."""
+        """Export what is queued within the default deadline; count the rest as dropped."""
+        self.shutdown_within(DEFAULT_SHUTDOWN_TIMEOUT_S)
+
+    def shutdown_within(self, timeout_s: float) -> bool:
+        """Export what is queued, stop, all within ``timeout_s``; count what is left.
+
+        The SDK's batch processor waits up to 30 s for its thread and exports in the
+        caller's thread: it runs in a helper thread here, waited for at most ``timeout_s``.
+        Returns whether everything finished in time.
+        """
+        if self._closed:
+            return True
         self._closed = True
-        self._inner.shutdown()  # type: ignore[no-untyped-call]
-        self._drops.drop_waiting()
+        done = _within(self._inner.shutdown, timeout_s, "asynctrace-export-shutdown")
+        waiting = self._drops.close()  # a batch the thread takes later is refused
+        if waiting:
+            logger.warning(
+                "asynctrace: span export did not finish within %.1f s; %d queued span(s) "
+                "dropped (counted in asynctrace_spans_dropped_total)",
+                timeout_s,
+                waiting,
+            )
+        return done
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Export what is queued, within ``timeout_millis``."""
-        return self._inner.force_flush(timeout_millis)
+        """Export what is queued, waiting at most ``timeout_millis`` (the SDK's own wait is
+        unbounded: it runs in a helper thread).
+        """
+        if self._closed:
+            return True
+        return _within(self._inner.force_flush, timeout_millis / 1000, "asynctrace-flush")
+
+
+def _within(call: Callable[[], object], timeout_s: float, name: str) -> bool:
+    """Run ``call`` in a daemon thread; wait at most ``timeout_s``; whether it returned.
+
+    A daemon thread, since one stuck on a hanging collector must not hold up process exit;
+    the exporter's own timeout ends it soon after.
+    """
+    thread = threading.Thread(target=call, name=name, daemon=True)
+    thread.start()
+    thread.join(max(0.0, timeout_s))
+    return not thread.is_alive()
 
 
 def _headers(env: Mapping[str, str]) -> dict[str, str]:

@@ -19,10 +19,13 @@ Metrics go to ``registry`` (default: prometheus_client's global ``REGISTRY``). W
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import sys
+import threading
+import time
 import weakref
-from typing import TYPE_CHECKING, Any, Final, final
+from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 from asynctrace._hooks import Instrument
 from asynctrace._metadata import TaskMetadata
@@ -41,6 +44,14 @@ __all__ = ["Telemetry"]
 
 # Providers asynctrace made (and has shut down since): never reused as "the app's own".
 _MADE_HERE: Final[weakref.WeakSet[Any]] = weakref.WeakSet()
+
+
+class _Pipeline(Protocol):
+    """What closing needs of an export pipeline (``export.otlp.CountingProcessor``)."""
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool: ...
+
+    def shutdown_within(self, timeout_s: float) -> bool: ...
 
 
 def _only_named(metadata: TaskMetadata) -> bool:
@@ -68,6 +79,7 @@ class Telemetry(Instrument):
         self.sinks: list[Instrument] = []
         self.tracing = "off"
         self._drops: list[SpanDrops] = []
+        self._processors: list[_Pipeline] = []
         try:
             self._setup(version)
         except BaseException:
@@ -187,13 +199,14 @@ class Telemetry(Instrument):
         resource = Resource.create(
             {SERVICE_NAME: options.service_name} if options.service_name else {}
         )
-        provider = TracerProvider(resource=resource)
+        # Not shut down by the SDK at exit: close() does it, within shutdown_timeout.
+        provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         for exporter, source in exporters:
             drops = file_drops if exporter is file_exporter and file_drops else SpanDrops()
             self._drops.append(drops)
-            provider.add_span_processor(
-                CountingProcessor(CountingExporter(exporter, source, drops), drops)
-            )
+            processor = CountingProcessor(CountingExporter(exporter, source, drops), drops)
+            self._processors.append(processor)
+            provider.add_span_processor(processor)
         self.tracing = "; ".join(source for _, source in exporters)
         self._owned_provider = provider
         _MADE_HERE.add(provider)
@@ -211,13 +224,21 @@ class Telemetry(Instrument):
         )
 
     def flush(self, timeout_millis: int = 10_000) -> bool:
-        """Export the spans still queued in the provider asynctrace made (if it made one)."""
-        if self._owned_provider is not None:
-            return self._owned_provider.force_flush(timeout_millis)
-        return True
+        """Export the spans queued now in the provider made here, within ``timeout_millis``."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        done = True
+        for processor in self._processors:
+            left_ms = max(0.0, deadline - time.monotonic()) * 1000
+            done = processor.force_flush(round(left_ms)) and done
+        return done
 
     def close(self) -> None:
-        """Stop the ``/metrics`` server, flush and shut down the provider made here. Idempotent."""
+        """Stop the ``/metrics`` server; end the export within ``shutdown_timeout``. Idempotent.
+
+        Called on a thread running an event loop, the export ends in a background thread
+        (not a daemon: the process waits for it at exit, at most ``shutdown_timeout``), so
+        the loop never waits for a collector.
+        """
         atexit.unregister(self.close)
         if self._http_server is not None:
             server, self._http_server = self._http_server, None
@@ -225,10 +246,33 @@ class Telemetry(Instrument):
             server.server_close()
             if self._http_thread is not None:
                 self._http_thread.join(timeout=5)
-        if self._owned_provider is not None:
-            provider, self._owned_provider = self._owned_provider, None
-            try:
-                provider.force_flush(10_000)
-                provider.shutdown()
-            except Exception as exc:
-                STATE.errors.count("tracer provider shutdown", exc)
+        if self._owned_provider is None:
+            return
+        provider, self._owned_provider = self._owned_provider, None
+        processors, self._processors = self._processors, []
+        if _in_running_loop():
+            threading.Thread(
+                target=self._end_export,
+                args=(provider, processors),
+                name="asynctrace-close",
+                daemon=False,
+            ).start()
+        else:
+            self._end_export(provider, processors)
+
+    def _end_export(self, provider: TracerProvider, processors: list[_Pipeline]) -> None:
+        deadline = time.monotonic() + self.options.shutdown_timeout
+        try:
+            for processor in processors:
+                processor.shutdown_within(max(0.0, deadline - time.monotonic()))
+            provider.shutdown()  # its processors are shut already: nothing left to wait for
+        except Exception as exc:
+            STATE.errors.count("tracer provider shutdown", exc)
+
+
+def _in_running_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -143,8 +143,9 @@ class CountingProcessor(SpanProcessor):
         return done
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Export what is queued, waiting at most ``timeout_millis`` (the SDK's own wait is
-        unbounded: it runs in a helper thread).
+        """Export what is queued, waiting at most ``timeout_millis``.
+
+        The SDK's own flush waits without bound: it runs in a helper thread here.
         """
         if self._closed:
             return True

@@ -172,9 +172,14 @@ def _headers(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def _timeout(env: Mapping[str, str]) -> float:
+    """The export timeout in seconds, read as OpenTelemetry's Python exporters read it.
+
+    The specification says milliseconds; the Python SDK's exporters (1.45) read seconds. One
+    variable configures both, so asynctrace reads it as they do.
+    """
     raw = env.get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT") or env.get("OTEL_EXPORTER_OTLP_TIMEOUT")
     try:
-        return float(raw) / 1000 if raw else EXPORT_TIMEOUT_S  # the variables are milliseconds
+        return float(raw) if raw else EXPORT_TIMEOUT_S
     except ValueError:
         return EXPORT_TIMEOUT_S
 

@@ -81,6 +81,14 @@ class Instrument:
         Called once, by :func:`asynctrace.shutdown` or when the last installation is removed.
         """
 
+    def after_fork(self) -> None:
+        """Called in a child process after ``os.fork()``, instead of :meth:`close`.
+
+        The child starts with nothing installed. Release what the child inherited (sockets,
+        registrations) without waiting on threads, which exist only in the parent; flush
+        nothing, the parent exports its own data.
+        """
+
 
 class LeanInstrument(Instrument):
     """An instrument that needs only each task's metadata, outcome and duration (internal).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Final, final
 
@@ -214,6 +215,9 @@ class _Installed:
     """Which installations exist: the process-wide one and the per-loop ones."""
 
     def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
         self.process: Installation | None = None
         self.loops: list[Installation] = []
         self.warned: set[str] = set()  # the uncovered-loop warnings already logged
@@ -340,6 +344,7 @@ def install_factory(
     Raises:
         ValueError: asynctrace is installed with different options; the message names them.
     """
+    _watch_forks()
     with STATE.lock:
         ended = _unconfigure_if_idle()
     _close(ended)
@@ -433,6 +438,45 @@ def _cover_loop(loop: object) -> bool:
             _UNCOVERED[why],
         )
     return True
+
+
+_FORK_HOOK: list[bool] = []
+
+
+def _watch_forks() -> None:
+    """Register the fork hook once per process (at the first install)."""
+    if not _FORK_HOOK and hasattr(os, "register_at_fork"):
+        _FORK_HOOK.append(True)
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _after_fork_in_child() -> None:
+    """A forked child starts with nothing installed, and waits for nothing of the parent's.
+
+    The policy and the factories of the loops the child inherited are put back (on the
+    child's copies), each instrument's ``after_fork`` releases what the child inherited, and
+    every count and lock starts fresh. Nothing is flushed: the parent exports its own data,
+    and the child exits without waiting for threads that exist only in the parent.
+    """
+    instruments = STATE.hooks.instruments
+    process, loops = _INSTALLED.process, list(_INSTALLED.loops)
+    _INSTALLED.clear()
+    STATE.reinit_after_fork()
+    for installation in [*(process._children if process else ()), *loops]:
+        loop = installation.loop
+        if loop is not None and installation._factory is not None:
+            if loop.get_task_factory() is installation._factory:
+                loop.set_task_factory(installation._previous)
+            if loop.get_exception_handler() is installation._handler:
+                loop.set_exception_handler(installation._previous_handler)
+            installation._forget()
+    if process is not None and process._policy is not None and _get_policy() is process._policy:
+        _set_policy(process._policy._inner)
+    for instrument in instruments:
+        try:
+            instrument.after_fork()
+        except Exception as exc:
+            STATE.errors.count(source_of(instrument.after_fork), exc)
 
 
 def adopt_current_task() -> None:

@@ -43,6 +43,12 @@ class State:
         self.errors = ErrorCounts()
         self.clear()
 
+    def reinit_after_fork(self) -> None:
+        """In a forked child: fresh locks (another thread may have held one at the fork)."""
+        self.lock = threading.RLock()
+        self.errors = ErrorCounts()
+        self.clear()
+
     def clear(self) -> None:
         """Forget everything: no configuration, no error counts."""
         self.hooks = Hooks()

@@ -232,6 +232,19 @@ class Telemetry(Instrument):
             done = processor.force_flush(round(left_ms)) and done
         return done
 
+    def after_fork(self) -> None:
+        """In a forked child: close the inherited /metrics socket, wait for and flush nothing.
+
+        The server's thread, the export's and the provider's queue are the parent's (the SDK
+        empties the child's copy of its queue itself).
+        """
+        atexit.unregister(self.close)
+        server, self._http_server = self._http_server, None
+        if server is not None:
+            server.socket.close()  # no shutdown(): it would wait for the parent's thread
+        self._owned_provider = None
+        self._processors = []
+
     def close(self) -> None:
         """Stop the ``/metrics`` server; end the export within ``shutdown_timeout``. Idempotent.
 

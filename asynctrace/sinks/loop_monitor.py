@@ -123,6 +123,11 @@ class LoopMonitor(Instrument):
             stack,
         )
 
+    def after_fork(self) -> None:
+        """In a forked child: the watchdog thread was the parent's; stop the heartbeats."""
+        self._stop.set()
+        self._thread = None
+
     def close(self) -> None:
         """Stop the heartbeats and the watchdog thread."""
         self._stop.set()

@@ -153,6 +153,10 @@ class PrometheusSink(Instrument, Collector):
         dropped.add_metric([], self._dropped_spans())
         yield dropped
 
+    def after_fork(self) -> None:
+        """In a forked child: unregister from the child's copy of the registry."""
+        self.close()
+
     def close(self) -> None:
         """Unregister from the registry."""
         if self._registry is not None:

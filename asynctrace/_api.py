@@ -184,6 +184,8 @@ def install(
         loop = running
     elif not isinstance(loop, asyncio.AbstractEventLoop):
         raise TypeError(f"Invalid loop: {loop!r}; expected an asyncio event loop or None.")
+    elif loop.is_closed():
+        raise ValueError(f"Invalid loop: {loop!r} is closed; install on an open loop.")
 
     def make_instruments() -> tuple[Instrument, ...]:
         telemetry = Telemetry(export, __version__)

@@ -25,6 +25,7 @@ __all__ = [
     "FACTORY_MARK",
     "METADATA_KEYWORDS",
     "PENDING",
+    "check_context",
     "close_coro",
     "create_task",
     "is_asynctrace_factory",
@@ -71,6 +72,12 @@ def unknown_keywords_message(where: str, names: list[str], accepted: tuple[str, 
         f"{where} got unexpected keyword argument(s) {', '.join(parts)}; "
         f"accepted: {', '.join(accepted)}."
     )
+
+
+def check_context(context: object) -> None:
+    """Raise TypeError unless ``context`` is a ``contextvars.Context`` or None."""
+    if context is not None and not isinstance(context, contextvars.Context):
+        raise TypeError(f"Invalid context: {context!r}; expected a contextvars.Context or None.")
 
 
 def close_coro(coro: object) -> None:
@@ -139,6 +146,7 @@ def create_task(  # noqa: C901, PLR0911, PLR0912 - one check per keyword, one pa
             raise TypeError(
                 f"Invalid task_group: {task_group!r}; expected an asyncio.TaskGroup or None."
             )
+        check_context(context)
         loop = asyncio.get_running_loop()
     except BaseException:
         close_coro(coro)

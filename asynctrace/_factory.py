@@ -22,6 +22,7 @@ from asynctrace._create_task import (
     FACTORY_MARK,
     METADATA_KEYWORDS,
     PENDING,
+    check_context,
     close_coro,
     unknown_keywords_message,
 )
@@ -115,6 +116,7 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
     errors = state.errors
     slot = PENDING
     copy_context = contextvars.copy_context
+    context_type = contextvars.Context
     cid_var = _CORRELATION_ID
     metadata_var = _METADATA
     perf_ns = _perf_ns
@@ -160,8 +162,15 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
         if context is None:
             context = kwargs["context"] = copy_context()
             inherited = cid_var.get()
-        else:
+        elif type(context) is context_type:
             inherited = context.get(cid_var)
+        else:
+            try:
+                check_context(context)
+            except TypeError:
+                close_coro(coro)
+                raise
+            inherited = context.get(cid_var)  # a Context subclass
         if correlation_id is None:
             correlation_id = inherited
             if correlation_id is None:

@@ -518,19 +518,31 @@ def uninstall(loop: asyncio.AbstractEventLoop | None = None) -> bool:
 
     Since: 0.1.0
     """
+    if loop is not None and not isinstance(loop, asyncio.AbstractEventLoop):
+        raise TypeError(f"Invalid loop: {loop!r}; expected an asyncio event loop or None.")
     if loop is None:
         loop = running_loop()
     with STATE.lock:
-        if loop is None:
-            installation = _INSTALLED.process
-        else:
-            installation = installation_of(loop.get_task_factory())
+        installation = _INSTALLED.process if loop is None else _installation_on(loop)
         ended = _unconfigure_if_idle() if installation is None else ()
     _close(ended)
     if installation is None:
         return False
     installation.uninstall()
     return True
+
+
+def _installation_on(loop: asyncio.AbstractEventLoop) -> Installation | None:
+    """The installation on ``loop``, even if its factory was replaced since."""
+    found = installation_of(loop.get_task_factory())
+    if found is not None:
+        return found
+    process = _INSTALLED.process
+    candidates: list[Installation] = [*_INSTALLED.loops, *(process._children if process else ())]
+    for installation in candidates:
+        if installation.loop is loop and installation._factory is not None:
+            return installation
+    return None
 
 
 def loop_factory(

@@ -18,6 +18,7 @@ passes is checked against classes from the modules the user already imported to 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,12 +37,15 @@ __all__ = [
     "ExportOptions",
     "Protocol",
     "TaskFilterOption",
+    "redact_url",
 ]
 
 Protocol = Literal["http/protobuf", "http/json", "grpc"]
 PROTOCOLS: Final = ("http/protobuf", "http/json", "grpc")
 EXPORTERS: Final = ("otlp", "console", "none")
 TaskFilterOption = Callable[[TaskMetadata], bool] | Literal["operation"] | None
+_MIN_INTERVAL_S: Final = 0.001
+_MAX_INTERVAL_S: Final = 3600.0
 
 
 def _is_instance(value: object, module: str, cls: str) -> bool:
@@ -131,16 +135,55 @@ class ExportOptions:
 
     def validate(self) -> None:
         """Raise TypeError/ValueError naming the first bad option."""
+        self._check_texts()
+        self._check_numbers()
+        self._check_objects()
+
+    def _check_texts(self) -> None:
         if self.otlp_protocol is not None and not isinstance(self.otlp_protocol, str):
             raise TypeError(
                 f"Invalid otlp_protocol: {self.otlp_protocol!r}; expected one of "
                 f"{', '.join(PROTOCOLS)}."
             )
+        for name in ("service_name", "otlp_endpoint", "prometheus_addr"):
+            value = getattr(self, name)
+            if not (value is None and name != "prometheus_addr") and not isinstance(value, str):
+                expected = "a str" if name == "prometheus_addr" else "a str or None"
+                raise TypeError(f"Invalid {name}: {value!r}; expected {expected}.")
+        if self.otlp_endpoint is not None and not self.otlp_endpoint.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError(
+                f"Invalid otlp_endpoint: {redact_url(self.otlp_endpoint)!r}; expected an "
+                "http:// or https:// URL."
+            )
+        if self.traces_file is not None and not isinstance(self.traces_file, str | os.PathLike):
+            raise TypeError(
+                f"Invalid traces_file: {self.traces_file!r}; expected a path (str or PathLike)."
+            )
+
+    def _check_numbers(self) -> None:
         port = self.prometheus_port
         if port is not None and (
             not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535  # noqa: PLR2004
         ):
             raise ValueError(f"Invalid prometheus_port: {port!r}; expected 0 to 65535.")
+        ops = self.max_operations
+        if not isinstance(ops, int) or isinstance(ops, bool):
+            raise TypeError(f"Invalid max_operations: {ops!r}; expected an int >= 1.")
+        if ops < 1:
+            raise ValueError(f"Invalid max_operations: {ops!r}; expected an int >= 1.")
+        for name in ("lag_interval", "blocked_threshold", "shutdown_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise TypeError(f"Invalid {name}: {value!r}; expected seconds (a number).")
+            if not _MIN_INTERVAL_S <= value <= _MAX_INTERVAL_S:  # also refuses nan
+                raise ValueError(
+                    f"Invalid {name}: {value!r}; expected {_MIN_INTERVAL_S} to "
+                    f"{_MAX_INTERVAL_S:.0f} seconds."
+                )
+
+    def _check_objects(self) -> None:
         if self.registry is not None and not _is_instance(
             self.registry, "prometheus_client.registry", "CollectorRegistry"
         ):
@@ -168,14 +211,6 @@ class ExportOptions:
                 f"Invalid task_filter: {tf!r}; expected 'operation', a callable taking "
                 "TaskMetadata, or None."
             )
-        if not isinstance(self.max_operations, int) or self.max_operations < 1:
-            raise ValueError(
-                f"Invalid max_operations: {self.max_operations!r}; expected an int >= 1."
-            )
-        for name in ("lag_interval", "blocked_threshold", "shutdown_timeout"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or value <= 0:
-                raise ValueError(f"Invalid {name}: {value!r}; expected seconds > 0.")
 
     @property
     def export_requested(self) -> bool:
@@ -190,6 +225,27 @@ class ExportOptions:
         if self.sdk_disabled:
             return "disabled by OTEL_SDK_DISABLED"
         return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` as asynctrace shows it (labels, logs, summary): no credentials, no query values.
+
+    ``http://user:S3CRET@host:4318/v1/traces?api_key=K3Y`` shows as
+    ``http://host:4318/v1/traces?api_key=REDACTED``.
+    """
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit  # noqa: PLC0415
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:  # an IPv6 address
+            host = f"[{host}]"
+        netloc = f"{host}:{parts.port}" if parts.port is not None else host
+        pairs = parse_qsl(parts.query, keep_blank_values=True)
+        query = urlencode([(k, "REDACTED") for k, _ in pairs])
+        return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    except ValueError:  # not a URL at all (a bad port, say): show nothing of it
+        return "(unparsable URL)"
 
 
 def _traces_exporters(env: Mapping[str, str], *, otlp_asked: bool) -> tuple[str, ...]:
@@ -222,5 +278,10 @@ def _otlp_url(env: Mapping[str, str], argument: object, protocol: str | None) ->
         )
     if grpc:
         return base
-    url = base.rstrip("/")
-    return url if url.endswith("/v1/traces") else url + "/v1/traces"
+    from urllib.parse import urlsplit, urlunsplit  # noqa: PLC0415
+
+    parts = urlsplit(base)
+    path = parts.path.rstrip("/")
+    if not path.endswith("/v1/traces"):
+        path += "/v1/traces"
+    return urlunsplit(parts._replace(path=path))

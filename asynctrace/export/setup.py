@@ -31,7 +31,7 @@ from asynctrace._hooks import Instrument
 from asynctrace._metadata import TaskMetadata
 from asynctrace._state import STATE
 from asynctrace.export.drops import SpanDrops
-from asynctrace.export.options import ExportOptions
+from asynctrace.export.options import ExportOptions, redact_url
 from asynctrace.export.summary import Summary
 from asynctrace.sinks.task_metrics import TaskMetrics
 
@@ -103,7 +103,9 @@ class Telemetry(Instrument):
         if options.meter_provider is not None:
             from asynctrace.sinks.otel_metrics import OTelMetricsSink  # noqa: PLC0415
 
-            self.sinks.append(OTelMetricsSink(options.meter_provider, version))
+            self.sinks.append(
+                OTelMetricsSink(options.meter_provider, version, options.max_operations)
+            )
 
     def _setup_metrics(self) -> None:
         from prometheus_client import REGISTRY, start_http_server  # noqa: PLC0415
@@ -180,9 +182,10 @@ class Telemetry(Instrument):
         file_exporter: SpanExporter | None = None
         file_drops: SpanDrops | None = None
         if "otlp" in options.traces_exporters:
-            self.otlp_endpoint = options.otlp_url
+            assert options.otlp_url is not None  # noqa: S101 - resolved with "otlp"
+            self.otlp_endpoint = redact_url(options.otlp_url)
             protocol = options.otlp_protocol or "http/protobuf"
-            source = f"OTLP exporter ({protocol}, {options.otlp_url})"
+            source = f"OTLP exporter ({protocol}, {self.otlp_endpoint})"
             exporters.append((otlp_exporter(options), source))
         if "console" in options.traces_exporters:
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter  # noqa: PLC0415

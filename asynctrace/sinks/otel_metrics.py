@@ -16,7 +16,7 @@ from opentelemetry.metrics import MeterProvider
 from asynctrace._hooks import LeanInstrument
 from asynctrace._metadata import TaskMetadata
 from asynctrace._record import Outcome
-from asynctrace.sinks.task_metrics import DURATION_BUCKETS
+from asynctrace.sinks.task_metrics import DURATION_BUCKETS, OperationLabels
 
 __all__ = ["OTelMetricsSink"]
 
@@ -27,8 +27,15 @@ _BOUNDARIES: Final = list(DURATION_BUCKETS)
 class OTelMetricsSink(LeanInstrument):
     """Records task metrics on ``meter_provider``."""
 
-    def __init__(self, meter_provider: MeterProvider, version: str) -> None:
-        """Create the instruments on a meter named ``asynctrace``."""
+    def __init__(
+        self, meter_provider: MeterProvider, version: str, max_operations: int = 100
+    ) -> None:
+        """Create the instruments on a meter named ``asynctrace``.
+
+        At most ``max_operations`` distinct ``asynctrace.operation`` values, the rest as
+        ``_other`` (as the Prometheus sink does).
+        """
+        self._labels = OperationLabels(max_operations)
         meter = meter_provider.get_meter("asynctrace", version)
         self._duration = meter.create_histogram(
             "asynctrace.task.duration",
@@ -45,13 +52,13 @@ class OTelMetricsSink(LeanInstrument):
 
     def task_started(self, metadata: TaskMetadata) -> None:
         """Count the task and add it to the in-flight count."""
-        attributes = {"asynctrace.operation": metadata.operation_name or "unnamed"}
+        attributes = {"asynctrace.operation": self._labels.label(metadata.operation_name)}
         self._created.add(1, attributes)
         self._in_flight.add(1, attributes)
 
     def task_finished(self, metadata: TaskMetadata, outcome: Outcome, duration_ns: int) -> None:
         """Record the duration and take the task off the in-flight count."""
-        op = metadata.operation_name or "unnamed"
+        op = self._labels.label(metadata.operation_name)
         self._in_flight.add(-1, {"asynctrace.operation": op})
         self._duration.record(
             duration_ns / 1e9, {"asynctrace.operation": op, "asyncio.task.outcome": outcome}

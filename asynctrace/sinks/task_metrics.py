@@ -31,6 +31,7 @@ __all__ = [
     "OUTCOMES",
     "UNNAMED_OPERATION",
     "Folded",
+    "OperationLabels",
     "OperationStats",
     "Series",
     "TaskMetrics",
@@ -87,6 +88,34 @@ class _Shard:
 
 
 @final
+class OperationLabels:
+    """The ``operation`` label of a task: at most ``max_operations`` values, then ``_other``.
+
+    Tasks without an operation are ``unnamed``. Safe from any thread.
+    """
+
+    __slots__ = ("_lock", "_max", "_seen")
+
+    def __init__(self, max_operations: int) -> None:
+        """Admit the first ``max_operations`` distinct operation names."""
+        self._max = max_operations
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def label(self, operation_name: str | None) -> str:
+        """The label value for ``operation_name``."""
+        if operation_name is None:
+            return UNNAMED_OPERATION
+        if operation_name in self._seen:
+            return operation_name
+        with self._lock:
+            if len(self._seen) < self._max:
+                self._seen.add(operation_name)
+                return operation_name
+        return OTHER_OPERATION
+
+
+@final
 @dataclass(slots=True)
 class Folded:
     """What the shards counted, summed: by operation (and outcome, for durations)."""
@@ -139,8 +168,7 @@ class TaskMetrics(LeanInstrument):
         self._bounds_ns = [round(b * 1e9) for b in DURATION_BUCKETS]
         self._lag_bounds_ns = [round(b * 1e9) for b in LAG_BUCKETS]
         self._size = len(DURATION_BUCKETS) + 1
-        self._max_operations = max_operations
-        self._operations: set[str] = set()
+        self._labels = OperationLabels(max_operations)
         self._lock = threading.Lock()
         self._shards: list[_Shard] = []
         self._local = threading.local()
@@ -157,15 +185,7 @@ class TaskMetrics(LeanInstrument):
 
     def label(self, operation_name: str | None) -> str:
         """The ``operation`` label value for ``operation_name`` (bounded cardinality)."""
-        if operation_name is None:
-            return UNNAMED_OPERATION
-        if operation_name in self._operations:
-            return operation_name
-        with self._lock:
-            if len(self._operations) < self._max_operations:
-                self._operations.add(operation_name)
-                return operation_name
-        return OTHER_OPERATION
+        return self._labels.label(operation_name)
 
     def _shard_and_label(self, metadata: TaskMetadata) -> tuple[_Shard, str]:
         """This thread's shard, and the ``operation`` label of a task with ``metadata``."""

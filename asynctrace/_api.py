@@ -95,6 +95,7 @@ def install(
     lag_interval: float = 0.25,
     blocked_threshold: float = 0.1,
     shutdown_timeout: float = 5.0,
+    exception_messages: bool = True,
 ) -> Installation:
     """Install the asynctrace task factory; every task created afterwards carries metadata.
 
@@ -142,6 +143,9 @@ def install(
             the last ``uninstall()``, process exit); spans still queued then are dropped and
             counted. Inside a running loop the export ends in a background thread, so the
             loop never waits for it.
+        exception_messages: Record a failed task's exception message in its span's exception
+            event (once; the span's status holds only the type). False records none, for
+            apps whose messages may carry personal data.
 
     Returns:
         The :class:`Installation`; its ``uninstall()`` restores what was there before.
@@ -172,6 +176,7 @@ def install(
         lag_interval=lag_interval,
         blocked_threshold=blocked_threshold,
         shutdown_timeout=shutdown_timeout,
+        exception_messages=exception_messages,
     )
     options = _make_options(id_generator, instruments, export)
     # A bare install() (every option at its default) asks for no configuration of its own:

@@ -13,12 +13,25 @@ import time
 from collections.abc import Callable
 from typing import Final, final
 
-__all__ = ["LOG_EVERY_S", "ErrorCounts"]
+__all__ = ["LOG_EVERY_S", "ErrorCounts", "escape"]
 
 logger: Final = logging.getLogger("asynctrace")
 
 LOG_EVERY_S: Final = 60.0
 """After a source's first failure, how often at most its later failures are logged."""
+
+
+def escape(text: object, limit: int = 200) -> str:
+    """Free text (a task name, a header, a URL) made safe to put in a log line.
+
+    Non-printable characters are written as escapes (a newline as a backslash and ``n``), so
+    that text from outside can never start a forged log line; longer text is cut to
+    ``limit``.
+    """
+    value = str(text)
+    if not value.isprintable():
+        value = "".join(c if c.isprintable() else repr(c)[1:-1] for c in value)
+    return value if len(value) <= limit else value[:limit] + "..."
 
 
 @final
@@ -51,7 +64,7 @@ class ErrorCounts:
             logger.error(
                 "asynctrace: %s failed; the application is not affected and telemetry goes on "
                 "(later failures are counted, and logged at most every %.0f s)",
-                source,
+                escape(source),
                 self._log_every,
                 exc_info=exc,
             )
@@ -59,7 +72,7 @@ class ErrorCounts:
             logger.error(
                 "asynctrace: %s failed %d more time(s) since it was last logged (%d in all); "
                 "the latest: %s",
-                source,
+                escape(source),
                 unlogged,
                 total,
                 type(exc).__qualname__ if exc is not None else "a failed result",

@@ -132,3 +132,56 @@ def test_redact_url_keeps_what_locates_the_collector() -> None:
     )
     assert redact_url("http://[::1]:4318") == "http://[::1]:4318"
     assert redact_url("http://h:99999999/") == "(unparsable URL)"
+
+
+def test_a_task_name_cannot_forge_a_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """The blocked-loop warning escapes the task's name: no line of its own for a forger."""
+    import time  # noqa: PLC0415
+
+    async def blocker() -> None:
+        time.sleep(0.4)  # noqa: ASYNC251 - blocking the loop is the point
+
+    async def main() -> None:
+        asynctrace.install(registry=CollectorRegistry(), lag_interval=0.05, blocked_threshold=0.1)
+        await asyncio.sleep(0.1)  # the heartbeat runs
+        await asynctrace.create_task(blocker(), name="x\nCRITICAL forged: all is lost")
+
+    with caplog.at_level(logging.WARNING, logger="asynctrace"):
+        asyncio.run(main())
+    (message,) = [r.getMessage() for r in caplog.records if "event loop blocked" in r.getMessage()]
+    assert "\nCRITICAL forged" not in message
+    assert "in task x\\nCRITICAL forged: all is lost (operation" in message
+
+
+def test_an_exception_message_is_recorded_once_or_not_at_all() -> None:
+    """Once, in the exception event (status: the type only); never, when asked for."""
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
+        InMemorySpanExporter,
+    )
+
+    async def fail() -> None:
+        number = f"{4111}-{1111}"  # built at run time: not in the stack's source lines
+        raise ValueError(f"card {number} declined")
+
+    for messages in (True, False):
+        asynctrace.testing.reset()
+        provider = TracerProvider()
+        exporter = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+        async def main() -> None:
+            asynctrace.install(tracer_provider=provider, metrics=False, exception_messages=messages)  # noqa: B023
+            with pytest.raises(ValueError, match="declined"):
+                await asynctrace.create_task(fail(), operation_name="pay")
+
+        asyncio.run(main())
+        (span,) = [s for s in exporter.get_finished_spans() if s.name == "pay"]
+        text = repr(span.to_json())
+        assert text.count("4111-1111") == (1 if messages else 0)
+        assert span.status.description == "ValueError"
+        (event,) = span.events
+        assert event.attributes is not None
+        assert event.attributes["exception.type"] == "ValueError"
+        assert "fail" in str(event.attributes["exception.stacktrace"])

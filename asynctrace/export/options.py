@@ -74,6 +74,7 @@ class ExportOptions:
     lag_interval: float = 0.25
     blocked_threshold: float = 0.1
     shutdown_timeout: float = 5.0
+    exception_messages: bool = True
     # From the environment only:
     traces_exporters: tuple[str, ...] = ()
     otlp_url: str | None = None
@@ -184,6 +185,10 @@ class ExportOptions:
                 )
 
     def _check_objects(self) -> None:
+        for name in ("metrics", "loop_monitor", "exception_messages"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"Invalid {name}: {value!r}; expected True or False.")
         if self.registry is not None and not _is_instance(
             self.registry, "prometheus_client.registry", "CollectorRegistry"
         ):

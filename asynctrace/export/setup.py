@@ -97,7 +97,14 @@ class Telemetry(Instrument):
 
             tf = options.task_filter
             task_filter = _only_named if tf == "operation" else tf
-            self.sinks.append(SpanSink(provider, task_filter, version))
+            self.sinks.append(
+                SpanSink(
+                    provider,
+                    task_filter,
+                    version,
+                    exception_messages=options.exception_messages,
+                )
+            )
         if options.metrics:
             self._setup_metrics()
         if options.meter_provider is not None:

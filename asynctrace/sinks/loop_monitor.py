@@ -18,6 +18,7 @@ import traceback
 import weakref
 from typing import Final, final
 
+from asynctrace._errors import escape
 from asynctrace._hooks import Instrument
 from asynctrace._introspect import task_metadata
 from asynctrace.sinks.task_metrics import TaskMetrics
@@ -117,9 +118,9 @@ class LoopMonitor(Instrument):
             "asynctrace: event loop blocked for more than %.3f s in task %s (operation %s, "
             "correlation_id %s); the loop thread is at:\n%s",
             late,
-            task.get_name() if task is not None else "(none)",
-            operation,
-            meta.correlation_id if meta is not None else None,
+            escape(task.get_name()) if task is not None else "(none)",
+            escape(operation),
+            escape(meta.correlation_id) if meta is not None else None,
             stack,
         )
 

@@ -220,16 +220,22 @@ def _attributes(task: asyncio.Task[Any], record: TaskRecord) -> dict[str, Any]:
 
 
 def _error_status(exc: BaseException) -> Status:
-    return Status(StatusCode.ERROR, f"{type(exc).__qualname__}: {exc}")
+    # The type only: the message is in the exception event, once (or, by choice, nowhere).
+    return Status(StatusCode.ERROR, type(exc).__qualname__)
 
 
-def _exception_event_attributes(exc: BaseException) -> dict[str, Any]:
-    return {
-        "exception.type": type(exc).__qualname__,
-        "exception.message": str(exc),
-        "exception.stacktrace": "".join(traceback.format_exception(exc)),
+def _exception_event_attributes(exc: BaseException, *, message: bool) -> dict[str, Any]:
+    """The exception event's attributes: the message once, the stack without it."""
+    name = type(exc).__qualname__
+    stack = "".join(traceback.format_tb(exc.__traceback__))
+    attributes: dict[str, Any] = {
+        "exception.type": name,
+        "exception.stacktrace": f"Traceback (most recent call last):\n{stack}{name}",
         "exception.escaped": "True",
     }
+    if message:
+        attributes["exception.message"] = str(exc)
+    return attributes
 
 
 _Started = _TaskSpan | trace.Span
@@ -244,8 +250,15 @@ class SpanSink(Instrument):
         tracer_provider: trace.TracerProvider,
         task_filter: TaskFilter | None = None,
         version: str = "",
+        *,
+        exception_messages: bool = True,
     ) -> None:
-        """Trace with ``tracer_provider``, only tasks whose metadata ``task_filter`` admits."""
+        """Trace with ``tracer_provider``, only tasks whose metadata ``task_filter`` admits.
+
+        ``exception_messages=False`` leaves exception messages out of spans (only the type
+        and the stack's frames are recorded), for apps whose messages may carry personal data.
+        """
+        self._messages = exception_messages
         self._provider = tracer_provider
         self._filter = task_filter
         self._tracer = tracer_provider.get_tracer("asynctrace", version)
@@ -407,9 +420,17 @@ class SpanSink(Instrument):
                 self._emit(started, name, attributes, start_ns=start_ns, end=end, exc=exc)
             return
         if failed and exc is not None:
-            started.record_exception(exc, timestamp=end, escaped=True)
-            started.set_status(_error_status(exc))
+            self._record_exception(started, exc, end)
         started.end(end_time=end)
+
+    def _record_exception(self, span: trace.Span, exc: BaseException, end: int) -> None:
+        """The full path's exception event and status, as the fast path writes them."""
+        span.add_event(
+            "exception",
+            _exception_event_attributes(exc, message=self._messages),
+            timestamp=end,
+        )
+        span.set_status(_error_status(exc))
 
     def _emit(
         self,
@@ -428,7 +449,8 @@ class SpanSink(Instrument):
         status = _UNSET
         if exc is not None:
             status = _error_status(exc)
-            events = (sdk_trace.Event("exception", _exception_event_attributes(exc), end),)
+            attributes_of_event = _exception_event_attributes(exc, message=self._messages)
+            events = (sdk_trace.Event("exception", attributes_of_event, end),)
         tracer = self._tracer
         assert isinstance(tracer, sdk_trace.Tracer)  # noqa: S101 - the fast path needs it
         tracer.span_processor.on_end(
@@ -478,8 +500,7 @@ class SpanSink(Instrument):
         span.update_name(span_name(task, record.metadata))
         span.set_attributes(attributes)
         if record.outcome == EXCEPTION and exc is not None:
-            span.record_exception(exc, timestamp=end, escaped=True)
-            span.set_status(_error_status(exc))
+            self._record_exception(span, exc, end)
         elif record.outcome == CANCELLED:
             span.set_status(_UNSET)
         span.end(end_time=end)

@@ -54,7 +54,7 @@ class ErrorCounts:
         now = self._clock()
         with self._lock:
             total = self._counts[source] = self._counts.get(source, 0) + 1
-            last = self._logged_at.get(source)
+            last = self._logged_at.get(source)  # a declared source is not logged yet
             if last is not None and now - last < self._log_every:
                 return
             unlogged = total - self._logged_count.get(source, 0)
@@ -78,10 +78,15 @@ class ErrorCounts:
                 type(exc).__qualname__ if exc is not None else "a failed result",
             )
 
-    def snapshot(self) -> dict[str, int]:
-        """A copy of the counts, by source."""
+    def declare(self, source: str) -> None:
+        """Make ``source`` known, at 0 failures: served from 0, so a first failure shows."""
         with self._lock:
-            return dict(self._counts)
+            self._counts.setdefault(source, 0)
+
+    def snapshot(self, *, declared: bool = False) -> dict[str, int]:
+        """A copy of the counts, by source; with ``declared``, the sources still at 0 too."""
+        with self._lock:
+            return {k: n for k, n in self._counts.items() if n or declared}
 
     def clear(self) -> None:
         """Forget every count (for tests)."""

@@ -359,6 +359,8 @@ def install_factory(
                     if built is None:
                         continue  # uninstalled meanwhile: build, with the lock released
                     STATE.configure(options, Hooks(built), id_generator)
+                    for instrument in built:  # their failures are served from 0
+                        STATE.errors.declare(source_of(instrument.close))
                 else:
                     discard = built or ()
                     if not join and options != STATE.options:

@@ -160,7 +160,7 @@ def test_every_rule_has_firing_and_quiet_unit_tests() -> None:
     rules = (EXPORTERS / "prometheus" / "rules" / "asynctrace.rules.yml").read_text()
     tests = (EXPORTERS / "prometheus" / "tests" / "asynctrace.rules.test.yml").read_text()
     names = re.findall(r"- alert: (\w+)", rules)
-    assert len(names) == 6
+    assert len(names) == 7
     for name in names:
         blocks = [b for b in tests.split("- eval_time") if f"alertname: {name}" in b]
         assert any("exp_alerts: []" in b for b in blocks), f"{name} has no quiet test"
@@ -174,6 +174,7 @@ def _shortened_rules(tmp: Path) -> Path:
     """The shipped rules with windows and for-durations scaled down to test time."""
     text = (EXPORTERS / "prometheus" / "rules" / "asynctrace.rules.yml").read_text()
     text = re.sub(r"\[(5|10|15)m\]", "[20s]", text)
+    text = re.sub(r"offset (5|10|15)m", "offset 20s", text)
     text = re.sub(r"for: \d+m", "for: 3s", text)
     path = tmp / "rules.yml"
     path.write_text(text)
@@ -208,11 +209,73 @@ class _AlertSink:
         self.thread.join(timeout=5)
 
 
+def _start_prometheus(
+    processes: Processes, tmp: Path, port: int, jobs: dict[str, str], am_port: int | None = None
+) -> str:
+    """A real Prometheus scraping ``jobs`` every second with the shortened rules; its URL."""
+    prometheus = _need("prometheus")
+    config: dict[str, Any] = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(_shortened_rules(tmp))],
+        "scrape_configs": [
+            {"job_name": job, "static_configs": [{"targets": [target]}]}
+            for job, target in jobs.items()
+        ],
+    }
+    if am_port is not None:
+        config["alerting"] = {
+            "alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]
+        }
+    (tmp / "prom.yml").write_text(json.dumps(config))
+    processes.start("prometheus", [
+        prometheus, f"--config.file={tmp / 'prom.yml'}",
+        f"--storage.tsdb.path={tmp / 'prom-data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ])  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_for(
+        "Prometheus ready",
+        lambda: urllib.request.urlopen(f"{url}/-/ready", timeout=2).status == 200,
+        30,
+    )
+    return url
+
+
+HUNG_APP = """
+import asyncio, sys, time, asynctrace
+asynctrace.install(prometheus_port=int(sys.argv[1]), lag_interval=0.1, blocked_threshold=0.1)
+
+async def main():
+    await asyncio.sleep(float(sys.argv[2]))  # Prometheus scrapes a healthy loop first
+    time.sleep(float(sys.argv[3]))  # then the loop hangs (sync work on the loop)
+
+asyncio.run(main())
+"""
+
+
+def test_a_hung_loop_fires_in_prometheus(processes: Processes, tmp_path: Path) -> None:
+    """A loop hung in sync work: /metrics (another thread) shows it, the Hung alert fires."""
+    app_port, prom_port = free_port(), free_port()
+    processes.start("hung", [sys.executable, "-c", HUNG_APP, str(app_port), "3", "40"])
+    wait_for("the app's /metrics", lambda: urllib.request.urlopen(
+        f"http://127.0.0.1:{app_port}/metrics", timeout=2).status == 200, 20)  # fmt: skip
+    prom = _start_prometheus(processes, tmp_path, prom_port, {"hung": f"127.0.0.1:{app_port}"})
+
+    def firing() -> list[dict[str, Any]]:
+        alerts = get_json(f"{prom}/api/v1/alerts")["data"]["alerts"]
+        return [a for a in alerts
+                if a["labels"]["alertname"] == "AsynctraceEventLoopHung"
+                and a["state"] == "firing"]  # fmt: skip
+
+    (alert,) = wait_for("the hung-loop alert to fire", firing, 40)
+    assert alert["labels"]["job"] == "hung"
+    assert float(alert["value"]) > 5
+
+
 def test_error_alert_fires_in_prometheus_and_reaches_alertmanager(
     processes: Processes, tmp_path: Path
 ) -> None:
     """Failing load fires the error-ratio alert for that service only; Alertmanager gets it."""
-    prometheus = _need("prometheus")
     alertmanager = _need("prometheus-alertmanager")
     sink = _AlertSink()
     try:
@@ -233,27 +296,10 @@ def test_error_alert_fires_in_prometheus_and_reaches_alertmanager(
             f"--storage.path={tmp_path / 'am-data'}",
             f"--web.listen-address=127.0.0.1:{am_port}", "--cluster.listen-address=",
         ])  # fmt: skip
-        (tmp_path / "prom.yml").write_text(json.dumps({
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(_shortened_rules(tmp_path))],
-            "alerting": {"alertmanagers": [
-                {"static_configs": [{"targets": [f"127.0.0.1:{am_port}"]}]}]},
-            "scrape_configs": [
-                {"job_name": "healthy", "static_configs": [{"targets": [healthy_metrics]}]},
-                {"job_name": "failing", "static_configs": [{"targets": [failing_metrics]}]},
-            ],
-        }))  # fmt: skip
-        processes.start("prometheus", [
-            prometheus, f"--config.file={tmp_path / 'prom.yml'}",
-            f"--storage.tsdb.path={tmp_path / 'prom-data'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-        ])  # fmt: skip
-        prom = f"http://127.0.0.1:{prom_port}"
-        wait_for(
-            "Prometheus ready",
-            lambda: urllib.request.urlopen(f"{prom}/-/ready", timeout=2).status == 200,
-            30,
-        )
+        prom = _start_prometheus(
+            processes, tmp_path, prom_port,
+            {"healthy": healthy_metrics, "failing": failing_metrics}, am_port,
+        )  # fmt: skip
         for name, url in (("load-healthy", healthy_url), ("load-failing", failing_url)):
             processes.start(name, [sys.executable, str(LOAD), "--url", url, "--duration", "60",
                                    "--rate", "15"])  # fmt: skip

@@ -192,3 +192,50 @@ def test_collector_describes_its_families_so_clashes_are_caught() -> None:
         Counter("asynctrace_tasks_created", "a user metric of the same name", registry=registry)
     with pytest.raises(ValueError, match="asynctrace_task_duration_seconds"):
         Counter("asynctrace_task_duration_seconds", "another clash", registry=registry)
+
+
+def test_a_hung_loop_shows_while_it_is_hung() -> None:
+    """event_loop_blocked_seconds, read from another thread, grows while the loop is stuck."""
+    import threading  # noqa: PLC0415
+
+    registry = CollectorRegistry()
+    hung = threading.Event()
+
+    async def main() -> None:
+        asynctrace.install(registry=registry, lag_interval=0.05, blocked_threshold=0.1)
+        await asyncio.sleep(0.2)  # heartbeats run
+        hung.set()
+        time.sleep(1.2)  # noqa: ASYNC251 - the hang under test
+        await asyncio.sleep(0.2)
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),))
+    thread.start()
+    try:
+        assert hung.wait(10)
+        time.sleep(0.8)
+        during = value(registry, "asynctrace_event_loop_blocked_seconds")
+    finally:
+        thread.join(10)
+    assert during is not None
+    assert 0.5 < during < 1.5
+    assert value(registry, "asynctrace_event_loop_blocked_seconds") == 0  # the loop is gone
+
+
+def test_known_label_sets_start_at_zero() -> None:
+    """Blocked episodes by operation and failures by source are served from 0."""
+
+    class Quiet(asynctrace.Instrument):
+        def task_done(self, task: object, record: object) -> None:  # type: ignore[override]
+            pass
+
+    registry = CollectorRegistry()
+
+    async def main() -> None:
+        asynctrace.install(registry=registry, instruments=[Quiet()])
+        await asynctrace.create_task(ok(), operation_name="w")
+
+    asyncio.run(main())
+    assert value(registry, "asynctrace_event_loop_blocked_total", operation="unknown") == 0
+    assert value(registry, "asynctrace_event_loop_blocked_total", operation="w") == 0
+    assert value(registry, "asynctrace_telemetry_errors_total", source="instrument Quiet") == 0
+    assert asynctrace.telemetry_errors() == {}  # the API lists failures only

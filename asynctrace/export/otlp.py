@@ -53,6 +53,7 @@ class CountingExporter(SpanExporter):
 
     def __init__(self, inner: SpanExporter, source: str, drops: SpanDrops) -> None:
         """Export with ``inner``; failures count under ``source``, dropped spans in ``drops``."""
+        STATE.errors.declare(source)  # served from 0: the first failure shows as an increase
         self._inner = inner
         self._source = source
         self._drops = drops

@@ -123,13 +123,15 @@ class Telemetry(Instrument):
         registry = options.registry if options.registry is not None else REGISTRY
         self.metrics = TaskMetrics(options.max_operations)
         self.sinks.append(self.metrics)
-        self.sinks.append(PrometheusSink(self.metrics, registry, self._dropped_spans))
+        monitor = None
         if options.loop_monitor:
             from asynctrace.sinks.loop_monitor import LoopMonitor  # noqa: PLC0415
 
-            self.sinks.append(
-                LoopMonitor(self.metrics, options.lag_interval, options.blocked_threshold)
-            )
+            monitor = LoopMonitor(self.metrics, options.lag_interval, options.blocked_threshold)
+        blocked_for = monitor.blocked_for if monitor is not None else None
+        self.sinks.append(PrometheusSink(self.metrics, registry, self._dropped_spans, blocked_for))
+        if monitor is not None:
+            self.sinks.append(monitor)
         if options.prometheus_port is not None:
             try:
                 server, thread = start_http_server(

@@ -57,6 +57,23 @@ class LoopMonitor(Instrument):
         self._thread: threading.Thread | None = None
         self._last_stack_log = 0.0
 
+    def blocked_for(self) -> float:
+        """How long the longest-blocked loop has been blocked now, in seconds (0: none is).
+
+        Read at scrape time, from another thread: a hung loop shows here while it is hung,
+        before any heartbeat can run to count it.
+        """
+        now = time.monotonic()
+        with self._lock:
+            watched = list(self._watched)
+        worst = 0.0
+        for w in watched:
+            loop = w.loop()
+            if loop is not None and w.due and loop.is_running():
+                # due = the last beat + interval + threshold; blocked since it should have run
+                worst = max(worst, now - (w.due - self._threshold))
+        return worst if worst > self._threshold else 0.0
+
     def loop_attached(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start the heartbeat on ``loop`` and make sure the watchdog runs."""
         watched = _Watched(loop)

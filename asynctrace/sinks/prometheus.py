@@ -51,10 +51,16 @@ class PrometheusSink(Instrument, Collector):
         metrics: TaskMetrics,
         registry: CollectorRegistry,
         dropped_spans: Callable[[], int] = _no_drops,
+        blocked_for: Callable[[], float] | None = None,
     ) -> None:
-        """Register on ``registry``; a name clash there raises ValueError and registers nothing."""
+        """Register on ``registry``; a name clash there raises ValueError and registers nothing.
+
+        ``blocked_for`` tells how long a loop has been blocked now (the loop monitor's);
+        without it the gauge is not served.
+        """
         self._metrics = metrics
         self._dropped_spans = dropped_spans
+        self._blocked_for = blocked_for
         self._registry: CollectorRegistry | None = registry
         registry.register(self)
 
@@ -134,9 +140,17 @@ class PrometheusSink(Instrument, Collector):
             "of the task that was running (unknown when none was).",
             labels=["operation"],
         )
-        for op in sorted(blocked):
-            blocked_family.add_metric([op], blocked[op])
+        # Every operation seen, and "unknown", from 0: increase() then sees the first episode.
+        for op in sorted({"unknown", *blocked, *created}):
+            blocked_family.add_metric([op], blocked.get(op, 0))
         yield blocked_family
+        if self._blocked_for is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}event_loop_blocked_seconds",
+                "How long the event loop has been blocked now (the longest-blocked one, 0 when "
+                "none is); measured by the watchdog thread, so it shows a hung loop.",
+                value=self._blocked_for(),
+            )
 
         errors = CounterMetricFamily(
             f"{PREFIX}telemetry_errors",
@@ -144,7 +158,7 @@ class PrometheusSink(Instrument, Collector):
             "affected.",
             labels=["source"],
         )
-        for source, n in sorted(STATE.errors.snapshot().items()):
+        for source, n in sorted(STATE.errors.snapshot(declared=True).items()):
             errors.add_metric([source], n)
         yield errors
         dropped = CounterMetricFamily(

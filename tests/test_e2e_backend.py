@@ -428,6 +428,28 @@ def test_service_correlation_ids_and_bad_input(processes: Processes) -> None:
     assert body["error"].startswith("invalid body:")
 
 
+def test_service_exits_on_sigterm_promptly_with_a_hung_collector(processes: Processes) -> None:
+    """The collector accepts and never answers: SIGTERM still ends the service within its
+    shutdown bound (5 s by default), the queued spans dropped and counted.
+    """
+    from tests import faulty_collectors  # noqa: PLC0415
+
+    with faulty_collectors.silent() as collector:
+        url, _ = start_service(
+            processes, "sigterm", ["web:latency=0.001"],
+            env={"OTEL_EXPORTER_OTLP_ENDPOINT": collector},
+        )  # fmt: skip
+        docs = json.dumps({"documents": [{"source": "web", "id": "1", "body": "x"}]}).encode()
+        for _ in range(20):
+            assert _post(url, docs, {})[0] == 200
+        start = time.monotonic()
+        processes.stop("sigterm")
+        took = time.monotonic() - start
+    assert took < 9, f"the service took {took:.1f} s to exit after SIGTERM"
+    log = processes.log("sigterm")
+    assert "did not finish within 5.0 s" in log
+
+
 def test_service_refuses_bad_input_without_a_500(processes: Processes) -> None:
     """Bad ids get a fresh one (the rejection logged, escaped); bad bodies 400/413, as JSON."""
     url, _ = start_service(processes, "bad", ["web:latency=0.001"])

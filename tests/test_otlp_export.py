@@ -156,7 +156,9 @@ def test_collector_down_never_breaks_the_app(caplog: pytest.LogCaptureFixture) -
         asynctrace.shutdown()
     errors = asynctrace.telemetry_errors()
     assert errors == {}  # shutdown reset the counts; check what was logged instead
-    logged = [r for r in caplog.records if "OTLP exporter" in r.getMessage()]
+    logged = [
+        r for r in caplog.records if f"OTLP exporter (http/protobuf, {dead}" in r.getMessage()
+    ]
     assert len(logged) == 1
 
 

@@ -12,13 +12,14 @@ __all__ = ["SpanDrops"]
 class SpanDrops:
     """Counts of one export pipeline: spans handed on, spans at the exporter, spans dropped."""
 
-    __slots__ = ("_lock", "closed", "dropped", "handed", "reached")
+    __slots__ = ("_lock", "closed", "dropped", "handed", "in_flight", "reached")
 
     def __init__(self) -> None:
         """Start at zero."""
         self._lock = threading.Lock()
         self.handed = 0
         self.reached = 0
+        self.in_flight = 0  # reached the exporter, its export not finished yet
         self.dropped = 0
         self.closed = False
 
@@ -37,25 +38,37 @@ class SpanDrops:
             if self.closed:
                 return False
             self.reached += count
+            self.in_flight += count
             return True
 
+    def settle(self, count: int, *, exported: bool) -> None:
+        """The export of ``count`` spans ended; failed ones are dropped (unless written off)."""
+        with self._lock:
+            self.in_flight -= count
+            if not exported and not self.closed:
+                self.dropped += count
+
     def drop(self, count: int) -> None:
-        """``count`` spans were dropped (a failed export)."""
+        """``count`` spans were dropped before reaching the exporter."""
         with self._lock:
             self.dropped += count
 
     def close(self) -> int:
-        """No more exports: count every span handed on that never reached the exporter.
+        """No more exports: count every span not exported by now as dropped; how many.
 
-        Returns how many that was. Batches the export thread takes from its queue later
-        are refused (``arrive`` returns False), since they are counted here.
+        That is the spans still waiting, and those in an export still under way (the
+        process may end before it does: they are not confirmed, so they count; should that
+        export still succeed, they stay counted). Batches the export thread takes later are
+        refused (``arrive`` returns False), and nothing settled later is counted again.
         """
         with self._lock:
-            waiting = 0 if self.closed else self.handed - self.reached
+            if self.closed:
+                return 0
+            lost = self.handed - self.reached + self.in_flight
             self.closed = True
-            self.dropped += waiting
+            self.dropped += lost
             self.reached = self.handed
-            return waiting
+            return lost
 
     def total_dropped(self) -> int:
         """Spans dropped so far."""

@@ -62,16 +62,18 @@ class CountingExporter(SpanExporter):
         """Export one batch; a failed one is counted as dropped, a late one refused."""
         if not self._drops.arrive(len(spans)):
             return SpanExportResult.FAILURE  # past the shutdown deadline: counted already
+        result = SpanExportResult.FAILURE
+        failure: BaseException | None = None
         try:
             result = self._inner.export(spans)
         except Exception as exc:
-            result = SpanExportResult.FAILURE
-            STATE.errors.count(self._source, exc)
-        else:
-            if result is not SpanExportResult.SUCCESS:
-                STATE.errors.count(self._source)
-        if result is not SpanExportResult.SUCCESS:
-            self._drops.drop(len(spans))
+            failure = exc
+        finally:
+            self._drops.settle(len(spans), exported=result is SpanExportResult.SUCCESS)
+        # An export that ends after the pipeline closed was counted then, as not exported;
+        # its failure belongs to an installation that has ended: not reported again.
+        if result is not SpanExportResult.SUCCESS and not self._drops.closed:
+            STATE.errors.count(self._source, failure)
         return result
 
     def shutdown(self) -> None:
@@ -136,8 +138,8 @@ class CountingProcessor(SpanProcessor):
         waiting = self._drops.close()  # a batch the thread takes later is refused
         if waiting:
             logger.warning(
-                "asynctrace: span export did not finish within %.1f s; %d queued span(s) "
-                "dropped (counted in asynctrace_spans_dropped_total)",
+                "asynctrace: span export did not finish within %.1f s; %d span(s) not "
+                "exported by then are counted as dropped (asynctrace_spans_dropped_total)",
                 timeout_s,
                 waiting,
             )

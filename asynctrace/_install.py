@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any, Final, final
 
@@ -126,32 +127,38 @@ class Installation:
         instrumented. Calling it twice is harmless. When nothing stays installed, the
         instruments are closed (spans flushed, servers stopped).
 
+        A loop's factory is only ever changed on the loop's own thread. Called from
+        another thread while that loop runs, this hands the change to the loop
+        (``call_soon_threadsafe``) and returns once the loop has made it, or after
+        ``SWITCH_WAIT_S`` if the loop is blocked (it makes it when it next runs). The
+        installation is inactive from the moment this is called.
+
         Raises:
             RuntimeError: Something replaced asynctrace's factory (or policy) since; asynctrace
                 leaves it in place rather than remove someone else's.
         """
         with STATE.lock:
-            if self.loop is None:
-                _uninstall_process(self)
-            else:
-                self._uninstall_loop()
+            switches = _uninstall_process(self) if self.loop is None else self._uninstall_loop()
             closing = _unconfigure_if_idle()
+        for switch in switches:  # no lock held: a loop thread may need it to get there
+            switch.apply()
         _close(closing)
 
-    def _uninstall_loop(self) -> None:
+    def _uninstall_loop(self) -> list[_Switch]:
         assert self.loop is not None  # noqa: S101 - internal invariant
-        if self._factory is None:
-            return
+        factory = self._factory
+        if factory is None:
+            return []
         current = self.loop.get_task_factory()
-        if current is not self._factory:
+        if current is not factory:
             raise RuntimeError(
                 f"Cannot uninstall from {self.loop!r}: its task factory was replaced after "
                 f"asynctrace.install() (now {current!r}); restore it first."
             )
-        self.loop.set_task_factory(self._previous)
-        if self.loop.get_exception_handler() is self._handler:  # else: leave the app's own
-            self.loop.set_exception_handler(self._previous_handler)
+        switch = _Switch(self.loop, factory, self._previous, self._handler)
+        switch.previous_handler = self._previous_handler
         self._forget()
+        return [switch]
 
     @property
     def loop_closed(self) -> bool:
@@ -175,6 +182,64 @@ class Installation:
 logger: Final = logging.getLogger("asynctrace")
 
 _ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+
+SWITCH_WAIT_S: Final = 5.0
+"""How long an uninstall from another thread waits for a running loop to switch factories."""
+
+
+@final
+class _Switch:
+    """Putting a loop's previous factory (and exception handler) back, on the loop's thread."""
+
+    __slots__ = ("factory", "handler", "loop", "previous", "previous_handler")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        factory: object,
+        previous: TaskFactory | None,
+        handler: _ExceptionHandler | None,
+    ) -> None:
+        self.loop = loop
+        self.factory = factory
+        self.previous = previous
+        self.handler = handler
+        self.previous_handler: _ExceptionHandler | None = None
+
+    def run(self) -> None:
+        """Switch back, unless someone replaced ours meanwhile (theirs stays)."""
+        loop = self.loop
+        if loop.get_task_factory() is self.factory:
+            loop.set_task_factory(self.previous)
+        if loop.get_exception_handler() is self.handler:
+            loop.set_exception_handler(self.previous_handler)
+
+    def apply(self) -> bool:
+        """Switch now when on the loop's thread (or it runs nowhere); else hand it to the loop.
+
+        asyncio's ``create_task`` reads the factory twice: changing it from another thread
+        while the loop creates tasks could make it call None. Returns whether it is done.
+        """
+        loop = self.loop
+        if loop.is_closed() or not loop.is_running() or running_loop() is loop:
+            self.run()
+            return True
+        done = threading.Event()
+
+        def on_loop() -> None:
+            try:
+                self.run()
+            finally:
+                done.set()
+
+        try:
+            loop.call_soon_threadsafe(on_loop)
+        except RuntimeError:  # closed meanwhile
+            self.run()
+            return True
+        return done.wait(SWITCH_WAIT_S)
+
+
 _NO_METADATA: Final = TaskMetadata()
 
 
@@ -250,8 +315,11 @@ class _InstrumentingPolicy(_PolicyBase):  # type: ignore[misc]
         return getattr(self._inner, name)
 
 
-def _instrument_loop(loop: asyncio.AbstractEventLoop, parent: Installation) -> Installation:
+def _instrument_loop(loop: asyncio.AbstractEventLoop, parent: Installation) -> Installation | None:
+    """Put the factory on a loop the process-wide ``parent`` made; None if it has ended."""
     with STATE.lock:
+        if _INSTALLED.process is not parent:
+            return None  # uninstalled while this loop was being made: leave the loop alone
         existing = installation_of(loop.get_task_factory())
         if existing is not None:
             return existing
@@ -264,9 +332,9 @@ def _instrument_loop(loop: asyncio.AbstractEventLoop, parent: Installation) -> I
     return child
 
 
-def _uninstall_process(installation: Installation) -> None:
+def _uninstall_process(installation: Installation) -> list[_Switch]:
     if _INSTALLED.process is not installation:
-        return
+        return []
     policy = installation._policy
     current = _get_policy()
     if current is not policy:
@@ -274,13 +342,15 @@ def _uninstall_process(installation: Installation) -> None:
             f"Cannot uninstall the process-wide installation: the event loop policy was "
             f"replaced after asynctrace.install() (now {current!r}); restore it first."
         )
+    switches: list[_Switch] = []
     for child in list(installation._children):
         if child.active:
-            child._uninstall_loop()
+            switches += child._uninstall_loop()
     installation._children.clear()
     _set_policy(policy._inner if policy is not None else None)
     _INSTALLED.process = None
     STATE.cover_loop = None
+    return switches
 
 
 def _unconfigure_if_idle() -> tuple[Instrument, ...]:
@@ -426,7 +496,8 @@ def _cover_loop(loop: object) -> bool:
         why = "policy" if _get_policy() is not process._policy else "factory"
         first = why not in _INSTALLED.warned
         _INSTALLED.warned.add(why)
-    _instrument_loop(loop, process)
+    if _instrument_loop(loop, process) is None:
+        return False  # uninstalled meanwhile
     if running_loop() is loop:
         adopt_current_task()
     if first:
@@ -586,20 +657,23 @@ def loop_factory(
 
 def reset() -> None:
     """Uninstall everything and forget all state, error counts included (for tests)."""
+    switches: list[_Switch] = []
     with STATE.lock:
         process = _INSTALLED.process
         if process is not None:
             try:
-                _uninstall_process(process)
+                switches += _uninstall_process(process)
             except RuntimeError:  # someone replaced the policy: leave it, forget ours
                 _INSTALLED.process = None
         for installation in list(_INSTALLED.loops):
             try:
-                installation._uninstall_loop()
+                switches += installation._uninstall_loop()
             except RuntimeError:  # someone replaced the factory: leave it, forget ours
                 installation._forget()
         _INSTALLED.loops.clear()
         _INSTALLED.warned.clear()
         closing = STATE.unconfigure()[1].instruments
+    for switch in switches:
+        switch.apply()
     _close(closing)
     STATE.clear()

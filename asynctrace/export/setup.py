@@ -78,7 +78,8 @@ class Telemetry(Instrument):
         self.metrics: TaskMetrics | None = None
         self.sinks: list[Instrument] = []
         self.tracing = "off"
-        self._drops: list[SpanDrops] = []
+        self._unfinished = SpanDrops()  # task spans whose tasks outlived the installation
+        self._drops: list[SpanDrops] = [self._unfinished]
         self._processors: list[_Pipeline] = []
         try:
             self._setup(version)
@@ -103,6 +104,7 @@ class Telemetry(Instrument):
                     task_filter,
                     version,
                     exception_messages=options.exception_messages,
+                    on_unfinished=self._unfinished.drop,
                 )
             )
         if options.metrics:

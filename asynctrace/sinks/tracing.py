@@ -29,7 +29,9 @@ trace here, so the block's tasks share one trace and the block's logs carry its 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -95,6 +97,7 @@ _INTERNAL_COROUTINES: Final = frozenset(
 )
 
 TaskFilter = Callable[[TaskMetadata], bool]
+logger: Final = logging.getLogger("asynctrace")
 
 
 def _sdk_processors(tracer: sdk_trace.Tracer) -> tuple[sdk_trace.SpanProcessor, ...] | None:
@@ -252,13 +255,20 @@ class SpanSink(Instrument):
         version: str = "",
         *,
         exception_messages: bool = True,
+        on_unfinished: Callable[[int], None] | None = None,
     ) -> None:
         """Trace with ``tracer_provider``, only tasks whose metadata ``task_filter`` admits.
 
         ``exception_messages=False`` leaves exception messages out of spans (only the type
         and the stack's frames are recorded), for apps whose messages may carry personal data.
+        ``on_unfinished`` is told, at close, how many sampled task spans never ended: their
+        tasks were still running when the installation ended, so they are never exported.
         """
         self._messages = exception_messages
+        self._on_unfinished = on_unfinished
+        self._local = threading.local()
+        self._counts: list[list[int]] = []  # [started, ended] per thread
+        self._counts_lock = threading.Lock()
         self._provider = tracer_provider
         self._filter = task_filter
         self._tracer = tracer_provider.get_tracer("asynctrace", version)
@@ -375,11 +385,36 @@ class SpanSink(Instrument):
             if started.trace_flags.sampled:
                 record._span = started
                 record.trace_id, record.span_id = started.trace_id, started.span_id
+                self._thread_counts()[0] += 1
             return
         record._span = started  # an SDK span is ended even when not sampled
         span_context = started.get_span_context()
         if span_context.trace_flags.sampled:
             record.trace_id, record.span_id = span_context.trace_id, span_context.span_id
+
+    def _thread_counts(self) -> list[int]:
+        """This thread's [started, ended] sampled task spans (no lock on the hot path)."""
+        try:
+            counts: list[int] = self._local.counts
+        except AttributeError:
+            counts = self._local.counts = [0, 0]
+            with self._counts_lock:
+                self._counts.append(counts)
+        return counts
+
+    def close(self) -> None:
+        """Count the task spans that never ended (their tasks outlived the installation)."""
+        with self._counts_lock:
+            unfinished = sum(started - ended for started, ended in self._counts)
+            self._counts.clear()
+        if unfinished > 0:
+            logger.warning(
+                "asynctrace: %d traced task(s) were still running when asynctrace was "
+                "uninstalled; their spans are not exported (counted as dropped)",
+                unfinished,
+            )
+            if self._on_unfinished is not None:
+                self._on_unfinished(unfinished)
 
     def correlation_scope(
         self, correlation_id: str, name: str | None
@@ -475,6 +510,8 @@ class SpanSink(Instrument):
         data = record._span
         if data is None:
             return
+        if isinstance(data, _TaskSpan):
+            self._thread_counts()[1] += 1  # ended (exported, or an internal task's: dropped)
         if record.metadata.operation_name is None and (
             getattr(task.get_coro(), "__qualname__", None) in _INTERNAL_COROUTINES
         ):

@@ -1,0 +1,186 @@
+"""Install and uninstall from any thread while other threads run loops: no race shows.
+
+The races (found on a free-threaded build, and there with the GIL too: they are
+check-then-act) each get a deterministic test that forces the interleaving with events,
+then a bounded churn test runs them all at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import warnings
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+import asynctrace
+from asynctrace import _install
+
+_events: Any = asyncio.events
+get_policy = getattr(_events, "_get_event_loop_policy", asyncio.get_event_loop_policy)
+set_policy = getattr(_events, "_set_event_loop_policy", asyncio.set_event_loop_policy)
+
+
+def test_a_loop_made_during_an_uninstall_is_left_alone() -> None:
+    """The policy wrapper checks its installation is still current before instrumenting."""
+    with warnings.catch_warnings():  # 3.14 deprecates the policy classes
+        warnings.simplefilter("ignore", DeprecationWarning)
+        base: Any = asyncio.DefaultEventLoopPolicy
+
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowPolicy(base):  # type: ignore[misc]
+        def new_event_loop(self) -> asyncio.AbstractEventLoop:
+            entered.set()
+            release.wait(5)
+            return super().new_event_loop()
+
+    before = get_policy()
+    set_policy(SlowPolicy())
+    made: list[asyncio.AbstractEventLoop] = []
+    try:
+        asynctrace.install(metrics=False)
+        maker = threading.Thread(target=lambda: made.append(asyncio.new_event_loop()))
+        maker.start()
+        assert entered.wait(5)  # the loop is being made, through asynctrace's policy
+        assert asynctrace.uninstall() is True  # meanwhile, uninstalled
+        release.set()
+        maker.join(5)
+        (loop,) = made
+        try:
+            assert loop.get_task_factory() is None  # not instrumented after the uninstall
+            assert asynctrace.uninstall(loop) is False
+        finally:
+            loop.close()
+    finally:
+        release.set()
+        set_policy(before)
+
+
+def test_a_loop_switches_factories_on_its_own_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uninstall() from another thread never changes a running loop's factory itself."""
+    monkeypatch.setattr(_install, "SWITCH_WAIT_S", 0.2)
+    loop = asyncio.new_event_loop()
+    busy, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # the loop is busy: it cannot run the switch yet
+        busy.set()
+        release.wait(5)
+
+    thread = threading.Thread(target=loop.run_forever)
+    asynctrace.install(loop=loop, metrics=False)
+    ours = loop.get_task_factory()
+    thread.start()
+    try:
+        loop.call_soon_threadsafe(hold)
+        assert busy.wait(5)
+        assert asynctrace.uninstall(loop) is True  # returns after the wait: the loop is busy
+        assert loop.get_task_factory() is ours  # not changed from this thread
+        release.set()
+        deadline = time.monotonic() + 5
+        while loop.get_task_factory() is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert loop.get_task_factory() is None  # the loop switched, on its own thread
+    finally:
+        release.set()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+
+
+def test_spans_of_tasks_running_at_uninstall_are_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A traced task still running at uninstall: never exported, and counted as dropped."""
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def wait() -> None:
+            await release.wait()
+
+        asynctrace.install(tracer_provider=provider, metrics=False)
+        tasks = [asynctrace.create_task(wait(), operation_name="outlives") for _ in range(7)]
+        await asyncio.sleep(0)
+        with caplog.at_level(logging.WARNING, logger="asynctrace"):
+            asynctrace.uninstall()
+        release.set()
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert [s for s in exporter.get_finished_spans() if s.name == "outlives"] == []
+    (message,) = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
+    assert message.startswith("asynctrace: 7 traced task(s) were still running")
+
+
+def test_churn_install_uninstall_while_loops_run() -> None:
+    """3 loops creating tasks; one thread toggling per-loop and process-wide installs.
+
+    No exception in any loop, no task with another task's id, and every uninstall's
+    return value and every installation's ``active`` truthful.
+    """
+    stop = threading.Event()
+    problems: list[str] = []
+    counts = [0, 0, 0]
+    loops: list[asyncio.AbstractEventLoop] = []
+    ready = threading.Barrier(4)
+
+    def run_loop(index: int) -> None:
+        async def child(expected: str) -> None:
+            if asynctrace.correlation_id() != expected:
+                problems.append(f"id {asynctrace.correlation_id()!r}, expected {expected!r}")
+
+        async def main() -> None:
+            loops.append(asyncio.get_running_loop())
+            ready.wait(5)
+            n = 0
+            while not stop.is_set():
+                n += 1
+                expected = f"l{index}-{n}"
+                try:
+                    await asynctrace.create_task(child(expected), correlation_id=expected)
+                    await asyncio.create_task(asyncio.sleep(0))
+                except Exception as exc:
+                    problems.append(f"{type(exc).__name__}: {exc}")
+                counts[index] += 1
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=run_loop, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    ready.wait(5)
+    deadline = time.monotonic() + 2.0
+    toggles = 0
+    try:
+        while time.monotonic() < deadline:
+            toggles += 1
+            loop = loops[toggles % 3]
+            installation = asynctrace.install(
+                loop=loop, registry=CollectorRegistry(), metrics=False
+            )
+            if not installation.active:
+                problems.append("a fresh installation is not active")
+            if asynctrace.uninstall(loop) is not True:
+                problems.append("uninstall() of an installed loop returned False")
+            if installation.active:
+                problems.append("an uninstalled installation is still active")
+            if asynctrace.uninstall(loop) is not False:
+                problems.append("a second uninstall() returned True")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert problems == []
+    assert toggles > 20
+    assert all(n > 20 for n in counts), counts

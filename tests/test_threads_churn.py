@@ -124,10 +124,11 @@ def test_spans_of_tasks_running_at_uninstall_are_counted(
 
 
 def test_churn_install_uninstall_while_loops_run() -> None:
-    """3 loops creating tasks; one thread toggling per-loop and process-wide installs.
+    """3 loops creating tasks, a thread making loops through the policy (asyncio.run over and
+    over), and this thread toggling per-loop and process-wide installs.
 
-    No exception in any loop, no task with another task's id, and every uninstall's
-    return value and every installation's ``active`` truthful.
+    No exception in any loop, no task with another task's id, every uninstall's return
+    value and every installation's ``active`` truthful, and the policy restored at the end.
     """
     stop = threading.Event()
     problems: list[str] = []
@@ -156,7 +157,22 @@ def test_churn_install_uninstall_while_loops_run() -> None:
 
         asyncio.run(main())
 
+    runs = [0]
+
+    def policy_loops() -> None:  # each asyncio.run: a loop made through the policy
+        async def short() -> None:
+            await asyncio.gather(asyncio.sleep(0), asynctrace.create_task(asyncio.sleep(0)))
+
+        while not stop.is_set():
+            try:
+                asyncio.run(short())
+            except Exception as exc:
+                problems.append(f"asyncio.run: {type(exc).__name__}: {exc}")
+            runs[0] += 1
+
+    policy_before = get_policy()
     threads = [threading.Thread(target=run_loop, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=policy_loops))
     for thread in threads:
         thread.start()
     ready.wait(5)
@@ -177,6 +193,13 @@ def test_churn_install_uninstall_while_loops_run() -> None:
                 problems.append("an uninstalled installation is still active")
             if asynctrace.uninstall(loop) is not False:
                 problems.append("a second uninstall() returned True")
+            process = asynctrace.install(registry=CollectorRegistry(), metrics=False)
+            if not process.active:
+                problems.append("the process-wide installation is not active")
+            if asynctrace.uninstall() is not True:
+                problems.append("uninstall() of the process-wide installation returned False")
+            if process.active:
+                problems.append("an uninstalled process-wide installation is still active")
     finally:
         stop.set()
         for thread in threads:
@@ -184,3 +207,5 @@ def test_churn_install_uninstall_while_loops_run() -> None:
     assert problems == []
     assert toggles > 20
     assert all(n > 20 for n in counts), counts
+    assert runs[0] > 10
+    assert get_policy() is policy_before

@@ -155,10 +155,16 @@ class Installation:
                 f"Cannot uninstall from {self.loop!r}: its task factory was replaced after "
                 f"asynctrace.install() (now {current!r}); restore it first."
             )
-        switch = _Switch(self.loop, factory, self._previous, self._handler)
-        switch.previous_handler = self._previous_handler
+        switch = self._switch_back()
         self._forget()
         return [switch]
+
+    def _switch_back(self) -> _Switch:
+        """What puts this loop's previous factory and exception handler back."""
+        assert self.loop is not None  # noqa: S101 - internal invariant
+        switch = _Switch(self.loop, self._factory, self._previous, self._handler)
+        switch.previous_handler = self._previous_handler
+        return switch
 
     @property
     def loop_closed(self) -> bool:
@@ -369,11 +375,17 @@ def _unconfigure_if_idle() -> tuple[Instrument, ...]:
 
 def _close(instruments: tuple[Instrument, ...]) -> None:
     """Close ``instruments`` in order, each failure counted; called with no lock held."""
+    _call_on_each(instruments, "close")
+
+
+def _call_on_each(instruments: tuple[Instrument, ...], method: str) -> None:
+    """Call ``method`` of each instrument in order; a failure costs that one call."""
     for instrument in instruments:
+        call = getattr(instrument, method)
         try:
-            instrument.close()
+            call()
         except Exception as exc:
-            STATE.errors.count(source_of(instrument.close), exc)
+            STATE.errors.count(source_of(call), exc)
 
 
 def configured_options() -> object:
@@ -538,18 +550,11 @@ def _after_fork_in_child() -> None:
     for installation in [*(process._children if process else ()), *loops]:
         loop = installation.loop
         if loop is not None and installation._factory is not None:
-            if loop.get_task_factory() is installation._factory:
-                loop.set_task_factory(installation._previous)
-            if loop.get_exception_handler() is installation._handler:
-                loop.set_exception_handler(installation._previous_handler)
+            installation._switch_back().run()  # the child's copy runs nowhere: switch here
             installation._forget()
     if process is not None and process._policy is not None and _get_policy() is process._policy:
         _set_policy(process._policy._inner)
-    for instrument in instruments:
-        try:
-            instrument.after_fork()
-        except Exception as exc:
-            STATE.errors.count(source_of(instrument.after_fork), exc)
+    _call_on_each(instruments, "after_fork")
 
 
 def adopt_current_task() -> None:

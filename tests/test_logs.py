@@ -70,3 +70,34 @@ def test_stdlib_filter_adds_attributes(caplog: pytest.LogCaptureFixture) -> None
     assert record.trace_id is None  # type: ignore[attr-defined]  # no tracer provider here
     formatter = logging.Formatter("%(correlation_id)s %(operation_name)s %(message)s")
     assert formatter.format(record) == "req-6 store hello"
+
+
+def test_a_broken_span_never_breaks_a_log_call() -> None:
+    """The filter and the processor with a span that raises: the line is logged, ids None."""
+    from opentelemetry import trace  # noqa: PLC0415
+
+    class Broken(trace.NonRecordingSpan):
+        def get_span_context(self) -> trace.SpanContext:
+            raise RuntimeError("broken span")
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("test.broken-span")
+    handler = Keep()
+    handler.addFilter(asynctrace.TaskContextFilter())
+    log.addHandler(handler)
+    try:
+        with trace.use_span(Broken(trace.INVALID_SPAN_CONTEXT)):
+            log.warning("still logged")
+            event = asynctrace.add_task_context(None, "info", {"event": "e"})
+    finally:
+        log.removeHandler(handler)
+    (record,) = records
+    assert record.getMessage() == "still logged"
+    assert record.correlation_id is None  # type: ignore[attr-defined]
+    assert event == {"event": "e"}
+    assert asynctrace.telemetry_errors() == {"log context": 2}

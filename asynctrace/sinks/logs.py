@@ -9,6 +9,7 @@ from collections.abc import MutableMapping
 from typing import Any, Final, final
 
 from asynctrace._metadata import _CORRELATION_ID, _METADATA
+from asynctrace._state import STATE
 
 __all__ = ["TaskContextFilter", "add_task_context", "task_context_fields"]
 
@@ -20,6 +21,15 @@ def task_context_fields() -> dict[str, str | None]:
 
     Each is None where unknown (outside a task, no span). Since: 0.1.0
     """
+    try:
+        return _fields()
+    except Exception as exc:  # a broken span or task class: this log line goes on without ids
+        STATE.errors.count("log context", exc)
+        return dict.fromkeys(_FIELDS)
+
+
+def _fields() -> dict[str, str | None]:
+    """The fields, or an exception from whatever computing them touched."""
     meta = _METADATA.get()
     try:
         task = asyncio.current_task()

@@ -95,6 +95,42 @@ def test_a_loop_switches_factories_on_its_own_thread(monkeypatch: pytest.MonkeyP
         loop.close()
 
 
+def test_create_task_keeps_its_ids_when_another_thread_uninstalls_midway(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The helper checks for the factory, then creates the task: an uninstall from another
+    thread in between cannot take the factory away (the loop switches on its own thread).
+    """
+    from asynctrace import _create_task  # noqa: PLC0415
+
+    monkeypatch.setattr(_install, "SWITCH_WAIT_S", 0.2, raising=False)
+    real = _create_task.is_asynctrace_factory
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    def check_then_uninstall(factory: object) -> bool:
+        found = real(factory)  # the check passed; now another thread uninstalls
+        other = threading.Thread(target=asynctrace.uninstall, args=(loops[0],))
+        other.start()
+        other.join(5)
+        return found
+
+    async def child() -> str | None:
+        return asynctrace.correlation_id()
+
+    async def main() -> tuple[str | None, Any]:
+        loops.append(asyncio.get_running_loop())
+        asynctrace.install(metrics=False)
+        monkeypatch.setattr(_create_task, "is_asynctrace_factory", check_then_uninstall)
+        task = asynctrace.create_task(child(), correlation_id="explicit", operation_name="op")
+        monkeypatch.setattr(_create_task, "is_asynctrace_factory", real)
+        return await task, asynctrace.task_metadata(task)
+
+    correlation_id, metadata = asyncio.run(main())
+    assert correlation_id == "explicit"  # the task's own id, not its creator's
+    assert metadata is not None
+    assert metadata.operation_name == "op"
+
+
 def test_spans_of_tasks_running_at_uninstall_are_counted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
 import time
 import warnings
 from typing import Any
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -245,3 +247,56 @@ def test_churn_install_uninstall_while_loops_run() -> None:
     assert all(n > 20 for n in counts), counts
     assert runs[0] > 10
     assert get_policy() is policy_before
+
+
+def test_churn_every_traced_span_is_exported_or_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Traced per-loop installs toggled from another thread while 3 loops create tasks:
+    every traced task's span is exported, or counted as dropped when its installation ended.
+    """
+    provider = TracerProvider()
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    stop = threading.Event()
+    loops: list[asyncio.AbstractEventLoop] = []
+    traced = [0, 0, 0]
+    ready = threading.Barrier(4)
+
+    def run_loop(index: int) -> None:
+        async def child() -> None:
+            if trace.get_current_span().get_span_context().is_valid:
+                traced[index] += 1  # created under a traced installation
+
+        async def main() -> None:
+            loops.append(asyncio.get_running_loop())
+            ready.wait(5)
+            while not stop.is_set():
+                await asynctrace.create_task(child(), operation_name="child")
+
+        asyncio.run(main())
+
+    threads = [threading.Thread(target=run_loop, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    ready.wait(5)
+    caplog.set_level(logging.WARNING, logger="asynctrace")
+    try:
+        for toggle in range(60):
+            loop = loops[toggle % 3]
+            asynctrace.install(loop=loop, tracer_provider=provider, metrics=False)
+            time.sleep(0.005)  # the loop works under it a little
+            assert asynctrace.uninstall(loop) is True
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    exported = sum(s.name == "child" for s in exporter.get_finished_spans())
+    counted = sum(
+        int(re.match(r"asynctrace: (\d+) traced task", r.getMessage())[1])  # type: ignore[index]
+        for r in caplog.records
+        if "were still running when asynctrace was uninstalled" in r.getMessage()
+    )
+    # a task that ends just as its installation closes may be both; none may be neither
+    assert exported <= sum(traced) <= exported + counted, (exported, sum(traced), counted)
+    assert exported > 100

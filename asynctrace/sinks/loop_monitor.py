@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 import weakref
+from collections.abc import Callable
 from typing import Final, final
 
 from asynctrace._errors import escape
@@ -38,6 +39,25 @@ class _Watched:
         self.due = 0.0  # time.monotonic() by which the next heartbeat should have run
         self.thread_id = 0
         self.flagged = False
+
+
+def _open(loop: asyncio.AbstractEventLoop | None) -> bool:
+    return loop is not None and not loop.is_closed()
+
+
+def _start_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    """A daemon thread where allowed; a plain one in an isolated subinterpreter.
+
+    Python 3.14's isolated interpreters refuse daemon threads. The watchdog ends by itself
+    once every loop it watches has closed, so nothing waits for it when the interpreter
+    ends (a running loop keeps it, as it keeps its own thread).
+    """
+    try:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+    except RuntimeError:  # "daemon threads are disabled in this (sub)interpreter"
+        thread = threading.Thread(target=target, name=name, daemon=False)
+    thread.start()
+    return thread
 
 
 @final
@@ -80,10 +100,7 @@ class LoopMonitor(Instrument):
         with self._lock:
             self._watched.append(watched)
             if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._watch, name="asynctrace-watchdog", daemon=True
-                )
-                self._thread.start()
+                self._thread = _start_thread(self._watch, "asynctrace-watchdog")
         watched.due = time.monotonic() + self._interval + self._threshold
         loop.call_soon_threadsafe(self._beat, watched, None)
 
@@ -108,8 +125,11 @@ class LoopMonitor(Instrument):
         while not self._stop.wait(period):
             now = time.monotonic()
             with self._lock:
-                self._watched = [w for w in self._watched if w.loop() is not None]
+                self._watched = [w for w in self._watched if _open(w.loop())]
                 watched = list(self._watched)
+                if not watched:  # every loop closed: end; the next loop attached starts anew
+                    self._thread = None
+                    return
             for w in watched:
                 loop = w.loop()
                 if loop is None or w.flagged or now <= w.due or not loop.is_running():

@@ -153,8 +153,9 @@ def create_task(  # noqa: C901, PLR0911, PLR0912 - one check per keyword, one pa
         raise
 
     covered = is_asynctrace_factory(loop.get_task_factory())
-    if not covered and STATE.cover_loop is not None:
-        covered = STATE.cover_loop(loop)  # a loop the process-wide installation never saw
+    cover = STATE.cover_loop  # read once: another thread may uninstall meanwhile
+    if not covered and cover is not None:
+        covered = cover(loop)  # a loop the process-wide installation never saw
     if covered:
         PENDING.value = (operation_name, correlation_id, priority_hint, name, eager_start)
         try:

@@ -79,6 +79,7 @@ class Installation:
         "_children",
         "_factory",
         "_handler",
+        "_owner",
         "_parent",
         "_policy",
         "_previous",
@@ -96,6 +97,7 @@ class Installation:
         self._children: list[Installation] = []
         self._handler: _ExceptionHandler | None = None
         self._previous_handler: _ExceptionHandler | None = None
+        self._owner = 0  # the thread that put the factory on the loop
 
     @property
     def active(self) -> bool:
@@ -111,6 +113,7 @@ class Installation:
     def _attach(self) -> None:
         loop = self.loop
         assert loop is not None  # noqa: S101 - internal invariant
+        self._owner = threading.get_ident()
         self._previous = loop.get_task_factory()
         self._factory = make_factory(self, self._previous)
         loop.set_task_factory(self._factory)
@@ -164,6 +167,7 @@ class Installation:
         assert self.loop is not None  # noqa: S101 - internal invariant
         switch = _Switch(self.loop, self._factory, self._previous, self._handler)
         switch.previous_handler = self._previous_handler
+        switch.owner = self._owner
         return switch
 
     @property
@@ -197,7 +201,7 @@ SWITCH_WAIT_S: Final = 5.0
 class _Switch:
     """Putting a loop's previous factory (and exception handler) back, on the loop's thread."""
 
-    __slots__ = ("factory", "handler", "loop", "previous", "previous_handler")
+    __slots__ = ("factory", "handler", "loop", "owner", "previous", "previous_handler")
 
     def __init__(
         self,
@@ -211,6 +215,7 @@ class _Switch:
         self.previous = previous
         self.handler = handler
         self.previous_handler: _ExceptionHandler | None = None
+        self.owner = 0
 
     def run(self) -> None:
         """Switch back, unless someone replaced ours meanwhile (theirs stays)."""
@@ -221,13 +226,18 @@ class _Switch:
             loop.set_exception_handler(self.previous_handler)
 
     def apply(self) -> bool:
-        """Switch now when on the loop's thread (or it runs nowhere); else hand it to the loop.
+        """Switch now on the loop's own thread; else hand the switch to the loop.
 
         asyncio's ``create_task`` reads the factory twice: changing it from another thread
-        while the loop creates tasks could make it call None. Returns whether it is done.
+        while that thread creates tasks could make it call None. A loop that is not running
+        may still be in use by its thread (``asyncio.run`` between its phases), so only the
+        thread that put the factory on an idle loop switches it directly. Returns whether
+        the switch is done; a running loop is waited for (``SWITCH_WAIT_S``), an idle one
+        switches when it next runs.
         """
         loop = self.loop
-        if loop.is_closed() or not loop.is_running() or running_loop() is loop:
+        idle_here = not loop.is_running() and threading.get_ident() == self.owner
+        if loop.is_closed() or idle_here or running_loop() is loop:
             self.run()
             return True
         done = threading.Event()
@@ -243,6 +253,8 @@ class _Switch:
         except RuntimeError:  # closed meanwhile
             self.run()
             return True
+        if not loop.is_running():
+            return False  # idle in another thread: it switches when it runs next
         return done.wait(SWITCH_WAIT_S)
 
 

@@ -193,6 +193,25 @@ class _TaskSpan(NonRecordingSpan):
         return f"_TaskSpan({self.get_span_context()!r})"
 
 
+@final
+class _Counts:
+    """One thread's sampled task spans: started, and ended (exported, or dropped as internal).
+
+    A start and the read of the sink's ``_closed`` flag happen under ``lock``, which
+    ``close()`` takes to read the counts after setting the flag: so each start is either in
+    close()'s sum or sees the flag and counts itself. Without it, each side could miss the
+    other's write (a store-buffer race, seen on free-threaded 3.14t). Only the owning
+    thread and close() take it: uncontended on the hot path.
+    """
+
+    __slots__ = ("ended", "lock", "started")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.started = 0
+        self.ended = 0
+
+
 _NOT_OURS: Final = object()
 
 
@@ -267,8 +286,9 @@ class SpanSink(Instrument):
         self._messages = exception_messages
         self._on_unfinished = on_unfinished
         self._local = threading.local()
-        self._counts: list[list[int]] = []  # [started, ended] per thread
+        self._counts: list[_Counts] = []  # one per thread
         self._counts_lock = threading.Lock()
+        self._closed = False
         self._provider = tracer_provider
         self._filter = task_filter
         self._tracer = tracer_provider.get_tracer("asynctrace", version)
@@ -385,36 +405,50 @@ class SpanSink(Instrument):
             if started.trace_flags.sampled:
                 record._span = started
                 record.trace_id, record.span_id = started.trace_id, started.span_id
-                self._thread_counts()[0] += 1
+                counts = self._thread_counts()
+                with counts.lock:  # ordered with close(): see _Counts
+                    counts.started += 1
+                    closed = self._closed
+                if closed:  # its installation closed as it started: it never ends there
+                    self._count_unfinished(1)
             return
         record._span = started  # an SDK span is ended even when not sampled
         span_context = started.get_span_context()
         if span_context.trace_flags.sampled:
             record.trace_id, record.span_id = span_context.trace_id, span_context.span_id
 
-    def _thread_counts(self) -> list[int]:
-        """This thread's [started, ended] sampled task spans (no lock on the hot path)."""
+    def _thread_counts(self) -> _Counts:
+        """This thread's counts of sampled task spans."""
         try:
-            counts: list[int] = self._local.counts
+            counts: _Counts = self._local.counts
         except AttributeError:
-            counts = self._local.counts = [0, 0]
+            counts = self._local.counts = _Counts()
             with self._counts_lock:
                 self._counts.append(counts)
         return counts
 
     def close(self) -> None:
         """Count the task spans that never ended (their tasks outlived the installation)."""
+        self._closed = True
         with self._counts_lock:
-            unfinished = sum(started - ended for started, ended in self._counts)
+            threads = list(self._counts)
             self._counts.clear()
+        unfinished = 0
+        for counts in threads:
+            with counts.lock:  # a start is either summed here or sees _closed: never neither
+                unfinished += counts.started - counts.ended
         if unfinished > 0:
-            logger.warning(
-                "asynctrace: %d traced task(s) were still running when asynctrace was "
-                "uninstalled; their spans are not exported (counted as dropped)",
-                unfinished,
-            )
-            if self._on_unfinished is not None:
-                self._on_unfinished(unfinished)
+            self._count_unfinished(unfinished)
+
+    def _count_unfinished(self, count: int) -> None:
+        """Log and count ``count`` task spans that will never be exported."""
+        logger.warning(
+            "asynctrace: %d traced task(s) were still running when asynctrace was "
+            "uninstalled; their spans are not exported (counted as dropped)",
+            count,
+        )
+        if self._on_unfinished is not None:
+            self._on_unfinished(count)
 
     def correlation_scope(
         self, correlation_id: str, name: str | None
@@ -511,7 +545,7 @@ class SpanSink(Instrument):
         if data is None:
             return
         if isinstance(data, _TaskSpan):
-            self._thread_counts()[1] += 1  # ended (exported, or an internal task's: dropped)
+            self._thread_counts().ended += 1  # exported, or an internal task's: dropped
         if record.metadata.operation_name is None and (
             getattr(task.get_coro(), "__qualname__", None) in _INTERNAL_COROUTINES
         ):

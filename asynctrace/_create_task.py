@@ -87,7 +87,7 @@ def close_coro(coro: object) -> None:
         close()
 
 
-def create_task(  # noqa: C901, PLR0911, PLR0912 - one check per keyword, one path per case
+def create_task(
     coro: Coroutine[Any, Any, _T],
     *,
     task_group: asyncio.TaskGroup | None = None,
@@ -156,16 +156,30 @@ def create_task(  # noqa: C901, PLR0911, PLR0912 - one check per keyword, one pa
     cover = STATE.cover_loop  # read once: another thread may uninstall meanwhile
     if not covered and cover is not None:
         covered = cover(loop)  # a loop the process-wide installation never saw
-    if covered:
-        PENDING.value = (operation_name, correlation_id, priority_hint, name, eager_start)
-        try:
+    # The slot is filled either way: a factory another thread puts on this loop between the
+    # check above and create_task below still gets the keywords (the fallback's context
+    # then carries the same ids). Whoever creates no task leaves it for the finally.
+    PENDING.value = (operation_name, correlation_id, priority_hint, name, eager_start)
+    try:
+        if covered:
             if task_group is not None:
                 return task_group.create_task(coro, name=name, context=context)
             return loop.create_task(coro, name=name, context=context)
-        finally:
-            PENDING.value = None
+        return _create_uncovered(coro, loop, task_group, name, context, eager_start, correlation_id)
+    finally:
+        PENDING.value = None
 
-    # No asynctrace factory here: still create the task, with the correlation id in its context.
+
+def _create_uncovered(  # noqa: PLR0917 - the helper's own arguments, passed on
+    coro: Coroutine[Any, Any, _T],
+    loop: asyncio.AbstractEventLoop,
+    task_group: asyncio.TaskGroup | None,
+    name: str | None,
+    context: contextvars.Context | None,
+    eager_start: bool | None,
+    correlation_id: str | None,
+) -> asyncio.Task[_T]:
+    """No asynctrace factory here: still create the task, with the correlation id in its context."""
     ctx = context if context is not None else contextvars.copy_context()
     if correlation_id is not None:
         ctx.run(_CORRELATION_ID.set, correlation_id)

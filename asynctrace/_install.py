@@ -114,7 +114,13 @@ class Installation:
         loop = self.loop
         assert loop is not None  # noqa: S101 - internal invariant
         self._owner = threading.get_ident()
-        self._previous = loop.get_task_factory()
+        previous = loop.get_task_factory()
+        # An ended installation's factory may still be on the loop (its switch back waits
+        # for the loop's thread): chain what it chained, never asynctrace's own, or each
+        # task would get two records and two spans.
+        while installation_of(previous) is not None:
+            previous = getattr(previous, "__wrapped__", None)
+        self._previous = previous
         self._factory = make_factory(self, self._previous)
         loop.set_task_factory(self._factory)
         # asyncio reports a task destroyed while pending through the exception handler (with

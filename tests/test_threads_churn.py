@@ -97,11 +97,16 @@ def test_a_loop_switches_factories_on_its_own_thread(monkeypatch: pytest.MonkeyP
         loop.close()
 
 
-def test_create_task_keeps_its_ids_when_another_thread_uninstalls_midway(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize("change", ["uninstall", "install"])
+def test_create_task_keeps_its_keywords_when_another_thread_changes_the_loop_midway(
+    change: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The helper checks for the factory, then creates the task: an uninstall from another
-    thread in between cannot take the factory away (the loop switches on its own thread).
+    """Between the helper's check for a factory and its create_task, another thread
+    uninstalls (or installs): the task still gets its id and operation.
+
+    uninstall: the loop switches on its own thread, so the factory is still there. install:
+    the helper fills its slot either way, so the new factory gets the keywords (it used to
+    make the task without its operation).
     """
     from asynctrace import _create_task  # noqa: PLC0415
 
@@ -109,9 +114,14 @@ def test_create_task_keeps_its_ids_when_another_thread_uninstalls_midway(
     real = _create_task.is_asynctrace_factory
     loops: list[asyncio.AbstractEventLoop] = []
 
-    def check_then_uninstall(factory: object) -> bool:
-        found = real(factory)  # the check passed; now another thread uninstalls
-        other = threading.Thread(target=asynctrace.uninstall, args=(loops[0],))
+    def changes_after_the_check(factory: object) -> bool:
+        found = real(factory)
+        if change == "uninstall":
+            other = threading.Thread(target=asynctrace.uninstall, args=(loops[0],))
+        else:
+            other = threading.Thread(
+                target=lambda: asynctrace.install(loop=loops[0], metrics=False)
+            )
         other.start()
         other.join(5)
         return found
@@ -121,49 +131,15 @@ def test_create_task_keeps_its_ids_when_another_thread_uninstalls_midway(
 
     async def main() -> tuple[str | None, Any]:
         loops.append(asyncio.get_running_loop())
-        asynctrace.install(metrics=False)
-        monkeypatch.setattr(_create_task, "is_asynctrace_factory", check_then_uninstall)
-        task = asynctrace.create_task(child(), correlation_id="explicit", operation_name="op")
+        if change == "uninstall":
+            asynctrace.install(metrics=False)
+        monkeypatch.setattr(_create_task, "is_asynctrace_factory", changes_after_the_check)
+        task = asynctrace.create_task(child(), correlation_id="given", operation_name="op")
         monkeypatch.setattr(_create_task, "is_asynctrace_factory", real)
         return await task, asynctrace.task_metadata(task)
 
     correlation_id, metadata = asyncio.run(main())
-    assert correlation_id == "explicit"  # the task's own id, not its creator's
-    assert metadata is not None
-    assert metadata.operation_name == "op"
-
-
-def test_create_task_keeps_its_keywords_when_another_thread_installs_midway() -> None:
-    """The helper finds no factory, then another thread installs one before the task is
-    made: that factory still gets the helper's keywords (it used to make a task without
-    its operation, and with a span named after the coroutine).
-    """
-    from asynctrace import _create_task  # noqa: PLC0415
-
-    real = _create_task.is_asynctrace_factory
-    loops: list[asyncio.AbstractEventLoop] = []
-
-    def check_then_install(factory: object) -> bool:
-        found = real(factory)  # not installed; now another thread installs
-        other = threading.Thread(target=lambda: asynctrace.install(loop=loops[0], metrics=False))
-        other.start()
-        other.join(5)
-        return found
-
-    async def child() -> str | None:
-        return asynctrace.correlation_id()
-
-    async def main() -> tuple[str | None, Any]:
-        loops.append(asyncio.get_running_loop())
-        _create_task.is_asynctrace_factory = check_then_install  # type: ignore[assignment]
-        try:
-            task = asynctrace.create_task(child(), correlation_id="given", operation_name="op")
-        finally:
-            _create_task.is_asynctrace_factory = real
-        return await task, asynctrace.task_metadata(task)
-
-    correlation_id, metadata = asyncio.run(main())
-    assert correlation_id == "given"
+    assert correlation_id == "given"  # the task's own id, not its creator's
     assert metadata is not None
     assert metadata.operation_name == "op"
 

@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 import asynctrace
 from asynctrace import _install
 
+TOGGLES = 30
 _events: Any = asyncio.events
 get_policy = getattr(_events, "_get_event_loop_policy", asyncio.get_event_loop_policy)
 set_policy = getattr(_events, "_set_event_loop_policy", asyncio.set_event_loop_policy)
@@ -225,10 +226,10 @@ def test_churn_install_uninstall_while_loops_run() -> None:
     for thread in threads:
         thread.start()
     ready.wait(5)
-    deadline = time.monotonic() + 2.0
+    deadline = time.monotonic() + 60  # a bound, not a pace: a loaded machine is slower
     toggles = 0
     try:
-        while time.monotonic() < deadline:
+        while toggles < TOGGLES and time.monotonic() < deadline:
             toggles += 1
             loop = loops[toggles % 3]
             installation = asynctrace.install(
@@ -254,9 +255,9 @@ def test_churn_install_uninstall_while_loops_run() -> None:
         for thread in threads:
             thread.join(10)
     assert problems == []
-    assert toggles > 20
-    assert all(n > 20 for n in counts), counts
-    assert runs[0] > 10
+    assert toggles == TOGGLES, f"{toggles} of {TOGGLES} toggles in 60 s"
+    assert all(n > 0 for n in counts), counts  # every loop kept working throughout
+    assert runs[0] > 0
     assert get_policy() is policy_before
 
 

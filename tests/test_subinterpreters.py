@@ -114,3 +114,52 @@ def test_interpreters_at_once_count_their_own() -> None:
     assert first["created"] == 7
     assert second["created"] == 13
     assert first["errors"] == second["errors"] == {}
+
+
+METRICS_DRIVER = """
+import json
+from concurrent import interpreters
+
+code = '''
+import asyncio, urllib.request, asynctrace
+from prometheus_client import CollectorRegistry
+asynctrace.install(registry=CollectorRegistry(), prometheus_port=0)
+
+async def main():
+    await asynctrace.create_task(asyncio.sleep(0), operation_name="w")
+
+asyncio.run(main())
+url = asynctrace.summary().metrics_url
+body = urllib.request.urlopen(url, timeout=5).read().decode()
+served = 'asynctrace_tasks_created_total{operation="w"} 1.0' in body
+if SHUTDOWN:
+    asynctrace.shutdown()
+'''
+out = []
+for shutdown in (True, False):
+    interp = interpreters.create()
+    interp.exec("SHUTDOWN = %s" % shutdown)
+    interp.exec(code)
+    out.append([interp.call(eval, "served"), interp.call(eval, "url")])
+    interp.close()  # with the server still running when shutdown() was not called
+print(json.dumps(out))
+"""
+
+
+def test_metrics_are_served_in_an_isolated_interpreter() -> None:
+    """prometheus_port in an isolated interpreter: served (plain threads), and the
+    interpreter closes whether or not shutdown() was called.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", METRICS_DRIVER],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (with_shutdown, without) = json.loads(result.stdout.strip().splitlines()[-1])
+    assert with_shutdown[0] is True
+    assert without[0] is True
+    assert with_shutdown[1] != without[1]  # each interpreter its own port

@@ -135,10 +135,9 @@ class Telemetry(Instrument):
         if monitor is not None:
             self.sinks.append(monitor)
         if options.prometheus_port is not None:
+            serve = start_http_server if _daemon_threads_allowed() else _serve_without_daemons
             try:
-                server, thread = start_http_server(
-                    options.prometheus_port, options.prometheus_addr, registry
-                )
+                server, thread = serve(options.prometheus_port, options.prometheus_addr, registry)
             except OSError as exc:
                 raise OSError(
                     exc.errno,
@@ -295,6 +294,45 @@ class Telemetry(Instrument):
             provider.shutdown()  # its processors are shut already: nothing left to wait for
         except Exception as exc:
             STATE.errors.count("tracer provider shutdown", exc)
+
+
+def _daemon_threads_allowed() -> bool:
+    """False in an isolated subinterpreter (Python 3.14), which refuses daemon threads."""
+    try:
+        threading.Thread(target=int, daemon=True)  # made, never started
+    except RuntimeError:
+        return False
+    return True
+
+
+def _serve_without_daemons(port: int, addr: str, registry: Any) -> tuple[Any, threading.Thread]:  # noqa: ANN401
+    """``/metrics`` where daemon threads are refused: plain threads, stopped before the end.
+
+    prometheus_client's ``start_http_server`` starts daemon threads (the server's and one
+    per request). Here the same WSGI app is served by plain threads, and the server is shut
+    down by ``threading._register_atexit`` (what ``concurrent.futures`` uses): it runs
+    before the interpreter joins its threads, which would otherwise wait for the server
+    forever. Only used where daemon threads are refused; elsewhere the library's own.
+    """
+    from wsgiref.simple_server import WSGIRequestHandler, make_server  # noqa: PLC0415
+
+    from prometheus_client import make_wsgi_app  # noqa: PLC0415
+    from prometheus_client.exposition import ThreadingWSGIServer  # noqa: PLC0415
+
+    class Server(ThreadingWSGIServer):
+        daemon_threads = False
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002, ANN401
+            """No access log."""
+
+    httpd = make_server(addr, port, make_wsgi_app(registry), Server, handler_class=Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, name="asynctrace-metrics")
+    thread.start()
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(httpd.shutdown)
+    return httpd, thread
 
 
 def _in_running_loop() -> bool:

@@ -201,8 +201,3 @@ class Hooks:
         self.context: tuple[_Hook, ...] = () if self.lean else overridden("task_context")
         self.created: tuple[_Hook, ...] = () if self.lean else overridden("task_created")
         self.done: tuple[_Hook, ...] = () if self.lean else overridden("task_done")
-
-    @property
-    def observes_tasks(self) -> bool:
-        """Whether any hook wants to hear of tasks at all."""
-        return self.lean or bool(self.context or self.created or self.done)

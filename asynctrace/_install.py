@@ -564,7 +564,7 @@ def _after_fork_in_child() -> None:
     instruments = STATE.hooks.instruments
     process, loops = _INSTALLED.process, list(_INSTALLED.loops)
     _INSTALLED.clear()
-    STATE.reinit_after_fork()
+    STATE.start_fresh()
     for installation in [*(process._children if process else ()), *loops]:
         loop = installation.loop
         if loop is not None and installation._factory is not None:

@@ -39,12 +39,13 @@ class State:
 
     def __init__(self) -> None:
         """Start empty: nothing installed, nothing counted."""
-        self.lock = threading.RLock()
-        self.errors = ErrorCounts()
-        self.clear()
+        self.start_fresh()
 
-    def reinit_after_fork(self) -> None:
-        """In a forked child: fresh locks (another thread may have held one at the fork)."""
+    def start_fresh(self) -> None:
+        """New locks, nothing configured, nothing counted.
+
+        Also what a forked child does: another thread may have held a lock at the fork.
+        """
         self.lock = threading.RLock()
         self.errors = ErrorCounts()
         self.clear()

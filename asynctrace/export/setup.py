@@ -188,39 +188,38 @@ class Telemetry(Instrument):
         )
 
         options = self.options
-        exporters: list[tuple[SpanExporter, str]] = []
-        file_exporter: SpanExporter | None = None
-        file_drops: SpanDrops | None = None
+        exporters: list[tuple[SpanExporter, str, SpanDrops]] = []  # each its own count
         if "otlp" in options.traces_exporters:
             assert options.otlp_url is not None  # noqa: S101 - resolved with "otlp"
             self.otlp_endpoint = redact_url(options.otlp_url)
             protocol = options.otlp_protocol or "http/protobuf"
             source = f"OTLP exporter ({protocol}, {self.otlp_endpoint})"
-            exporters.append((otlp_exporter(options), source))
+            exporters.append((otlp_exporter(options), source, SpanDrops()))
         if "console" in options.traces_exporters:
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter  # noqa: PLC0415
 
             # sys.stdout as it is now: the SDK's default is the one it saw when first imported
-            exporters.append((ConsoleSpanExporter(out=sys.stdout), "console exporter"))
+            console = ConsoleSpanExporter(out=sys.stdout)
+            exporters.append((console, "console exporter", SpanDrops()))
         if options.traces_file:
             from asynctrace.export.files import OTLPJsonFileSpanExporter  # noqa: PLC0415
 
-            file_drops = SpanDrops()
+            file_drops = SpanDrops()  # also what rotation loses
             file_exporter = OTLPJsonFileSpanExporter(options.traces_file, on_drop=file_drops.drop)
             self.traces_file = str(file_exporter.path.resolve())
-            exporters.append((file_exporter, f"OTLP JSON file ({self.traces_file})"))
+            source = f"OTLP JSON file ({self.traces_file})"
+            exporters.append((file_exporter, source, file_drops))
         resource = Resource.create(
             {SERVICE_NAME: options.service_name} if options.service_name else {}
         )
         # Not shut down by the SDK at exit: close() does it, within shutdown_timeout.
         provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-        for exporter, source in exporters:
-            drops = file_drops if exporter is file_exporter and file_drops else SpanDrops()
+        for exporter, source, drops in exporters:
             self._drops.append(drops)
             processor = CountingProcessor(CountingExporter(exporter, source, drops), drops)
             self._processors.append(processor)
             provider.add_span_processor(processor)
-        self.tracing = "; ".join(source for _, source in exporters)
+        self.tracing = "; ".join(source for _, source, _ in exporters)
         self._owned_provider = provider
         _MADE_HERE.add(provider)
         return provider

@@ -28,7 +28,6 @@ __all__ = [
     "DURATION_BUCKETS",
     "LAG_BUCKETS",
     "OTHER_OPERATION",
-    "OUTCOMES",
     "UNNAMED_OPERATION",
     "Folded",
     "OperationLabels",
@@ -47,7 +46,6 @@ LAG_BUCKETS: Final = (
 )  # fmt: skip
 UNNAMED_OPERATION: Final = "unnamed"
 OTHER_OPERATION: Final = "_other"
-OUTCOMES: Final = ("finished", "exception", "cancelled")
 
 
 @final

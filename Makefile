@@ -11,7 +11,7 @@ COMMA := ,
 
 .PHONY: demo test test-313 test-314 test-all lint typecheck check bench bench-profile bench-guard clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml setup.py asynctrace/_speedups.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_FLAGS) --upgrade pip
 	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev]'
@@ -28,21 +28,21 @@ define debian_venv
 	touch $@
 endef
 
-$(VENV314)/bin/.installed: pyproject.toml .ci/debian-python.sh
+$(VENV314)/bin/.installed: pyproject.toml setup.py asynctrace/_speedups.c .ci/debian-python.sh
 	$(call debian_venv,3.14,$(VENV314),dev)
 
-$(VENV313)/bin/.installed: pyproject.toml .ci/debian-python.sh
+$(VENV313)/bin/.installed: pyproject.toml setup.py asynctrace/_speedups.c .ci/debian-python.sh
 	$(call debian_venv,3.13,$(VENV313),dev)
 
 # The benchmark needs the peers (opentelemetry-instrumentation-asyncio, sentry-sdk), which pin
 # other OpenTelemetry versions than the tests use: their own virtualenvs.
-.venv-bench/bin/.installed: pyproject.toml
+.venv-bench/bin/.installed: pyproject.toml setup.py asynctrace/_speedups.c
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/pip install $(PIP_FLAGS) --upgrade pip
 	.venv-bench/bin/pip install $(PIP_FLAGS) -e '.[bench,uvloop]'
 	touch $@
 
-.venv314-bench/bin/.installed: pyproject.toml .ci/debian-python.sh
+.venv314-bench/bin/.installed: pyproject.toml setup.py asynctrace/_speedups.c .ci/debian-python.sh
 	$(call debian_venv,3.14,.venv314-bench,bench$(COMMA)uvloop)
 
 BENCH_ARGS ?= --memory 50000 --in-flight 100000

@@ -20,7 +20,17 @@ py="$root/usr/bin/python$version"
 libdir="$root/usr/lib/x86_64-linux-gnu"
 check="import sys, venv; assert sys.version_info[:2] == (${version/./, })"
 
+# Debian's include/python3.x/pyconfig.h includes <x86_64-linux-gnu/python3.x/pyconfig.h>, found
+# under /usr/include on a real install: point it at the unpacked copy, so C extensions (the
+# optional accelerator) build against this interpreter.
+fix_headers() {
+    local arch_config="$root/usr/include/x86_64-linux-gnu/python$version/pyconfig.h"
+    [ -f "$arch_config" ] && cp "$arch_config" "$root/usr/include/python$version/pyconfig.h"
+    return 0
+}
+
 if [ -x "$py" ] && "$py" -c "$check" 2>/dev/null; then
+    fix_headers
     echo "$py"
     exit 0
 fi
@@ -60,6 +70,7 @@ apt-get "${apt_opts[@]}" install -y -qq --download-only "python$version-venv" "p
 for deb in "$cache"/archives/*.deb; do
     dpkg -x "$deb" "$root"
 done
+fix_headers
 patchelf --set-interpreter "$libdir/ld-linux-x86-64.so.2" --force-rpath --set-rpath "$libdir" "$py"
 "$py" -c "import ssl, sqlite3; $check" >&2
 echo "$py"

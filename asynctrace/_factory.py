@@ -38,7 +38,10 @@ from asynctrace._record import CANCELLED, EXCEPTION, FINISHED, Outcome, TaskReco
 from asynctrace._state import STATE
 
 __all__ = [
+    "MARKERS",
+    "LeanDone",
     "LiveRecord",
+    "TapProbe",
     "TaskFactory",
     "forget_running",
     "forget_task",
@@ -71,8 +74,13 @@ class LiveRecord(TaskRecord):
         self._hooks = hooks
 
     def __call__(self, task: asyncio.Task[Any]) -> None:
-        """Record the outcome (without marking an exception retrieved), call the done hooks."""
-        self.finished_ns = _perf_ns()
+        """Record the outcome (without marking an exception retrieved), call the done hooks.
+
+        Called through a ``Handle`` (the loop has no tap, or :meth:`mark` left the hooks to
+        it), or directly for an eager task done in its first step.
+        """
+        if not self.finished_ns:
+            self.finished_ns = _perf_ns()
         self.outcome = outcome = outcome_of(task)
         hooks = self._hooks
         if hooks is not STATE.hooks:
@@ -81,6 +89,84 @@ class LiveRecord(TaskRecord):
             self.exception = task._exception
         call_each(hooks.done, STATE.errors, task, self)
         self.exception = None
+
+    def mark(self, task: asyncio.Task[Any]) -> bool:
+        """Called by the loop's tap the moment ``task`` is done, inside its last step.
+
+        Notes the exact end time. When every done hook is asynctrace's own (``instant``),
+        calls them now and returns True; else returns False and the tap schedules this
+        record as usual, so your instruments' hooks still run from a ``Handle``.
+        """
+        self.finished_ns = _perf_ns()
+        hooks = self._hooks
+        if not hooks.instant:
+            return False
+        self.outcome = outcome = outcome_of(task)
+        if hooks is not STATE.hooks:
+            return True  # its configuration has ended: nothing to record
+        if outcome == EXCEPTION:
+            self.exception = task._exception
+        call_each(hooks.done, STATE.errors, task, self)
+        self.exception = None
+        return True
+
+
+@final
+class LeanDone:
+    """The done callback of every task on the lean path of one factory (no record per task).
+
+    Its ``starts`` maps ``id(task)`` to ``perf_counter_ns()`` at the task's creation, while the
+    task runs. Keyed by id, not by task, so a task destroyed while pending is still garbage
+    collected (and still warned about); a later task with the same id overwrites its entry.
+    The task's metadata is read back from its context: the ``Handle`` runs this in it, and
+    :meth:`mark` runs inside the task's last step, in it too.
+    """
+
+    __slots__ = ("starts",)
+
+    def __init__(self) -> None:
+        """An empty table."""
+        self.starts: dict[int, int] = {}
+
+    def __call__(self, task: asyncio.Task[Any]) -> None:
+        """Record the task's end: its duration into the lean hooks."""
+        finished_ns = _perf_ns()
+        created_ns = self.starts.pop(id(task), None)
+        if created_ns is not None:
+            lean_finish(task, _METADATA.get(None) or _NO_METADATA, finished_ns - created_ns)
+
+    def mark(self, task: asyncio.Task[Any]) -> bool:
+        """Called by the loop's tap the moment ``task`` is done: the same, now."""
+        self(task)
+        return True
+
+
+def lean_finish(task: asyncio.Future[Any], metadata: TaskMetadata, duration_ns: int) -> None:
+    """Call the lean instruments' ``task_finished`` for a task that ended."""
+    call_each(STATE.hooks.finished, STATE.errors, metadata, outcome_of(task), duration_ns)
+
+
+@final
+class TapProbe:
+    """A marker used once, to check that a loop's futures reach its tap (see ``_install``)."""
+
+    __slots__ = ("marked",)
+
+    def __init__(self) -> None:
+        """Not marked yet."""
+        self.marked = False
+
+    def __call__(self, future: asyncio.Future[Any]) -> None:
+        """Called from a Handle: the tap was bypassed."""
+
+    def mark(self, future: asyncio.Future[Any]) -> bool:  # noqa: ARG002
+        """Called by the tap: it works on this loop."""
+        self.marked = True
+        return True
+
+
+MARKERS: Final = (LiveRecord, LeanDone, TapProbe)
+"""The done callbacks a loop's tap runs on the spot."""
 
 
 def outcome_of(task: asyncio.Future[Any]) -> Outcome:
@@ -208,10 +294,13 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
             task = _build(loop, coro, kwargs)
             call_each(hooks.started, errors, metadata)
             if task.done():  # an eager task that finished in its first step
-                _lean_finish(task, metadata, perf_ns() - created_ns)
+                lean_finish(task, metadata, perf_ns() - created_ns)
             else:
                 starts[id(task)] = created_ns
-                task.add_done_callback(lean_done, context=context)
+                # Not an asyncio.Task (a chained factory's): it may end outside its own
+                # context, so the tap must not run the marker there; a Handle runs it in it.
+                done = lean_done if type(task) is task_type else lean_done.__call__
+                task.add_done_callback(done, context=context)
             return task
 
         if not (hooks.context or hooks.done or hooks.created):
@@ -240,20 +329,8 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
             return task_type(coro, loop=loop, **kwargs)
         return cast("asyncio.Task[Any]", inner(loop, coro, **kwargs))
 
-    # id(task) -> perf_counter_ns() at creation, for tasks on the lean path while they run.
-    # Keyed by id, not by task, so a task destroyed while pending is still garbage collected
-    # (and still warned about); a later task with the same id overwrites its entry.
-    starts: dict[int, int] = {}
-
-    def lean_done(task: asyncio.Task[Any]) -> None:
-        # Runs in the task's context (add_done_callback(context=...)): the metadata is there.
-        finished_ns = perf_ns()
-        created_ns = starts.pop(id(task), None)
-        if created_ns is not None:
-            _lean_finish(task, metadata_var.get(None) or _NO_METADATA, finished_ns - created_ns)
-
-    def _lean_finish(task: asyncio.Task[Any], metadata: TaskMetadata, duration_ns: int) -> None:
-        call_each(state.hooks.finished, errors, metadata, outcome_of(task), duration_ns)
+    lean_done = LeanDone()
+    starts = lean_done.starts
 
     setattr(asynctrace_task_factory, FACTORY_MARK, installation)
     setattr(asynctrace_task_factory, _STARTS_ATTR, starts)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, Final, final
+from typing import Any, ClassVar, Final, final
 
 from asynctrace._errors import ErrorCounts
 from asynctrace._metadata import TaskMetadata
@@ -39,6 +39,11 @@ class Instrument:
 
     Since: 0.1.0
     """
+
+    # Whether this instrument's task_done may run inside the task's last step, the moment it
+    # is done (the loop's tap, see _speedups_py.Tap), rather than from a Handle. Only
+    # asynctrace's own sinks say so: yours keep asyncio's usual callback turn.
+    _instant: ClassVar[bool] = False
 
     def task_context(self, record: TaskRecord) -> None:
         """Called inside the new task's context before the task is built.
@@ -100,6 +105,8 @@ class LeanInstrument(Instrument):
     task-observing instrument (spans, yours) switches the factory back to records, and these
     hooks are then called from ``task_created``/``task_done``.
     """
+
+    _instant = True
 
     def task_started(self, metadata: TaskMetadata) -> None:
         """Called right after the factory built a task with ``metadata``."""
@@ -164,6 +171,8 @@ class Hooks:
         scope: ``correlation_scope`` likewise.
         lean: True when every task-observing instrument is a :class:`LeanInstrument`: the
             factory then keeps no record and calls ``started`` and ``finished`` instead.
+        instant: True when every ``task_done`` may run inside the task's last step (all are
+            asynctrace's own); else the done hooks run from a ``Handle``.
         started: ``task_started`` of the lean instruments (on the lean path).
         finished: ``task_finished`` of the lean instruments.
     """
@@ -175,6 +184,7 @@ class Hooks:
         "destroyed",
         "done",
         "finished",
+        "instant",
         "instruments",
         "lean",
         "scope",
@@ -201,3 +211,4 @@ class Hooks:
         self.context: tuple[_Hook, ...] = () if self.lean else overridden("task_context")
         self.created: tuple[_Hook, ...] = () if self.lean else overridden("task_created")
         self.done: tuple[_Hook, ...] = () if self.lean else overridden("task_done")
+        self.instant = all(type(i)._instant for i in instruments if overrides(i, "task_done"))

@@ -34,6 +34,7 @@ from asynctrace._hooks import Hooks, Instrument, call_each, source_of
 from asynctrace._introspect import task_metadata, task_record
 from asynctrace._metadata import _CORRELATION_ID, _METADATA, TaskMetadata, _make_metadata
 from asynctrace._state import STATE
+from asynctrace._tap import tap, untap
 
 __all__ = [
     "Installation",
@@ -123,6 +124,7 @@ class Installation:
         self._previous = previous
         self._factory = make_factory(self, self._previous)
         loop.set_task_factory(self._factory)
+        tap(loop)  # exact end times where the loop allows it (see _tap)
         # asyncio reports a task destroyed while pending through the exception handler (with
         # the task): chained in front of the one set before, which still gets every call.
         self._previous_handler = loop.get_exception_handler()
@@ -228,6 +230,7 @@ class _Switch:
         loop = self.loop
         if loop.get_task_factory() is self.factory:
             loop.set_task_factory(self.previous)
+            untap(loop)
         if loop.get_exception_handler() is self.handler:
             loop.set_exception_handler(self.previous_handler)
 

@@ -267,6 +267,8 @@ _Started = _TaskSpan | trace.Span
 class SpanSink(Instrument):
     """Records each task the filter admits, and each correlation block, as a span."""
 
+    _instant = True  # ends the span the moment the task is done (the loop's tap)
+
     def __init__(
         self,
         tracer_provider: trace.TracerProvider,

@@ -1,0 +1,37 @@
+"""Which implementation of the accelerated parts runs: the C extension or its Python twin.
+
+The C extension (``asynctrace._speedups``) is built when the package is installed on a machine
+with a C compiler; it is optional. Without it, or with ``ASYNCTRACE_PURE_PYTHON=1`` in the
+environment when asynctrace is first imported, the pure-Python twin (``_speedups_py``) runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import TYPE_CHECKING, Final
+
+__all__ = ["IMPLEMENTATION", "PURE_PYTHON_ENV", "Tap", "load"]
+
+PURE_PYTHON_ENV: Final = "ASYNCTRACE_PURE_PYTHON"
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+
+def load(*, pure_python: bool | None = None) -> ModuleType:
+    """The module to use: ``_speedups`` unless forced to, or it is missing; else the twin."""
+    if pure_python is None:
+        pure_python = os.environ.get(PURE_PYTHON_ENV, "") not in ("", "0")
+    if not pure_python:
+        try:
+            return importlib.import_module("asynctrace._speedups")
+        except ImportError:
+            pass
+    return importlib.import_module("asynctrace._speedups_py")
+
+
+_module = load()
+IMPLEMENTATION: Final[str] = _module.IMPLEMENTATION
+"""``"c"`` or ``"python"``: what this process runs."""
+Tap: Final = _module.Tap

@@ -1,0 +1,87 @@
+"""Exact task end times: the loop's ``call_soon`` tapped while asynctrace instruments it.
+
+A done callback normally runs when the loop gets to it, behind every callback already queued:
+under load that is milliseconds after the task ended, and the duration lands in the wrong
+histogram bucket. asyncio's futures schedule their done callbacks through
+``loop.call_soon``, looked up on the loop object at every call, so a :class:`Tap` set as the
+loop instance's ``call_soon`` sees the callback the moment the task is done and runs
+asynctrace's completion marker there (see ``_speedups_py.Tap``); every other call goes,
+unchanged, to the loop's own ``call_soon``.
+
+This relies on how CPython's (and uvloop's) futures find ``call_soon``, so :func:`tap` checks
+it on each loop with a probe future and leaves the loop alone when the probe does not reach
+the tap: asynctrace then records ends from the done callback's turn, as before.
+``ASYNCTRACE_TAP=0`` turns the tap off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Final
+
+from asynctrace._factory import MARKERS, TapProbe
+from asynctrace._native import Tap
+
+__all__ = ["TAP_ENV", "is_tapped", "tap", "untap"]
+
+TAP_ENV: Final = "ASYNCTRACE_TAP"
+
+
+def tap(loop: asyncio.AbstractEventLoop) -> bool:
+    """Tap ``loop``'s ``call_soon``; True when its futures reach the tap (else left as it was)."""
+    if os.environ.get(TAP_ENV, "1").strip() == "0":
+        return False
+    try:
+        attrs = vars(loop)
+    except TypeError:
+        return False  # no instance attributes: nothing can be set there
+    if isinstance(attrs.get("call_soon"), Tap):
+        return True  # tapped already (an earlier installation on this loop)
+    try:
+        loop.call_soon = Tap(loop.call_soon, MARKERS)  # type: ignore[method-assign]
+    except (AttributeError, TypeError):
+        return False  # a read-only or slotted call_soon
+    if _reaches_tap(loop):
+        return True
+    untap(loop)
+    return False
+
+
+def untap(loop: asyncio.AbstractEventLoop) -> None:
+    """Put back the ``call_soon`` :func:`tap` replaced (nothing if the loop is not tapped)."""
+    try:
+        attrs = vars(loop)
+    except TypeError:
+        return
+    current = attrs.get("call_soon")
+    if not isinstance(current, Tap):
+        return
+    original = current.call_soon
+    if getattr(original, "__self__", None) is loop and getattr(
+        original, "__func__", None
+    ) is getattr(type(loop), "call_soon", None):
+        del loop.call_soon  # the class's own method: nothing was set on the instance before
+    else:
+        # Someone's own, set on the instance before ours: theirs again.
+        loop.call_soon = original  # type: ignore[method-assign]
+
+
+def is_tapped(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop``'s ``call_soon`` is asynctrace's tap."""
+    try:
+        return isinstance(vars(loop).get("call_soon"), Tap)
+    except TypeError:
+        return False
+
+
+def _reaches_tap(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether a done callback of one of ``loop``'s futures goes through the tap."""
+    probe = TapProbe()
+    try:
+        future = loop.create_future()
+        future.add_done_callback(probe)
+        future.set_result(None)
+    except Exception:
+        return False
+    return probe.marked

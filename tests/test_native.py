@@ -1,0 +1,360 @@
+"""The native accelerator and its pure-Python twin; exact end times through the loop's tap.
+
+Every test of ``Tap`` runs against both implementations. The order-based tests below need no
+clock: a callback queued just before a task returns runs before the task's done callback gets
+its turn, so an end time taken from the done callback comes after the callback's, and one
+taken on the spot (the tap) comes before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from types import ModuleType
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+import asynctrace
+from asynctrace import _native, _speedups_py, _tap
+from asynctrace.testing import TaskCapture, record_of
+
+IMPLEMENTATIONS: list[ModuleType] = [_speedups_py]
+try:
+    from asynctrace import _speedups
+except ImportError:  # not built here: CI requires it (ASYNCTRACE_REQUIRE_NATIVE)
+    if os.environ.get("ASYNCTRACE_REQUIRE_NATIVE") == "1":
+        raise
+else:
+    IMPLEMENTATIONS.append(_speedups)
+
+
+@pytest.fixture(params=IMPLEMENTATIONS, ids=lambda m: m.IMPLEMENTATION)
+def impl(request: pytest.FixtureRequest) -> ModuleType:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(params=IMPLEMENTATIONS, ids=lambda m: m.IMPLEMENTATION)
+def tap_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Install with this implementation's Tap on the loops."""
+    monkeypatch.setattr(_tap, "Tap", request.param.Tap)
+    return request.param  # type: ignore[no-any-return]
+
+
+class Marker:
+    def __init__(self, result: object = True) -> None:
+        self.result = result
+        self.marked: list[object] = []
+        self.called: list[object] = []
+
+    def mark(self, future: object) -> object:
+        self.marked.append(future)
+        if isinstance(self.result, BaseException):
+            raise self.result
+        return self.result
+
+    def __call__(self, future: object) -> None:
+        self.called.append(future)
+
+
+# -- the Tap itself ---------------------------------------------------------------------------
+
+
+def test_implementation_names(impl: ModuleType) -> None:
+    assert impl.IMPLEMENTATION in {"c", "python"}
+    assert sorted(impl.__all__) == ["IMPLEMENTATION", "Tap"]
+
+
+def test_other_calls_pass_through_unchanged(impl: ModuleType) -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    def call_soon(callback: object, *args: object, context: object = None) -> str:
+        calls.append((callback, args, context))
+        return "handle"
+
+    tap = impl.Tap(call_soon, (Marker,))
+    assert tap(print, 1, 2) == "handle"
+    assert tap(print, context="ctx") == "handle"
+    marker = Marker()
+    assert tap(marker, 1, 2) == "handle"  # two arguments: not a completion
+    assert calls == [(print, (1, 2), None), (print, (), "ctx"), (marker, (1, 2), None)]
+    assert marker.marked == []
+    assert tap.call_soon is call_soon
+    assert tap.markers == (Marker,)
+    assert "Tap of" in repr(tap)
+
+
+def test_marker_runs_on_the_spot(impl: ModuleType) -> None:
+    scheduled: list[object] = []
+    tap = impl.Tap(lambda cb, *_, **__: scheduled.append(cb), (Marker,))
+    marker = Marker(result=True)
+    assert tap(marker, "fut", context="ctx") is None
+    assert marker.marked == ["fut"]
+    assert scheduled == []
+
+
+def test_marker_that_declines_is_scheduled(impl: ModuleType) -> None:
+    scheduled: list[object] = []
+    tap = impl.Tap(lambda cb, *a, context=None: scheduled.append((cb, a, context)), (Marker,))
+    marker = Marker(result=False)
+    tap(marker, "fut", context="ctx")
+    assert marker.marked == ["fut"]
+    assert scheduled == [(marker, ("fut",), "ctx")]
+
+
+def test_raising_marker_is_reported_and_scheduled(
+    impl: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reported: list[Any] = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    scheduled: list[object] = []
+    tap = impl.Tap(lambda cb, *_, **__: scheduled.append(cb), (Marker,))
+    marker = Marker(result=ValueError("boom"))
+    tap(marker, "fut")  # never raises into the caller (a task's last step)
+    assert scheduled == [marker]
+    assert len(reported) == 1
+    assert isinstance(reported[0].exc_value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((1, ()), "call_soon must be callable, got 1"),
+        ((print, [int]), "markers must be a tuple of types, got [<class 'int'>]"),
+        ((print, (int, "x")), "markers must be a tuple of types, got (<class 'int'>, 'x')"),
+    ],
+)
+def test_bad_arguments(impl: ModuleType, args: tuple[Any, ...], message: str) -> None:
+    with pytest.raises(TypeError) as info:
+        impl.Tap(*args)
+    assert message in str(info.value)
+
+
+def test_pure_python_is_forced_by_the_environment() -> None:
+    code = "import asynctrace._native as n; print(n.IMPLEMENTATION)"
+    env = {**os.environ, "ASYNCTRACE_PURE_PYTHON": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "python"
+    assert _native.load(pure_python=True) is _speedups_py
+    expected = "c" if len(IMPLEMENTATIONS) == 2 else "python"
+    assert expected == _native.load(pure_python=False).IMPLEMENTATION
+
+
+# -- exact end times on an instrumented loop -------------------------------------------------
+
+
+async def _ends_and_probe(n: int = 50) -> list[tuple[int, int]]:
+    """(record end, time a callback queued just before the task returned ran) per task."""
+    loop = asyncio.get_running_loop()
+    probes: list[int] = []
+
+    async def work() -> None:
+        await asyncio.sleep(0)
+        loop.call_soon(lambda: probes.append(time.perf_counter_ns()))
+
+    tasks = [asyncio.create_task(work()) for _ in range(n)]
+    records = [record_of(t) for t in tasks]
+    await asyncio.gather(*tasks)
+    await asyncio.sleep(0)
+    return [(r.finished_ns, p) for r, p in zip(records, probes, strict=True) if r is not None]
+
+
+@pytest.mark.asyncio
+async def test_end_is_taken_when_the_task_ends(tap_impl: ModuleType) -> None:
+    capture = TaskCapture()
+    asynctrace.install(instruments=[capture], metrics=False, loop_monitor=False)
+    try:
+        assert _tap.is_tapped(asyncio.get_running_loop())
+        pairs = await _ends_and_probe()
+    finally:
+        asynctrace.uninstall()
+    assert len(pairs) == 50
+    assert all(end < probe for end, probe in pairs), tap_impl.IMPLEMENTATION
+
+
+@pytest.mark.asyncio
+async def test_without_the_tap_the_end_waits_for_the_callback(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(_tap.TAP_ENV, "0")
+    asynctrace.install(instruments=[TaskCapture()], metrics=False, loop_monitor=False)
+    try:
+        assert not _tap.is_tapped(asyncio.get_running_loop())
+        pairs = await _ends_and_probe()
+    finally:
+        asynctrace.uninstall()
+    assert len(pairs) == 50
+    assert all(end > probe for end, probe in pairs)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("tapped", [True, False], ids=["tap", "no-tap"])
+async def test_lean_path_histogram_on_the_spot(
+    tap_impl: ModuleType, tapped: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Metrics only: with the tap, the duration excludes the callbacks queued behind its end."""
+    if not tapped:
+        monkeypatch.setenv(_tap.TAP_ENV, "0")
+    registry = CollectorRegistry()
+    asynctrace.install(registry=registry, loop_monitor=False)
+    loop = asyncio.get_running_loop()
+    try:
+        assert _tap.is_tapped(loop) is tapped
+
+        async def quick() -> None:
+            # Behind this task's end: a callback that holds the loop for 30 ms.
+            loop.call_soon(time.sleep, 0.03)
+
+        await asyncio.create_task(quick())
+        await asyncio.sleep(0)
+        labels = {"operation": "unnamed", "outcome": "finished"}
+        count = registry.get_sample_value("asynctrace_task_duration_seconds_count", labels)
+        fast = registry.get_sample_value(
+            "asynctrace_task_duration_seconds_bucket", {**labels, "le": "0.025"}
+        )
+    finally:
+        asynctrace.uninstall()
+    assert count == 1
+    # With the tap the 30 ms callback runs after the end was taken; without, before.
+    assert fast == (1 if tapped else 0)
+
+
+@pytest.mark.asyncio
+async def test_your_instruments_still_run_from_a_handle(tap_impl: ModuleType) -> None:
+    seen: list[object] = []
+
+    class Mine(asynctrace.Instrument):
+        def task_done(self, task: asyncio.Task[Any], record: Any) -> None:  # noqa: ARG002
+            seen.append((asyncio.current_task(), record.finished_ns))
+
+    asynctrace.install(instruments=[Mine()], metrics=False, loop_monitor=False)
+    try:
+        pairs = await _ends_and_probe(5)
+    finally:
+        asynctrace.uninstall()
+    assert len(seen) == 5
+    assert all(current is None for current, _ in seen)  # not inside the task's last step
+    assert all(end < probe for end, probe in pairs)  # but its end was taken on the spot
+
+
+@pytest.mark.asyncio
+async def test_uninstall_puts_call_soon_back(tap_impl: ModuleType) -> None:
+    loop = asyncio.get_running_loop()
+    assert "call_soon" not in vars(loop)
+    asynctrace.install(instruments=[TaskCapture()], metrics=False, loop_monitor=False)
+    assert isinstance(vars(loop)["call_soon"], tap_impl.Tap)
+    asynctrace.uninstall()
+    assert "call_soon" not in vars(loop)
+    assert loop.call_soon.__func__ is type(loop).call_soon  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+async def test_someone_elses_call_soon_is_kept(tap_impl: ModuleType) -> None:
+    loop = asyncio.get_running_loop()
+    original = loop.call_soon
+    calls: list[object] = []
+
+    def theirs(callback: Any, *args: Any, context: Any = None) -> Any:
+        calls.append(callback)
+        return original(callback, *args, context=context)
+
+    loop.call_soon = theirs  # type: ignore[method-assign]
+    try:
+        asynctrace.install(instruments=[TaskCapture()], metrics=False, loop_monitor=False)
+        await asyncio.sleep(0)
+        assert calls  # still called, through the tap
+        asynctrace.uninstall()
+        assert vars(loop)["call_soon"] is theirs
+    finally:
+        del loop.call_soon
+
+
+class ReadOnlyCallSoonLoop(asyncio.SelectorEventLoop):
+    """A loop whose call_soon cannot be set on the instance."""
+
+    @property
+    def call_soon(self) -> Any:
+        return super().call_soon
+
+
+class OwnFutureLoop(asyncio.SelectorEventLoop):
+    """A loop whose futures do not find call_soon on the instance (the tap cannot see them)."""
+
+    def create_future(self) -> asyncio.Future[Any]:
+        loop = self
+
+        class Future(asyncio.futures._PyFuture):  # type: ignore[name-defined,misc]
+            def add_done_callback(self, fn: Any, *, context: Any = None) -> None:  # noqa: ARG002
+                self._cbs = [*getattr(self, "_cbs", []), fn]
+
+            def set_result(self, result: Any) -> None:
+                super().set_result(result)
+                for fn in getattr(self, "_cbs", []):
+                    type(loop).call_soon(loop, fn, self)
+
+        return Future(loop=self)
+
+
+@pytest.mark.parametrize("loop_type", [ReadOnlyCallSoonLoop, OwnFutureLoop])
+def test_fallback_when_the_loop_does_not_allow_it(loop_type: type) -> None:
+    """Detected at install: no tap, and ends are still recorded (from the callback's turn)."""
+    loop = loop_type()
+    capture = TaskCapture()
+    try:
+        asynctrace.install(loop=loop, instruments=[capture], metrics=False, loop_monitor=False)
+        assert not _tap.is_tapped(loop)
+        assert "call_soon" not in vars(loop)
+
+        async def main() -> int:
+            await asyncio.sleep(0)
+            return 7
+
+        assert loop.run_until_complete(loop.create_task(main())) == 7
+        loop.run_until_complete(asyncio.sleep(0))
+        done = [r for _, r in capture.done if r.outcome == "finished"]
+        assert done
+        assert all(r.finished_ns >= r.created_ns for r in done)
+    finally:
+        asynctrace.uninstall(loop)
+        loop.close()
+
+
+def test_uvloop_is_tapped() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    capture = TaskCapture()
+
+    async def main() -> list[tuple[int, int]]:
+        asynctrace.install(instruments=[capture], metrics=False, loop_monitor=False)
+        try:
+            assert _tap.is_tapped(asyncio.get_running_loop())
+            return await _ends_and_probe(20)
+        finally:
+            asynctrace.uninstall()
+
+    pairs = uvloop.run(main())
+    assert len(pairs) == 20
+    assert all(end < probe for end, probe in pairs)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 14), reason="concurrent.interpreters is new in 3.14")
+@pytest.mark.skipif(len(IMPLEMENTATIONS) < 2, reason="the C extension is not built here")
+def test_c_extension_loads_in_isolated_subinterpreters() -> None:
+    from concurrent import interpreters  # noqa: PLC0415 - 3.14 only
+
+    interp = interpreters.create()
+    try:
+        interp.exec(
+            "import asynctrace._speedups as s\n"
+            "assert s.IMPLEMENTATION == 'c'\n"
+            "t = s.Tap(print, (int,))\n"
+            "assert t.call_soon is print\n"
+        )
+        interp.exec("import asynctrace._native as n\nassert n.IMPLEMENTATION == 'c'\n")
+    finally:
+        interp.close()

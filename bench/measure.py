@@ -13,6 +13,7 @@ import json
 import statistics
 import time
 import tracemalloc
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any
 
@@ -135,6 +136,69 @@ async def _in_flight_100k(mode: Mode, n: int) -> dict[str, float]:
     return out
 
 
+async def _accuracy(mode: Mode, n: int) -> dict[str, float]:
+    """Recorded end against a timestamp the coroutine takes just before it returns.
+
+    An n-task fan-out, each task created by the mode's spawn. On the record path the record's
+    ``finished_ns`` is compared; on the lean path (no record) the duration the metrics got, added
+    to the creation time asynctrace noted. Also the share of durations that land in another
+    histogram bucket than the true duration's.
+    """
+    from asynctrace import _factory  # noqa: PLC0415
+    from asynctrace.sinks.task_metrics import DURATION_BUCKETS  # noqa: PLC0415
+    from asynctrace.testing import record_of  # noqa: PLC0415
+
+    perf_ns = time.perf_counter_ns
+    observed: dict[int, int] = {}  # id(task) -> duration the lean instruments got
+    lean_finish = _factory.lean_finish
+
+    def spy(task: Any, metadata: Any, duration_ns: int) -> None:  # noqa: ANN401
+        observed[id(task)] = duration_ns
+        lean_finish(task, metadata, duration_ns)
+
+    _factory.lean_finish = spy  # type: ignore[assignment]
+    ends = [0] * n
+
+    async def leaf_acc(i: int) -> None:
+        await asyncio.sleep(0)
+        ends[i] = perf_ns()
+
+    starts = getattr(asyncio.get_running_loop().get_task_factory(), "_asynctrace_starts", {})
+    created = [0] * n
+    tasks, records = [], []
+    for i in range(n):
+        task = mode.spawn(leaf_acc(i), "leaf")
+        tasks.append(task)
+        records.append(record_of(task))  # found while the task runs
+        created[i] = starts.get(id(task), 0)
+    await asyncio.gather(*tasks)
+    await asyncio.sleep(0)
+    mode.flush()
+    _factory.lean_finish = lean_finish
+    errors, wrong = [], 0
+    bounds = [round(b * 1e9) for b in DURATION_BUCKETS]
+    for i, task in enumerate(tasks):
+        record = records[i]
+        if record is not None and record.finished_ns:
+            start, end = record.created_ns, record.finished_ns
+        elif id(task) in observed and created[i]:
+            start, end = created[i], created[i] + observed[id(task)]
+        else:
+            continue
+        errors.append((end - ends[i]) / 1e3)
+        wrong += bisect_left(bounds, end - start) != bisect_left(bounds, ends[i] - start)
+    if not errors:
+        return {}
+    errors.sort()
+    return {
+        "median_error_us": statistics.median(errors),
+        "p99_error_us": errors[min(len(errors) - 1, round(0.99 * len(errors)))],
+        "max_error_us": errors[-1],
+        "wrong_bucket_pct": 100 * wrong / len(errors),
+        "tasks": len(errors),
+    }
+
+
 def worker(args: argparse.Namespace) -> None:
     async def main() -> dict[str, Any]:
         mode = Mode(args.mode)
@@ -146,6 +210,8 @@ def worker(args: argparse.Namespace) -> None:
             result["memory"] = await _memory(mode, args.memory, args.finished)
         if args.in_flight and (args.mode == "bare" or args.mode.startswith("asynctrace")):
             result["in_flight"] = await _in_flight_100k(mode, args.in_flight)
+        if args.accuracy and args.mode.startswith("asynctrace"):
+            result["accuracy"] = await _accuracy(mode, args.accuracy)
         return result
 
     if args.loop == "uvloop":

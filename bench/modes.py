@@ -13,11 +13,23 @@ from typing import Any
 MODES = [
     "bare",
     "asynctrace-metrics",
+    "asynctrace-metrics-pure",
+    "asynctrace-metrics-handle",
     "asynctrace-tracing",
+    "asynctrace-tracing-otlp",
     "otel-asyncio-metrics",
     "otel-asyncio-spans",
+    "otel-asyncio-spans-otlp",
     "sentry",
 ]
+# What a mode's worker process gets in its environment (read when asynctrace is imported or
+# installed): the pure-Python twin, and the previous release's path (ends from a Handle).
+MODE_ENV = {
+    "asynctrace-metrics-pure": {"ASYNCTRACE_PURE_PYTHON": "1"},
+    "asynctrace-metrics-handle": {"ASYNCTRACE_TAP": "0"},
+}
+# The real OTLP/HTTP receiver (bench/receiver.py) the "-otlp" modes export to.
+RECEIVER_ENV = "ASYNCTRACE_BENCH_RECEIVER"
 # Coroutine names the OTel asyncio instrumentation is told to trace (its opt-in list).
 TRACED_NAMES = "leaf,node,process,eager_leaf,handle,validate,enrich,store,consumer,producer"
 # The options asynctrace was installed with in this worker (workloads reinstall with them).
@@ -30,6 +42,7 @@ class Mode:
     def __init__(self, name: str) -> None:
         self.name = name
         self.provider: Any = None
+        self.flushes: Any = None
         self.sentry_tx: Any = None
 
     def spawn(self, coro: Any, op: str) -> asyncio.Task[Any]:  # noqa: ANN401
@@ -52,15 +65,19 @@ class Mode:
             if name == "asynctrace-tracing":
                 self.provider = discarding_provider()
                 ASYNCTRACE_OPTIONS["tracer_provider"] = self.provider
+            elif name == "asynctrace-tracing-otlp":
+                # What users run: asynctrace's own provider, OTLP/HTTP protobuf to a receiver.
+                ASYNCTRACE_OPTIONS["otlp_endpoint"] = receiver_url()
+                self.flushes = asynctrace.flush
             asynctrace.install(**ASYNCTRACE_OPTIONS)
             return
         if name.startswith("otel-asyncio"):
             from opentelemetry.instrumentation.asyncio import AsyncioInstrumentor  # noqa: PLC0415
             from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
 
-            if name == "otel-asyncio-spans":
+            if name.startswith("otel-asyncio-spans"):
                 os.environ["OTEL_PYTHON_ASYNCIO_COROUTINE_NAMES_TO_TRACE"] = TRACED_NAMES
-                self.provider = discarding_provider()
+                self.provider = discarding_provider(otlp=name.endswith("-otlp"))
             AsyncioInstrumentor().instrument(
                 meter_provider=MeterProvider(), tracer_provider=self.provider
             )
@@ -97,9 +114,19 @@ class Mode:
     def flush(self) -> None:
         if self.provider is not None:
             self.provider.force_flush()
+        if self.flushes is not None:
+            self.flushes()
 
 
-def discarding_provider() -> Any:  # noqa: ANN401
+def receiver_url() -> str:
+    port = os.environ.get(RECEIVER_ENV)
+    if not port:
+        raise SystemExit(f"the -otlp modes need a receiver: {RECEIVER_ENV} is not set")
+    return f"http://127.0.0.1:{port}"
+
+
+def discarding_provider(*, otlp: bool = False) -> Any:  # noqa: ANN401
+    """An SDK provider with a batch processor; its exporter discards, or sends OTLP/HTTP."""
     from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
     from opentelemetry.sdk.trace.export import (  # noqa: PLC0415
         BatchSpanProcessor,
@@ -115,8 +142,15 @@ def discarding_provider() -> Any:  # noqa: ANN401
             self.count += len(spans)
             return SpanExportResult.SUCCESS
 
+    exporter: Any = Discard()
+    if otlp:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter,
+        )
+
+        exporter = OTLPSpanExporter(endpoint=receiver_url() + "/v1/traces")
     provider = TracerProvider()
     provider.add_span_processor(
-        BatchSpanProcessor(Discard(), max_queue_size=1 << 16, max_export_batch_size=2048)
+        BatchSpanProcessor(exporter, max_queue_size=1 << 16, max_export_batch_size=2048)
     )
     return provider

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from measure import worker
-from modes import MODES
+from modes import MODE_ENV, MODES, RECEIVER_ENV
 from report import guard, render, summarize
 from workloads import WORKLOADS
 
@@ -32,11 +32,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def _run_worker(mode: str, args: argparse.Namespace, extra: list[str]) -> dict[str, Any]:
+    env = {**os.environ, **MODE_ENV.get(mode, {})}
     cmd = [
         sys.executable, __file__, "--worker", "--mode", mode, "--tasks", str(args.tasks),
         "--repeat", str(args.repeat), "--loop", args.loop, "--workloads", *args.workloads, *extra,
     ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env)
     if out.returncode != 0:
         print(f"[{mode}] failed:\n{out.stderr[-2000:]}", file=sys.stderr)
         return {}
@@ -68,6 +69,8 @@ def main() -> int:
     parser.add_argument("--in-flight", type=int, default=0)
     parser.add_argument("--finished", type=int, default=200_000,
                         help="tasks run through for the memory-growth probe")  # fmt: skip
+    parser.add_argument("--accuracy", type=int, default=20_000,
+                        help="tasks in the end-time accuracy probe (0: none)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="small sizes, 3 rounds")
     parser.add_argument("--guard", action="store_true", help="fail on a gross regression")
     parser.add_argument("--json", type=Path, default=None)
@@ -77,7 +80,36 @@ def main() -> int:
         return 0
     if args.quick:
         args.tasks, args.rounds, args.repeat = 5_000, 3, 3
+        args.accuracy = 0
     modes = [m for m in args.modes if _available(m)]
+    receiver = _start_receiver() if any(m.endswith("-otlp") for m in modes) else None
+    try:
+        return _run(args, modes)
+    finally:
+        if receiver is not None:
+            receiver.kill()
+            receiver.wait(10)
+
+
+def _start_receiver() -> subprocess.Popen[str]:
+    """The real OTLP/HTTP receiver (bench/receiver.py), in a process of its own."""
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "receiver.py")], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None  # noqa: S101
+    os.environ[RECEIVER_ENV] = proc.stdout.readline().strip()
+    return proc
+
+
+def _received() -> int:
+    """Spans the receiver has decoded so far."""
+    from urllib.request import urlopen  # noqa: PLC0415
+
+    with urlopen(f"http://127.0.0.1:{os.environ[RECEIVER_ENV]}/count", timeout=10) as r:
+        return int(r.read())
+
+
+def _run(args: argparse.Namespace, modes: list[str]) -> int:
     skipped = sorted(set(args.modes) - set(modes))
     rounds: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     extras: dict[str, dict[str, Any]] = {m: {} for m in modes}
@@ -85,15 +117,19 @@ def main() -> int:
         order = modes[r % len(modes) :] + modes[: r % len(modes)]
         for mode in order:
             extra = []
-            if r == 0 and mode in ("bare", "asynctrace-metrics", "asynctrace-tracing"):
+            if r == 0 and mode in ("bare", "asynctrace-metrics", "asynctrace-tracing-otlp"):
                 if args.memory:
                     extra += ["--memory", str(args.memory), "--finished", str(args.finished)]
                 if args.in_flight:
                     extra += ["--in-flight", str(args.in_flight)]
+            extra += ["--accuracy", str(args.accuracy if r == 0 else 0)]
+            before = _received() if mode.endswith("-otlp") else 0
             result = _run_worker(mode, args, extra)
+            if mode.endswith("-otlp") and result:
+                extras[mode]["received"] = {"spans": float(_received() - before)}
             if result:
                 rounds[mode].append(result["workloads"])
-                for key in ("memory", "in_flight"):
+                for key in ("memory", "in_flight", "accuracy"):
                     if key in result:
                         extras[mode][key] = result[key]
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)

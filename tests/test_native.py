@@ -358,3 +358,13 @@ def test_c_extension_loads_in_isolated_subinterpreters() -> None:
         interp.exec("import asynctrace._native as n\nassert n.IMPLEMENTATION == 'c'\n")
     finally:
         interp.close()
+
+
+def test_this_process_runs_what_the_environment_asks() -> None:
+    """CI runs the hot-path tests twice: with the C extension, and forced to the twin."""
+    if os.environ.get("ASYNCTRACE_PURE_PYTHON", "") not in ("", "0"):
+        expected = "python"
+    else:  # the C extension whenever it was built (CI requires it to be)
+        expected = "c" if len(IMPLEMENTATIONS) == 2 else "python"
+    assert _native.IMPLEMENTATION == expected
+    assert _native.Tap is (_speedups_py.Tap if expected == "python" else IMPLEMENTATIONS[1].Tap)

@@ -70,6 +70,11 @@ class SpanDrops:
             self.reached = self.handed
             return lost
 
+    def pending(self) -> int:
+        """Spans handed on and not yet settled (waiting, or in an export under way)."""
+        with self._lock:
+            return 0 if self.closed else self.handed - self.reached + self.in_flight
+
     def total_dropped(self) -> int:
         """Spans dropped so far."""
         return self.dropped

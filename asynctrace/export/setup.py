@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import os
 import sys
 import threading
 import time
@@ -36,6 +37,7 @@ from asynctrace.export.summary import Summary
 from asynctrace.sinks.task_metrics import TaskMetrics
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import TracerProvider as ApiTracerProvider
@@ -44,6 +46,8 @@ __all__ = ["Telemetry"]
 
 # Providers asynctrace made (and has shut down since): never reused as "the app's own".
 _MADE_HERE: Final[weakref.WeakSet[Any]] = weakref.WeakSet()
+LANE_ENV: Final = "ASYNCTRACE_OTLP_LANE"
+"""``0``: task spans take the SDK's path even when asynctrace owns the OTLP/HTTP export."""
 
 
 class _Pipeline(Protocol):
@@ -69,6 +73,7 @@ class Telemetry(Instrument):
     def __init__(self, options: ExportOptions, version: str) -> None:
         """Set up from ``options``; undo everything if a step fails."""
         self.options = options
+        self._version = version
         self._owned_provider: TracerProvider | None = None
         self._http_server: Any = None
         self._http_thread: Any = None
@@ -216,13 +221,48 @@ class Telemetry(Instrument):
         provider = TracerProvider(resource=resource, shutdown_on_exit=False)
         for exporter, source, drops in exporters:
             self._drops.append(drops)
-            processor = CountingProcessor(CountingExporter(exporter, source, drops), drops)
+            processor: Any  # a span processor with shutdown_within(): a _Pipeline
+            lane = self._lane(exporter, source, drops, resource)
+            if lane is not None:
+                processor = lane
+            else:
+                processor = CountingProcessor(CountingExporter(exporter, source, drops), drops)
             self._processors.append(processor)
             provider.add_span_processor(processor)
         self.tracing = "; ".join(source for _, source, _ in exporters)
         self._owned_provider = provider
         _MADE_HERE.add(provider)
         return provider
+
+    def _lane(
+        self, exporter: SpanExporter, source: str, drops: SpanDrops, resource: Resource
+    ) -> Any:  # noqa: ANN401 - an export.lane.OTLPLane, or None
+        """The fast lane for the OTLP/HTTP protobuf exporter (see ``export.lane``), if usable."""
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+            OTLPSpanExporter,
+        )
+
+        from asynctrace.export.lane import OTLPLane, lane_sender  # noqa: PLC0415
+
+        if type(exporter) is not OTLPSpanExporter or os.environ.get(LANE_ENV, "1") == "0":
+            return None
+        send = lane_sender(exporter)
+        if send is None:
+            return None  # an SDK without the client the lane sends with: the SDK's path
+        daemon = _daemon_threads_allowed()
+        lane = OTLPLane(
+            send,
+            source,
+            drops,
+            (dict(resource.attributes), resource.schema_url or ""),
+            ("asynctrace", self._version),
+            daemon=daemon,
+        )
+        if not daemon:  # an isolated subinterpreter: stopped before its threads are joined
+            threading._register_atexit(  # type: ignore[attr-defined]
+                lane.shutdown_within, self.options.shutdown_timeout
+            )
+        return lane
 
     def instruments(self) -> tuple[Instrument, ...]:
         """The sinks, in the order they are called (spans before metrics, for exemplars)."""

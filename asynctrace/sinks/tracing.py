@@ -299,6 +299,9 @@ class SpanSink(Instrument):
         self._epoch_offset = time.time_ns() - time.perf_counter_ns()
         self._checked_processors: object = None
         self._fast = False
+        # Processors that take task spans as tuples (asynctrace's OTLP lane), when every
+        # processor of the provider does: no ReadableSpan is built for a task then.
+        self._lanes: tuple[Any, ...] = ()
         self._default_sampler = False
         self._recheck()
 
@@ -317,6 +320,8 @@ class SpanSink(Instrument):
             isinstance(p, _OK_ON_START) or type(p).on_start is sdk_trace.SpanProcessor.on_start
             for p in processors
         )
+        lanes = tuple(p for p in processors if callable(getattr(p, "add_task", None)))
+        self._lanes = lanes if self._fast and lanes and len(lanes) == len(processors) else ()
 
     @property
     def fast_path(self) -> bool:
@@ -553,8 +558,13 @@ class SpanSink(Instrument):
         ):
             return  # on the full path the span is never ended, so never exported
         end = record.finished_ns + self._epoch_offset
-        attributes = _attributes(task, record)
         exc = record.exception if record.outcome == EXCEPTION else None
+        # The lane takes the common shape: no links, no attributes from the sampler.
+        lane = isinstance(data, _TaskSpan) and not (data.links or data.sampler_attributes)
+        if lane and self._lanes:
+            self._to_lanes(task, record, data, end, exc)  # type: ignore[arg-type]
+            return
+        attributes = _attributes(task, record)
         if isinstance(data, _TaskSpan):
             name = span_name(task, record.metadata)
             self._emit(data, name, attributes, start_ns=record.created_ns, end=end, exc=exc)
@@ -577,3 +587,35 @@ class SpanSink(Instrument):
         elif record.outcome == CANCELLED:
             span.set_status(_UNSET)
         span.end(end_time=end)
+
+    def _to_lanes(
+        self,
+        task: asyncio.Task[Any],
+        record: TaskRecord,
+        handle: _TaskSpan,
+        end: int,
+        exc: BaseException | None,
+    ) -> None:
+        """Hand the task's span to the OTLP lane as a tuple (``otlp_encode.TaskSpan``)."""
+        meta = record.metadata
+        parent = handle.parent
+        state = handle.trace_state
+        span = (
+            handle.trace_id,
+            handle.span_id,
+            parent.span_id if parent is not None else 0,
+            parent is not None and parent.is_remote,
+            ",".join(f"{k}={v}" for k, v in state.items()) if state else "",
+            span_name(task, meta),
+            record.created_ns + self._epoch_offset,
+            end,
+            task.get_name(),
+            record.outcome,
+            meta.operation_name,
+            meta.correlation_id,
+            meta.priority_hint,
+            None if exc is None else _exception_event_attributes(exc, message=self._messages),
+            None if exc is None else type(exc).__qualname__,
+        )
+        for lane in self._lanes:
+            lane.add_task(span)

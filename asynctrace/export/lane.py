@@ -1,0 +1,216 @@
+"""The tracing fast lane: when asynctrace owns the OTLP/HTTP export, task spans skip the SDK.
+
+The SDK's path builds a ``ReadableSpan`` per task, queues it in a ``BatchSpanProcessor`` and
+encodes it with protobuf message objects: 50-70 µs a span, several times what the task
+itself costs. Here the span sink hands each finished task span over as a tuple
+(``otlp_encode.TaskSpan``); an export thread of the lane's own writes the OTLP bytes straight
+from those tuples (``otlp_encode``) and sends them with the SDK exporter's own HTTP client:
+the same endpoint, headers, compression, TLS settings, timeout and retries as the SDK's
+exporter. Other spans (correlation blocks, spans of other instrumentations on asynctrace's
+provider) reach :meth:`OTLPLane.on_end` as ``ReadableSpan`` and are encoded by the SDK's
+encoder into the same request.
+
+What is dropped is counted as on the SDK path (``SpanDrops``): over ``max_queue_size`` spans
+waiting, a failed export, or what is still waiting when the lane is shut down.
+
+The HTTP client is the SDK exporter's private ``_client`` (opentelemetry-exporter-otlp-proto-
+http 1.40 and later, ``_OTLPHTTPClient.export(bytes)``). :func:`lane_sender` checks for it;
+without it asynctrace keeps the SDK's path (tests/test_lane.py covers both).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final, final
+
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+
+from asynctrace._state import STATE
+from asynctrace.export import otlp_encode
+from asynctrace.export.drops import SpanDrops
+
+__all__ = ["LANE_QUEUE_SIZE", "OTLPLane", "lane_sender"]
+
+logger: Final = logging.getLogger("asynctrace")
+
+LANE_QUEUE_SIZE: Final = 32768
+"""Spans waiting for export at most; more are dropped and counted. Larger than the SDK's
+2048: a waiting task span is a small tuple here, and a 20k-task fan-out ends in one burst."""
+BATCH_SIZE: Final = 512
+"""Spans per request (the SDK's default batch)."""
+SCHEDULE_DELAY_S: Final = 1.0
+"""How long spans may wait for a batch to fill before they are sent anyway."""
+
+Sender = Callable[[bytes], bool]
+
+
+def lane_sender(exporter: object) -> Sender | None:
+    """A function that sends encoded bytes with ``exporter``'s HTTP client; None if it has none.
+
+    ``exporter`` is the SDK's ``OTLPSpanExporter`` (HTTP/protobuf). Its client does the
+    retries, compression and headers; True when the collector took the request.
+    """
+    client = getattr(exporter, "_client", None)
+    export = getattr(client, "export", None)
+    if not callable(export):
+        return None
+
+    def send(body: bytes) -> bool:
+        return bool(getattr(export(body), "success", False))
+
+    return send
+
+
+@final
+class OTLPLane(SpanProcessor):
+    """A span processor with a fast entry for task spans, and an export thread of its own."""
+
+    def __init__(
+        self,
+        send: Sender,
+        source: str,
+        drops: SpanDrops,
+        resource: tuple[Mapping[str, object], str],
+        scope: tuple[str, str],
+        *,
+        daemon: bool = True,
+        max_queue_size: int = LANE_QUEUE_SIZE,
+        batch_size: int = BATCH_SIZE,
+        schedule_delay_s: float = SCHEDULE_DELAY_S,
+    ) -> None:
+        """Send with ``send``; failures count under ``source``, dropped spans in ``drops``.
+
+        ``resource`` is the provider's (attributes, schema URL); ``scope`` the (name, version)
+        of asynctrace's task spans. ``daemon=False`` where daemon threads are refused (an
+        isolated subinterpreter): the thread then ends at :meth:`shutdown`.
+        """
+        STATE.errors.declare(source)
+        self._send = send
+        self._source = source
+        self._drops = drops
+        self._resource = otlp_encode.resource_bytes(*resource)
+        self._scope = otlp_encode.scope_bytes(*scope)
+        self._limit = max_queue_size
+        self._batch = batch_size
+        self._delay = schedule_delay_s
+        self._queue: collections.deque[Any] = collections.deque()
+        self._wake = threading.Event()
+        self._idle = threading.Condition()
+        self._busy = 0  # flush requests being served
+        self._stopping = False
+        self._closed = False
+        self._thread = threading.Thread(
+            target=self._run, name="asynctrace-otlp-lane", daemon=daemon
+        )
+        self._thread.start()
+
+    # -- the loop's side ---------------------------------------------------------------------
+
+    def add_task(self, span: otlp_encode.TaskSpan) -> None:
+        """Queue a finished, sampled task span (see ``otlp_encode.TaskSpan``)."""
+        if self._closed:
+            self._drops.drop(1)
+            return
+        if self._drops.admit(self._limit):
+            queue = self._queue
+            queue.append(span)
+            if len(queue) >= self._batch and not self._wake.is_set():
+                self._wake.set()
+
+    def on_end(self, span: ReadableSpan) -> None:
+        """Queue any other sampled span; the SDK's encoder writes it."""
+        context = span.context
+        if context is None or not context.trace_flags.sampled:
+            return
+        if self._closed:
+            self._drops.drop(1)
+            return
+        if self._drops.admit(self._limit):
+            self._queue.append(span)
+            self._wake.set()  # rare: no need to wait for a batch
+
+    # -- the export thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        queue, wake = self._queue, self._wake
+        while True:
+            wake.wait(self._delay)
+            wake.clear()
+            while queue and not self._closed:
+                self._export_batch()
+            with self._idle:
+                self._idle.notify_all()
+            if self._stopping:
+                return
+
+    def _export_batch(self) -> None:
+        queue = self._queue
+        batch = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
+        if not batch or not self._drops.arrive(len(batch)):
+            return  # closed: counted then
+        exported = False
+        failure: BaseException | None = None
+        try:
+            exported = self._send(self._encode(batch))
+        except Exception as exc:  # the collector's failure, never the app's
+            failure = exc
+        finally:
+            self._drops.settle(len(batch), exported=exported)
+        if not exported and not self._drops.closed:
+            STATE.errors.count(self._source, failure)
+
+    def _encode(self, batch: list[Any]) -> bytes:
+        encode = otlp_encode.encode_task_span
+        tasks = [encode(s) for s in batch if type(s) is tuple]
+        body = otlp_encode.encode_request(self._resource, self._scope, tasks) if tasks else b""
+        others = [s for s in batch if type(s) is not tuple]
+        if others:
+            from opentelemetry.exporter.otlp.proto.common.trace_encoder import (  # noqa: PLC0415
+                encode_spans,
+            )
+
+            body += encode_spans(others).SerializePartialToString()  # messages concatenate
+        return body
+
+    # -- flush and shutdown ------------------------------------------------------------------
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Export what is queued now; whether it was done within ``timeout_millis``."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        with self._idle:
+            while self._drops.pending():
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed or not self._thread.is_alive():
+                    return False
+                self._wake.set()
+                self._idle.wait(min(left, 0.05))
+        return True
+
+    def shutdown(self) -> None:
+        """Export what is queued within 5 s; count the rest as dropped."""
+        self.shutdown_within(5.0)
+
+    def shutdown_within(self, timeout_s: float) -> bool:
+        """Export what is queued, stop the thread, all within ``timeout_s``; count the rest."""
+        if self._closed:
+            return True
+        deadline = time.monotonic() + timeout_s
+        done = self.force_flush(round(max(0.0, timeout_s) * 1000))
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        self._closed = True
+        done = done and not self._thread.is_alive()
+        lost = self._drops.close()
+        if lost:
+            logger.warning(
+                "asynctrace: span export did not finish within %.1f s; %d span(s) not "
+                "exported by then are counted as dropped (asynctrace_spans_dropped_total)",
+                timeout_s,
+                lost,
+            )
+        return done

@@ -1,0 +1,363 @@
+"""The tracing fast lane: direct OTLP encoding, its export thread, and where it is used.
+
+The encoder is checked against the SDK's own: the same span written both ways must decode
+(with opentelemetry-proto) to equal messages, for any names, ids, times and attributes
+hypothesis picks. The lane is checked against a real OTLP/HTTP receiver on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+from prometheus_client import CollectorRegistry
+
+import asynctrace
+from asynctrace._state import STATE
+from asynctrace.export import otlp_encode
+from asynctrace.export.drops import SpanDrops
+from asynctrace.export.lane import OTLPLane, lane_sender
+from asynctrace.export.setup import LANE_ENV
+from asynctrace.sinks.tracing import SpanSink
+from tests.otlp_receivers import Received, http_receiver
+
+# -- the encoder against the SDK's -------------------------------------------------------------
+
+text = st.text(max_size=40)
+maybe_text = st.none() | text
+ids = st.integers(min_value=1, max_value=2**64 - 1)
+times = st.integers(min_value=0, max_value=2**63 - 1)
+
+
+def _readable(span: otlp_encode.TaskSpan, resource: Resource, scope: InstrumentationScope) -> Any:
+    """The ReadableSpan the SDK path builds for the same task span."""
+    (
+        trace_id, span_id, parent_id, parent_remote, trace_state, name, start, end,
+        task_name, outcome, operation, correlation_id, priority_hint, exc_attributes, error,
+    ) = span  # fmt: skip
+    state = (
+        TraceState([tuple(kv.split("=", 1)) for kv in trace_state.split(",")])
+        if trace_state
+        else None
+    )  # type: ignore[misc]
+    flags = TraceFlags(TraceFlags.SAMPLED)
+    parent = (
+        SpanContext(trace_id, parent_id, is_remote=parent_remote, trace_flags=flags)
+        if parent_id
+        else None
+    )
+    attributes: dict[str, Any] = {"asyncio.task.name": task_name, "asyncio.task.outcome": outcome}
+    if operation is not None:
+        attributes["asynctrace.operation"] = operation
+    if correlation_id is not None:
+        attributes["asynctrace.correlation_id"] = correlation_id
+    if priority_hint is not None:
+        attributes["asynctrace.priority_hint"] = priority_hint
+    events = () if exc_attributes is None else (Event("exception", exc_attributes, end),)
+    return ReadableSpan(
+        name=name,
+        context=SpanContext(
+            trace_id, span_id, is_remote=False, trace_flags=flags, trace_state=state
+        ),
+        parent=parent,
+        resource=resource,
+        attributes=attributes,
+        events=events,
+        kind=SpanKind.INTERNAL,
+        status=Status(StatusCode.ERROR, error) if error is not None else Status(StatusCode.UNSET),
+        start_time=start,
+        end_time=end,
+        instrumentation_scope=scope,
+    )
+
+
+task_spans = st.tuples(
+    st.integers(min_value=1, max_value=2**128 - 1),
+    ids,
+    st.just(0) | ids,
+    st.booleans(),
+    st.sampled_from(["", "vendor=value", "a=1,b=2"]),
+    text,
+    times,
+    times,
+    text,
+    st.sampled_from(["finished", "exception", "cancelled"]),
+    maybe_text,
+    maybe_text,
+    st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.none() | st.dictionaries(st.sampled_from(["exception.type", "exception.message"]), text),
+    maybe_text,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(spans=st.lists(task_spans, min_size=1, max_size=5), service=text, version=text)
+def test_encoding_matches_the_sdk(
+    spans: list[otlp_encode.TaskSpan], service: str, version: str
+) -> None:
+    resource = Resource({"service.name": service, "n": 3, "ok": True, "x": 1.5, "l": ["a", "b"]})
+    scope = InstrumentationScope("asynctrace", version)
+    ours = ExportTraceServiceRequest()
+    ours.ParseFromString(
+        otlp_encode.encode_request(
+            otlp_encode.resource_bytes(dict(resource.attributes), ""),
+            otlp_encode.scope_bytes("asynctrace", version),
+            [otlp_encode.encode_task_span(s) for s in spans],
+        )
+    )
+    sdk = encode_spans([_readable(s, resource, scope) for s in spans])
+    assert ours == sdk
+
+
+def test_requests_concatenate() -> None:
+    """A lane's request mixes its task spans with spans the SDK encoded: both are kept."""
+    resource = Resource({"service.name": "s"})
+    scope = InstrumentationScope("asynctrace", "1")
+    span = (1, 2, 0, False, "", "t", 10, 20, "Task-1", "finished", None, None, None, None, None)
+    ours = otlp_encode.encode_request(
+        otlp_encode.resource_bytes(dict(resource.attributes)),
+        otlp_encode.scope_bytes("asynctrace", "1"),
+        [otlp_encode.encode_task_span(span)],
+    )
+    theirs = encode_spans([_readable(span, resource, scope)]).SerializeToString()
+    both = ExportTraceServiceRequest()
+    both.ParseFromString(ours + theirs)
+    assert len(both.resource_spans) == 2
+    assert [s.name for rs in both.resource_spans for ss in rs.scope_spans for s in ss.spans] == [
+        "t",
+        "t",
+    ]
+
+
+# -- the lane's queue and thread ---------------------------------------------------------------
+
+
+def _span(i: int) -> otlp_encode.TaskSpan:
+    return (
+        i,
+        i,
+        0,
+        False,
+        "",
+        f"s{i}",
+        1,
+        2,
+        f"Task-{i}",
+        "finished",
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+def test_full_queue_drops_and_counts() -> None:
+    release = threading.Event()
+    bodies: list[bytes] = []
+
+    def send(body: bytes) -> bool:
+        release.wait(10)
+        bodies.append(body)
+        return True
+
+    drops = SpanDrops()
+    lane = OTLPLane(
+        send, "test lane", drops, ({}, ""), ("asynctrace", ""), max_queue_size=10, batch_size=5
+    )
+    for i in range(1, 31):
+        lane.add_task(_span(i))
+    assert drops.total_dropped() >= 30 - 10
+    release.set()
+    assert lane.force_flush(10_000)
+    lane.shutdown_within(5)
+    received = 0
+    for body in bodies:
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        received += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+    assert received + drops.total_dropped() == 30
+    assert received == 10
+
+
+def test_failed_send_is_counted_never_raised() -> None:
+    def send(body: bytes) -> bool:
+        raise ConnectionError("collector down")
+
+    drops = SpanDrops()
+    lane = OTLPLane(send, "down lane", drops, ({}, ""), ("asynctrace", ""))
+    lane.add_task(_span(1))
+    lane.force_flush(5_000)
+    lane.shutdown_within(5)
+    assert drops.total_dropped() == 1
+    assert asynctrace.telemetry_errors().get("down lane", 0) >= 1
+
+
+def test_shutdown_with_a_hung_collector_is_bounded() -> None:
+    hang = threading.Event()
+
+    def send(body: bytes) -> bool:
+        hang.wait(30)
+        return True
+
+    drops = SpanDrops()
+    lane = OTLPLane(send, "hung lane", drops, ({}, ""), ("asynctrace", ""), schedule_delay_s=0.01)
+    lane.add_task(_span(1))
+    assert lane.shutdown_within(0.3) is False
+    assert drops.total_dropped() == 1
+    hang.set()
+
+
+def test_sender_needs_the_sdk_client() -> None:
+    assert lane_sender(object()) is None
+
+    class Client:
+        def export(self, body: bytes) -> Any:
+            class Result:
+                success = body == b"ok"
+
+            return Result()
+
+    class Exporter:
+        _client = Client()
+
+    send = lane_sender(Exporter())
+    assert send is not None
+    assert send(b"ok") is True
+    assert send(b"no") is False
+
+
+# -- in an installation, against a real receiver ---------------------------------------------
+
+
+@pytest.fixture
+def otlp_http() -> Iterator[tuple[str, Received]]:
+    yield from http_receiver()
+
+
+def _sink_lanes() -> tuple[Any, ...]:
+
+    sinks = [i for i in STATE.hooks.instruments if isinstance(i, SpanSink)]
+    return sinks[0]._lanes
+
+
+async def _burst(n: int) -> None:
+    async def ok() -> None:
+        await asyncio.sleep(0)
+
+    async def boom() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("bad item")
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(n):
+            tg.create_task(ok())
+    with pytest.raises(ValueError, match="bad item"):
+        await asynctrace.create_task(boom(), operation_name="boom")
+
+
+@pytest.mark.asyncio
+async def test_burst_exported_whole_through_the_lane(otlp_http: tuple[str, Received]) -> None:
+    """3000 task spans at once (beyond the SDK's 2048 queue): every one arrives, decoded."""
+    url, received = otlp_http
+    asynctrace.install(otlp_endpoint=url, registry=CollectorRegistry(), service_name="lane-test")
+    assert _sink_lanes()  # the lane took over from the SDK's batch processor
+    with asynctrace.correlation("req-1", span_name="request"):
+        await _burst(3000)
+    assert asynctrace.flush(20)
+    asynctrace.uninstall()
+    spans = received.snapshot()
+    tasks = [s for s in spans if s["attributes"].get("asyncio.task.outcome")]
+    assert len(tasks) == 3000 + 1  # the burst and the failing task
+    boom = [s for s in spans if s["name"] == "boom"]
+    assert len(boom) == 1
+    assert boom[0]["status_code"] == StatusCode.ERROR.value
+    assert boom[0]["attributes"]["asynctrace.correlation_id"] == "req-1"
+    assert {s["resource"]["service.name"] for s in spans} == {"lane-test"}
+    scope = [s for s in spans if s["name"] == "request"]  # a ReadableSpan, in the same lane
+    assert len(scope) == 1
+    assert all(s["trace_id"] == scope[0]["trace_id"] for s in tasks)
+
+
+@pytest.mark.asyncio
+async def test_lane_sends_headers_and_gzip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK exporter's client sends: its headers and compression settings apply."""
+    seen: list[tuple[str | None, str | None, int]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            encoding = self.headers.get("Content-Encoding")
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(gzip.decompress(body) if encoding == "gzip" else body)
+            n = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+            seen.append((self.headers.get("x-api-key"), encoding, n))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=k3y")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip")
+    try:
+        asynctrace.install(
+            otlp_endpoint=f"http://127.0.0.1:{server.server_address[1]}", metrics=False
+        )
+        assert _sink_lanes()
+        await asyncio.gather(*(asyncio.sleep(0) for _ in range(20)))
+        assert asynctrace.flush(10)
+        asynctrace.uninstall()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+    assert seen
+    assert {(key, encoding) for key, encoding, _ in seen} == {("k3y", "gzip")}
+    assert sum(n for *_, n in seen) >= 20
+
+
+@pytest.mark.asyncio
+async def test_lane_can_be_turned_off(
+    otlp_http: tuple[str, Received], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(LANE_ENV, "0")
+    url, received = otlp_http
+    asynctrace.install(otlp_endpoint=url, metrics=False)
+    assert _sink_lanes() == ()
+    await asyncio.gather(*(asyncio.sleep(0) for _ in range(5)))
+    assert asynctrace.flush(10)
+    asynctrace.uninstall()
+    assert len(received.snapshot()) >= 5
+
+
+@pytest.mark.asyncio
+async def test_app_provider_keeps_the_full_path(otlp_http: tuple[str, Received]) -> None:
+    """An app's own SDK provider with its processors: no lane, its processors get spans."""
+    provider = TracerProvider()
+    memory = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    asynctrace.install(tracer_provider=provider, metrics=False)
+    assert _sink_lanes() == ()
+    await asyncio.gather(*(asyncio.sleep(0) for _ in range(5)))
+    asynctrace.uninstall()
+    assert len(memory.get_finished_spans()) >= 5

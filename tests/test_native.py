@@ -40,8 +40,9 @@ def impl(request: pytest.FixtureRequest) -> ModuleType:
 
 @pytest.fixture(params=IMPLEMENTATIONS, ids=lambda m: m.IMPLEMENTATION)
 def tap_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """Install with this implementation's Tap on the loops."""
+    """Install with this implementation's Tap on the loops (on by request for the twin)."""
     monkeypatch.setattr(_tap, "Tap", request.param.Tap)
+    monkeypatch.setenv(_tap.TAP_ENV, "1")
     return request.param  # type: ignore[no-any-return]
 
 
@@ -302,7 +303,7 @@ class OwnFutureLoop(asyncio.SelectorEventLoop):
 
 
 @pytest.mark.parametrize("loop_type", [ReadOnlyCallSoonLoop, OwnFutureLoop])
-def test_fallback_when_the_loop_does_not_allow_it(loop_type: type) -> None:
+def test_fallback_when_the_loop_does_not_allow_it(loop_type: type, tap_impl: ModuleType) -> None:
     """Detected at install: no tap, and ends are still recorded (from the callback's turn)."""
     loop = loop_type()
     capture = TaskCapture()
@@ -325,7 +326,7 @@ def test_fallback_when_the_loop_does_not_allow_it(loop_type: type) -> None:
         loop.close()
 
 
-def test_uvloop_is_tapped() -> None:
+def test_uvloop_is_tapped(tap_impl: ModuleType) -> None:
     uvloop = pytest.importorskip("uvloop")
     capture = TaskCapture()
 
@@ -366,5 +367,18 @@ def test_this_process_runs_what_the_environment_asks() -> None:
         expected = "python"
     else:  # the C extension whenever it was built (CI requires it to be)
         expected = "c" if len(IMPLEMENTATIONS) == 2 else "python"
-    assert _native.IMPLEMENTATION == expected
+    assert expected == _native.IMPLEMENTATION
     assert _native.Tap is (_speedups_py.Tap if expected == "python" else IMPLEMENTATIONS[1].Tap)
+
+
+def test_tap_by_default_only_with_the_c_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The twin's tap costs more than it saves: off unless asked for (ASYNCTRACE_TAP=1)."""
+    monkeypatch.delenv(_tap.TAP_ENV, raising=False)
+    assert _tap.enabled() is (_native.IMPLEMENTATION == "c")
+    monkeypatch.setattr(_tap, "IMPLEMENTATION", "python")
+    assert _tap.enabled() is False
+    monkeypatch.setenv(_tap.TAP_ENV, "1")
+    assert _tap.enabled() is True
+    monkeypatch.setattr(_tap, "IMPLEMENTATION", "c")
+    monkeypatch.setenv(_tap.TAP_ENV, "0")
+    assert _tap.enabled() is False

@@ -7,6 +7,7 @@ the end: a thread left behind would hang ``Interpreter.close()`` or the process'
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -118,6 +119,7 @@ def test_interpreters_at_once_count_their_own() -> None:
 
 METRICS_DRIVER = """
 import json
+import os
 from concurrent import interpreters
 
 code = '''
@@ -163,3 +165,61 @@ def test_metrics_are_served_in_an_isolated_interpreter() -> None:
     assert with_shutdown[0] is True
     assert without[0] is True
     assert with_shutdown[1] != without[1]  # each interpreter its own port
+
+
+EXPORT_DRIVER = """
+import json, sys
+from concurrent import interpreters
+from concurrent.futures import InterpreterPoolExecutor
+from tests.otlp_receivers import http_receiver
+from tests.subinterp_export import export_spans
+
+receiver = http_receiver()
+url, received = next(receiver)
+names = ["alpha", "beta", "gamma"]
+with InterpreterPoolExecutor(max_workers=3) as pool:
+    reports = list(pool.map(export_spans, [url] * 3, names, [20, 30, 40]))
+# one more, left installed: its interpreter's end must stop the export thread
+interp = interpreters.create()
+interp.exec("from tests.subinterp_export import export_spans")
+left = interp.call(export_spans, url, "delta", 5, False)
+interp.close()
+spans = received.snapshot()
+receiver.close()  # stop the server before exit
+print(json.dumps({"reports": [json.loads(r) for r in reports], "left": json.loads(left),
+                  "spans": [[s["resource"].get("service.name"), s["name"],
+                             s["attributes"].get("asynctrace.correlation_id")] for s in spans]}))
+"""
+
+
+def test_spans_are_exported_from_isolated_interpreters() -> None:
+    """OTLP export in three pooled interpreters at once, and one closed while installed:
+    every span arrives, each interpreter's under its own service and id, no thread left.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", EXPORT_DRIVER],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for report, count in zip(out["reports"], (20, 30, 40), strict=True):
+        assert report["flushed"] is True
+        assert report["created"] == count
+        assert report["errors"] == {}
+        assert "asynctrace-otlp-lane" in report["threads"]
+        assert "asynctrace-otlp-lane" not in report["threads_after"]
+    assert out["left"]["created"] == 5
+    by_service: dict[str, list[list[str]]] = {}
+    for service, name, cid in out["spans"]:
+        by_service.setdefault(service, []).append([name, cid])
+    for service, count in (("alpha", 20), ("beta", 30), ("gamma", 40), ("delta", 5)):
+        tasks = [s for s in by_service[service] if s[0] == service]
+        assert len(tasks) == count, service
+        # no cross-talk: the block's span and its tasks carry this interpreter's id only
+        ids = {cid for name, cid in by_service[service] if not name.endswith("main")}
+        assert ids == {f"cid-{service}"}

@@ -1,0 +1,43 @@
+"""Run inside an isolated subinterpreter by tests/test_subinterpreters.py: export spans there.
+
+Importable by name (``InterpreterPoolExecutor`` pickles functions by reference).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+from prometheus_client import CollectorRegistry
+
+import asynctrace
+
+
+def export_spans(url: str, name: str, tasks: int, shutdown: bool = True) -> str:
+    """Install with OTLP export to ``url`` as service ``name``; run ``tasks`` tasks; a report."""
+    registry = CollectorRegistry()
+    asynctrace.install(otlp_endpoint=url, registry=registry, service_name=name)
+
+    async def work() -> None:
+        await asyncio.sleep(0)
+
+    async def main() -> None:
+        with asynctrace.correlation(f"cid-{name}"):
+            await asyncio.gather(
+                *(asynctrace.create_task(work(), operation_name=name) for _ in range(tasks))
+            )
+
+    asyncio.run(main())
+    flushed = asynctrace.flush(10)
+    created = registry.get_sample_value("asynctrace_tasks_created_total", {"operation": name})
+    report = {
+        "flushed": flushed,
+        "created": created,
+        "errors": asynctrace.telemetry_errors(),
+        "threads": sorted(t.name for t in threading.enumerate()),
+    }
+    if shutdown:
+        asynctrace.shutdown()
+        report["threads_after"] = sorted(t.name for t in threading.enumerate())
+    return json.dumps(report)

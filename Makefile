@@ -45,13 +45,15 @@ $(VENV313)/bin/.installed: pyproject.toml setup.py asynctrace/_speedups.c .ci/de
 .venv314-bench/bin/.installed: pyproject.toml setup.py asynctrace/_speedups.c .ci/debian-python.sh
 	$(call debian_venv,3.14,.venv314-bench,bench$(COMMA)uvloop)
 
-BENCH_ARGS ?= --memory 50000 --in-flight 100000
+BENCH_ARGS ?= --rounds 3 --memory 50000 --in-flight 100000
+BENCH_UVLOOP_ARGS ?= --rounds 2 --modes bare asynctrace-metrics asynctrace-metrics-handle \
+	asynctrace-tracing asynctrace-tracing-otlp otel-asyncio-metrics otel-asyncio-spans-otlp
 
 bench: .venv-bench/bin/.installed .venv314-bench/bin/.installed
 	.venv-bench/bin/python bench/run.py $(BENCH_ARGS)
-	.venv-bench/bin/python bench/run.py --loop uvloop
+	.venv-bench/bin/python bench/run.py --loop uvloop $(BENCH_UVLOOP_ARGS)
 	.venv314-bench/bin/python bench/run.py $(BENCH_ARGS)
-	.venv314-bench/bin/python bench/run.py --loop uvloop
+	.venv314-bench/bin/python bench/run.py --loop uvloop $(BENCH_UVLOOP_ARGS)
 	.venv-bench/bin/python bench/plot.py
 	$(MAKE) bench-profile
 
@@ -63,6 +65,8 @@ bench-profile: .venv-bench/bin/.installed .venv314-bench/bin/.installed
 # CI's coarse guard: asynctrace against bare only, small sizes; fails on gross regressions.
 bench-guard: $(BIN)/.installed
 	$(BIN)/python bench/run.py --quick --modes bare asynctrace-metrics asynctrace-tracing --guard
+	ASYNCTRACE_PURE_PYTHON=1 $(BIN)/python bench/run.py --quick --modes bare asynctrace-metrics \
+		asynctrace-tracing --guard
 
 demo: $(BIN)/.installed
 	$(BIN)/python examples/ingestion_service/demo.py $(DEMO_ARGS)

@@ -212,6 +212,11 @@ def worker(args: argparse.Namespace) -> None:
             result["in_flight"] = await _in_flight_100k(mode, args.in_flight)
         if args.accuracy and args.mode.startswith("asynctrace"):
             result["accuracy"] = await _accuracy(mode, args.accuracy)
+        registry = ASYNCTRACE_OPTIONS.get("registry")
+        if registry is not None and args.mode.endswith("-otlp"):
+            # Nothing hidden: spans the export could not keep up with would show here.
+            dropped = registry.get_sample_value("asynctrace_spans_dropped_total") or 0.0
+            result["export"] = {"dropped_spans": dropped}
         return result
 
     if args.loop == "uvloop":

@@ -126,7 +126,12 @@ def _run(args: argparse.Namespace, modes: list[str]) -> int:
             before = _received() if mode.endswith("-otlp") else 0
             result = _run_worker(mode, args, extra)
             if mode.endswith("-otlp") and result:
-                extras[mode]["received"] = {"spans": float(_received() - before)}
+                # Summed over the rounds: what the receiver decoded, what asynctrace dropped.
+                export = extras[mode].setdefault("export", {"received": 0.0})
+                export["received"] += _received() - before
+                dropped = result.get("export", {}).get("dropped_spans")
+                if dropped is not None:
+                    export["dropped"] = export.get("dropped", 0.0) + dropped
             if result:
                 rounds[mode].append(result["workloads"])
                 for key in ("memory", "in_flight", "accuracy"):

@@ -41,3 +41,18 @@ def export_spans(url: str, name: str, tasks: int, shutdown: bool = True) -> str:
         asynctrace.shutdown()
         report["threads_after"] = sorted(t.name for t in threading.enumerate())
     return json.dumps(report)
+
+
+def export_json_and_file(url: str, path: str, tasks: int) -> str:
+    """OTLP/JSON over HTTP and the OTLP/JSON file: batch processors without daemon threads."""
+    asynctrace.install(
+        otlp_endpoint=url, otlp_protocol="http/json", traces_file=path, metrics=False
+    )
+
+    async def main() -> None:
+        await asyncio.gather(
+            *(asynctrace.create_task(asyncio.sleep(0), operation_name="j") for _ in range(tasks))
+        )
+
+    asyncio.run(main())
+    return json.dumps({"threads": sorted(t.name for t in threading.enumerate())})

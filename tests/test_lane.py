@@ -21,7 +21,7 @@ from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
@@ -31,7 +31,8 @@ import asynctrace
 from asynctrace._state import STATE
 from asynctrace.export import otlp_encode
 from asynctrace.export.drops import SpanDrops
-from asynctrace.export.lane import OTLPLane, lane_sender
+from asynctrace.export.lane import MAX_QUEUE_SIZE, OTLPLane, ThreadBatchProcessor, lane_sender
+from asynctrace.export.otlp import CountingExporter
 from asynctrace.export.setup import LANE_ENV
 from asynctrace.sinks.tracing import SpanSink
 from tests.otlp_receivers import Received, http_receiver
@@ -361,3 +362,33 @@ async def test_app_provider_keeps_the_full_path(otlp_http: tuple[str, Received])
     await asyncio.gather(*(asyncio.sleep(0) for _ in range(5)))
     asynctrace.uninstall()
     assert len(memory.get_finished_spans()) >= 5
+
+
+def test_thread_batch_processor_exports_counts_and_stops() -> None:
+    """The batch processor for isolated interpreters: a plain thread, bounded, counted."""
+    release = threading.Event()
+    exported: list[ReadableSpan] = []
+
+    class Blocked(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            release.wait(10)
+            exported.extend(spans)
+            return SpanExportResult.SUCCESS
+
+    drops = SpanDrops()
+    processor = ThreadBatchProcessor(CountingExporter(Blocked(), "blocked", drops), drops)
+    assert processor._thread.daemon is False
+    sampled = TraceFlags(TraceFlags.SAMPLED)
+    ended = MAX_QUEUE_SIZE + 600
+    for i in range(1, ended + 1):
+        processor.on_end(
+            ReadableSpan(
+                name=f"s{i}", context=SpanContext(i, i, is_remote=False, trace_flags=sampled)
+            )
+        )
+    assert drops.total_dropped() >= ended - MAX_QUEUE_SIZE - 512
+    release.set()
+    assert processor.force_flush(10_000)
+    assert processor.shutdown_within(5)
+    assert not processor._thread.is_alive()
+    assert len(exported) + drops.total_dropped() == ended

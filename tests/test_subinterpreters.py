@@ -223,3 +223,52 @@ def test_spans_are_exported_from_isolated_interpreters() -> None:
         # no cross-talk: the block's span and its tasks carry this interpreter's id only
         ids = {cid for name, cid in by_service[service] if not name.endswith("main")}
         assert ids == {f"cid-{service}"}
+
+
+OTHER_EXPORTERS_DRIVER = """
+import json, sys
+from concurrent import interpreters
+from tests.otlp_receivers import http_receiver
+from tests.subinterp_export import export_json_and_file
+
+receiver = http_receiver()
+url, received = next(receiver)
+interp = interpreters.create()
+interp.exec("from tests.subinterp_export import export_json_and_file")
+report = interp.call(export_json_and_file, url, sys.argv[1], 12)
+interp.close()  # still installed: the interpreter's end flushes both exporters
+spans = received.snapshot()
+receiver.close()
+print(json.dumps({"report": json.loads(report), "posted": received.posts,
+                  "names": [s["name"] for s in spans]}))
+"""
+
+
+def test_other_exporters_work_in_an_isolated_interpreter(tmp_path: Path) -> None:
+    """OTLP/JSON over HTTP and the traces file, where the SDK's batch processor (a daemon
+    thread) is refused: plain threads export, and the interpreter's end flushes them.
+    """
+    traces = tmp_path / "traces.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-c", OTHER_EXPORTERS_DRIVER, str(traces)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["report"]["threads"].count("asynctrace-export") == 2
+    assert {ct for _, ct in out["posted"]} == {"application/json"}
+    assert out["names"].count("j") == 12
+    lines = [json.loads(line) for line in traces.read_text().splitlines()]
+    names = [
+        span["name"]
+        for line in lines
+        for rs in line["resourceSpans"]
+        for ss in rs["scopeSpans"]
+        for span in ss["spans"]
+    ]
+    assert names.count("j") == 12

@@ -28,15 +28,18 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final, final
 
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExporter
 
 from asynctrace._state import STATE
 from asynctrace.export import otlp_encode
 from asynctrace.export.drops import SpanDrops
 
-__all__ = ["LANE_QUEUE_SIZE", "OTLPLane", "lane_sender"]
+__all__ = ["LANE_QUEUE_SIZE", "MAX_QUEUE_SIZE", "OTLPLane", "ThreadBatchProcessor", "lane_sender"]
 
 logger: Final = logging.getLogger("asynctrace")
 
+MAX_QUEUE_SIZE: Final = 2048
+"""Spans waiting at most in a :class:`ThreadBatchProcessor` (the SDK's default)."""
 LANE_QUEUE_SIZE: Final = 32768
 """Spans waiting for export at most; more are dropped and counted. Larger than the SDK's
 2048: a waiting task span is a small tuple here, and a 20k-task fan-out ends in one burst."""
@@ -65,75 +68,52 @@ def lane_sender(exporter: object) -> Sender | None:
     return send
 
 
-@final
-class OTLPLane(SpanProcessor):
-    """A span processor with a fast entry for task spans, and an export thread of its own."""
+class _ExportThread(SpanProcessor):
+    """A bounded queue of finished spans and the thread that exports them in batches.
+
+    The SDK's ``BatchSpanProcessor`` does the same with a daemon thread, which an isolated
+    subinterpreter refuses; this thread is a daemon only where ``daemon`` says so, and ends at
+    :meth:`shutdown_within` either way.
+    """
 
     def __init__(
         self,
-        send: Sender,
-        source: str,
         drops: SpanDrops,
-        resource: tuple[Mapping[str, object], str],
-        scope: tuple[str, str],
         *,
-        daemon: bool = True,
-        max_queue_size: int = LANE_QUEUE_SIZE,
-        batch_size: int = BATCH_SIZE,
-        schedule_delay_s: float = SCHEDULE_DELAY_S,
+        name: str,
+        daemon: bool,
+        max_queue_size: int,
+        batch_size: int,
+        schedule_delay_s: float,
     ) -> None:
-        """Send with ``send``; failures count under ``source``, dropped spans in ``drops``.
-
-        ``resource`` is the provider's (attributes, schema URL); ``scope`` the (name, version)
-        of asynctrace's task spans. ``daemon=False`` where daemon threads are refused (an
-        isolated subinterpreter): the thread then ends at :meth:`shutdown`.
-        """
-        STATE.errors.declare(source)
-        self._send = send
-        self._source = source
         self._drops = drops
-        self._resource = otlp_encode.resource_bytes(*resource)
-        self._scope = otlp_encode.scope_bytes(*scope)
         self._limit = max_queue_size
         self._batch = batch_size
         self._delay = schedule_delay_s
         self._queue: collections.deque[Any] = collections.deque()
         self._wake = threading.Event()
         self._idle = threading.Condition()
-        self._busy = 0  # flush requests being served
         self._stopping = False
         self._closed = False
-        self._thread = threading.Thread(
-            target=self._run, name="asynctrace-otlp-lane", daemon=daemon
-        )
+        self._thread = threading.Thread(target=self._run, name=name, daemon=daemon)
         self._thread.start()
 
-    # -- the loop's side ---------------------------------------------------------------------
+    def on_end(self, span: ReadableSpan) -> None:
+        """Queue a sampled span, or count it dropped when the queue is full or closed."""
+        context = span.context
+        if context is None or not context.trace_flags.sampled:
+            return
+        self._put(span)
 
-    def add_task(self, span: otlp_encode.TaskSpan) -> None:
-        """Queue a finished, sampled task span (see ``otlp_encode.TaskSpan``)."""
+    def _put(self, item: object) -> None:
         if self._closed:
             self._drops.drop(1)
             return
         if self._drops.admit(self._limit):
             queue = self._queue
-            queue.append(span)
+            queue.append(item)
             if len(queue) >= self._batch and not self._wake.is_set():
                 self._wake.set()
-
-    def on_end(self, span: ReadableSpan) -> None:
-        """Queue any other sampled span; the SDK's encoder writes it."""
-        context = span.context
-        if context is None or not context.trace_flags.sampled:
-            return
-        if self._closed:
-            self._drops.drop(1)
-            return
-        if self._drops.admit(self._limit):
-            self._queue.append(span)
-            self._wake.set()  # rare: no need to wait for a batch
-
-    # -- the export thread -------------------------------------------------------------------
 
     def _run(self) -> None:
         queue, wake = self._queue, self._wake
@@ -141,42 +121,15 @@ class OTLPLane(SpanProcessor):
             wake.wait(self._delay)
             wake.clear()
             while queue and not self._closed:
-                self._export_batch()
+                batch = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
+                self._export(batch)
             with self._idle:
                 self._idle.notify_all()
             if self._stopping:
                 return
 
-    def _export_batch(self) -> None:
-        queue = self._queue
-        batch = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
-        if not batch or not self._drops.arrive(len(batch)):
-            return  # closed: counted then
-        exported = False
-        failure: BaseException | None = None
-        try:
-            exported = self._send(self._encode(batch))
-        except Exception as exc:  # the collector's failure, never the app's
-            failure = exc
-        finally:
-            self._drops.settle(len(batch), exported=exported)
-        if not exported and not self._drops.closed:
-            STATE.errors.count(self._source, failure)
-
-    def _encode(self, batch: list[Any]) -> bytes:
-        encode = otlp_encode.encode_task_span
-        tasks = [encode(s) for s in batch if type(s) is tuple]
-        body = otlp_encode.encode_request(self._resource, self._scope, tasks) if tasks else b""
-        others = [s for s in batch if type(s) is not tuple]
-        if others:
-            from opentelemetry.exporter.otlp.proto.common.trace_encoder import (  # noqa: PLC0415
-                encode_spans,
-            )
-
-            body += encode_spans(others).SerializePartialToString()  # messages concatenate
-        return body
-
-    # -- flush and shutdown ------------------------------------------------------------------
+    def _export(self, batch: list[Any]) -> None:
+        raise NotImplementedError
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Export what is queued now; whether it was done within ``timeout_millis``."""
@@ -213,4 +166,104 @@ class OTLPLane(SpanProcessor):
                 timeout_s,
                 lost,
             )
+        self._after_shutdown()
         return done
+
+    def _after_shutdown(self) -> None:
+        pass
+
+
+@final
+class OTLPLane(_ExportThread):
+    """A span processor with a fast entry for task spans: OTLP bytes written directly."""
+
+    def __init__(
+        self,
+        send: Sender,
+        source: str,
+        drops: SpanDrops,
+        resource: tuple[Mapping[str, object], str],
+        scope: tuple[str, str],
+        *,
+        daemon: bool = True,
+        max_queue_size: int = LANE_QUEUE_SIZE,
+        batch_size: int = BATCH_SIZE,
+        schedule_delay_s: float = SCHEDULE_DELAY_S,
+    ) -> None:
+        """Send with ``send``; failures count under ``source``, dropped spans in ``drops``.
+
+        ``resource`` is the provider's (attributes, schema URL); ``scope`` the (name, version)
+        of asynctrace's task spans. ``daemon=False`` where daemon threads are refused (an
+        isolated subinterpreter): the thread then ends at :meth:`shutdown`.
+        """
+        STATE.errors.declare(source)
+        self._send = send
+        self._source = source
+        self._resource = otlp_encode.resource_bytes(*resource)
+        self._scope = otlp_encode.scope_bytes(*scope)
+        super().__init__(
+            drops,
+            name="asynctrace-otlp-lane",
+            daemon=daemon,
+            max_queue_size=max_queue_size,
+            batch_size=batch_size,
+            schedule_delay_s=schedule_delay_s,
+        )
+
+    def add_task(self, span: otlp_encode.TaskSpan) -> None:
+        """Queue a finished, sampled task span (see ``otlp_encode.TaskSpan``)."""
+        self._put(span)
+
+    def _export(self, batch: list[Any]) -> None:
+        if not self._drops.arrive(len(batch)):
+            return  # closed: counted then
+        exported = False
+        failure: BaseException | None = None
+        try:
+            exported = self._send(self._encode(batch))
+        except Exception as exc:  # the collector's failure, never the app's
+            failure = exc
+        finally:
+            self._drops.settle(len(batch), exported=exported)
+        if not exported and not self._drops.closed:
+            STATE.errors.count(self._source, failure)
+
+    def _encode(self, batch: list[Any]) -> bytes:
+        encode = otlp_encode.encode_task_span
+        tasks = [encode(s) for s in batch if type(s) is tuple]
+        body = otlp_encode.encode_request(self._resource, self._scope, tasks) if tasks else b""
+        others = [s for s in batch if type(s) is not tuple]
+        if others:
+            from opentelemetry.exporter.otlp.proto.common.trace_encoder import (  # noqa: PLC0415
+                encode_spans,
+            )
+
+            body += encode_spans(others).SerializePartialToString()  # messages concatenate
+        return body
+
+
+@final
+class ThreadBatchProcessor(_ExportThread):
+    """Any exporter's batches from a plain thread: the batch processor where daemons are refused.
+
+    ``exporter`` is asynctrace's ``CountingExporter``, which counts what reaches it and what
+    fails; this counts what the queue refuses and what is left at shutdown.
+    """
+
+    def __init__(self, exporter: SpanExporter, drops: SpanDrops, *, daemon: bool = False) -> None:
+        """Batch to ``exporter`` (512 a batch, at least every second)."""
+        self._exporter = exporter
+        super().__init__(
+            drops,
+            name="asynctrace-export",
+            daemon=daemon,
+            max_queue_size=MAX_QUEUE_SIZE,
+            batch_size=BATCH_SIZE,
+            schedule_delay_s=SCHEDULE_DELAY_S,
+        )
+
+    def _export(self, batch: list[Any]) -> None:
+        self._exporter.export(batch)  # counts, and never raises
+
+    def _after_shutdown(self) -> None:
+        self._exporter.shutdown()

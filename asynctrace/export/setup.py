@@ -186,6 +186,7 @@ class Telemetry(Instrument):
         from opentelemetry.sdk.resources import SERVICE_NAME, Resource  # noqa: PLC0415
         from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
 
+        from asynctrace.export.lane import ThreadBatchProcessor  # noqa: PLC0415
         from asynctrace.export.otlp import (  # noqa: PLC0415
             CountingExporter,
             CountingProcessor,
@@ -225,8 +226,11 @@ class Telemetry(Instrument):
             lane = self._lane(exporter, source, drops, resource)
             if lane is not None:
                 processor = lane
-            else:
+            elif _daemon_threads_allowed():
                 processor = CountingProcessor(CountingExporter(exporter, source, drops), drops)
+            else:  # the SDK's batch processor needs a daemon thread: a plain one instead
+                processor = ThreadBatchProcessor(CountingExporter(exporter, source, drops), drops)
+                _stop_before_threads_join(processor, self.options.shutdown_timeout)
             self._processors.append(processor)
             provider.add_span_processor(processor)
         self.tracing = "; ".join(source for _, source, _ in exporters)
@@ -258,10 +262,8 @@ class Telemetry(Instrument):
             ("asynctrace", self._version),
             daemon=daemon,
         )
-        if not daemon:  # an isolated subinterpreter: stopped before its threads are joined
-            threading._register_atexit(  # type: ignore[attr-defined]
-                lane.shutdown_within, self.options.shutdown_timeout
-            )
+        if not daemon:
+            _stop_before_threads_join(lane, self.options.shutdown_timeout)
         return lane
 
     def instruments(self) -> tuple[Instrument, ...]:
@@ -333,6 +335,15 @@ class Telemetry(Instrument):
             provider.shutdown()  # its processors are shut already: nothing left to wait for
         except Exception as exc:
             STATE.errors.count("tracer provider shutdown", exc)
+
+
+def _stop_before_threads_join(processor: Any, timeout_s: float) -> None:  # noqa: ANN401
+    """In an isolated subinterpreter: end ``processor``'s plain thread as the interpreter ends.
+
+    ``threading._register_atexit`` (what ``concurrent.futures`` uses) runs before the
+    interpreter joins its threads, so ``Interpreter.close()`` never waits on the export.
+    """
+    threading._register_atexit(processor.shutdown_within, timeout_s)  # type: ignore[attr-defined]
 
 
 def _daemon_threads_allowed() -> bool:

@@ -183,7 +183,8 @@ def test_full_queue_drops_and_counts() -> None:
     )
     for i in range(1, 31):
         lane.add_task(_span(i))
-    assert drops.total_dropped() >= 30 - 10
+    # at most the queue's 10 wait, and one batch of 5 may be at the (blocked) collector
+    assert drops.total_dropped() >= 30 - 10 - 5
     release.set()
     assert lane.force_flush(10_000)
     lane.shutdown_within(5)
@@ -193,7 +194,7 @@ def test_full_queue_drops_and_counts() -> None:
         request.ParseFromString(body)
         received += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
     assert received + drops.total_dropped() == 30
-    assert received == 10
+    assert 10 <= received <= 15
 
 
 def test_failed_send_is_counted_never_raised() -> None:

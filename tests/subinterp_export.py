@@ -31,7 +31,10 @@ def export_spans(url: str, name: str, tasks: int, shutdown: bool = True) -> str:
     asyncio.run(main())
     flushed = asynctrace.flush(10)
     created = registry.get_sample_value("asynctrace_tasks_created_total", {"operation": name})
+    from asynctrace import _native  # noqa: PLC0415
+
     report = {
+        "implementation": _native.IMPLEMENTATION,
         "flushed": flushed,
         "created": created,
         "errors": asynctrace.telemetry_errors(),
@@ -56,3 +59,21 @@ def export_json_and_file(url: str, path: str, tasks: int) -> str:
 
     asyncio.run(main())
     return json.dumps({"threads": sorted(t.name for t in threading.enumerate())})
+
+
+def try_grpc() -> str:
+    """install(otlp_protocol="grpc"): the error, and whether anything was left behind."""
+    from asynctrace._install import configured_options  # noqa: PLC0415
+
+    try:
+        asynctrace.install(otlp_endpoint="http://127.0.0.1:9", otlp_protocol="grpc", metrics=False)
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    return json.dumps(
+        {
+            "error": error,
+            "installed": configured_options() is not None,
+            "threads": sorted(t.name for t in threading.enumerate()),
+        }
+    )

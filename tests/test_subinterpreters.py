@@ -6,6 +6,7 @@ the end: a thread left behind would hang ``Interpreter.close()`` or the process'
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -118,6 +119,7 @@ def test_interpreters_at_once_count_their_own() -> None:
 
 
 METRICS_DRIVER = """
+import importlib.util
 import json
 import os
 from concurrent import interpreters
@@ -207,7 +209,9 @@ def test_spans_are_exported_from_isolated_interpreters() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
+    native = "c" if importlib.util.find_spec("asynctrace._speedups") else "python"
     for report, count in zip(out["reports"], (20, 30, 40), strict=True):
+        assert report["implementation"] == native  # the C extension loads in each
         assert report["flushed"] is True
         assert report["created"] == count
         assert report["errors"] == {}
@@ -272,3 +276,35 @@ def test_other_exporters_work_in_an_isolated_interpreter(tmp_path: Path) -> None
         for span in ss["spans"]
     ]
     assert names.count("j") == 12
+
+
+GRPC_DRIVER = """
+from concurrent import interpreters
+
+interp = interpreters.create()
+interp.exec("from tests.subinterp_export import try_grpc")
+print(interp.call(eval, "try_grpc()"))
+interp.close()
+"""
+
+
+def test_grpc_in_an_isolated_interpreter_is_a_clear_error() -> None:
+    """grpcio's extension cannot load in an isolated interpreter: install() says so, names
+    the protocols that work there, and leaves nothing installed.
+    """
+    pytest.importorskip("grpc", reason="grpcio is not installed (no 3.14t wheel)")
+    result = subprocess.run(
+        [sys.executable, "-c", GRPC_DRIVER],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "otlp_protocol: 'grpc' in this subinterpreter" in out["error"]
+    assert "'http/protobuf'" in out["error"]
+    assert out["installed"] is False
+    assert out["threads"] == ["MainThread"]

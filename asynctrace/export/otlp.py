@@ -245,7 +245,12 @@ def otlp_exporter(options: ExportOptions, env: Mapping[str, str] = os.environ) -
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # noqa: PLC0415
                 OTLPSpanExporter as GrpcExporter,
             )
-        except ImportError:
+        except ImportError as exc:
+            if "subinterpreter" in str(exc):  # grpcio's extension refuses isolated interpreters
+                raise ValueError(
+                    f"Invalid otlp_protocol: 'grpc' in this subinterpreter ({exc}); use "
+                    "'http/protobuf' (the default) or 'http/json' there."
+                ) from None
             raise ValueError(
                 "Invalid otlp_protocol: 'grpc'; install the extra: pip install 'asynctrace[grpc]'."
             ) from None

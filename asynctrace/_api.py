@@ -13,8 +13,9 @@ import inspect
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
+from asynctrace._create_task import unknown_keywords_message
 from asynctrace._hooks import Instrument
 from asynctrace._install import (
     Installation,
@@ -74,6 +75,25 @@ def _make_options(
     return Options(id_generator=id_generator, instruments=instruments, export=export)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _suggest_keywords(func: _F) -> _F:
+    """Raise a misspelled keyword as ``create_task`` does: with the nearest accepted name."""
+    accepted = tuple(inspect.signature(func).parameters)
+
+    @functools.wraps(func)
+    def checked(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        unknown = [name for name in kwargs if name not in accepted]
+        if unknown:
+            where = f"{func.__name__}()"
+            raise TypeError(unknown_keywords_message(where, unknown, accepted))
+        return func(*args, **kwargs)
+
+    return cast("_F", checked)
+
+
+@_suggest_keywords
 def install(
     loop: asyncio.AbstractEventLoop | None = None,
     *,

@@ -36,6 +36,13 @@ from tests.conftest import PY314
         ({"max_operations": True}, TypeError, "Invalid max_operations: True"),
         ({"service_name": 5}, TypeError, "Invalid service_name: 5; expected a str or None"),
         ({"traces_file": 5}, TypeError, "Invalid traces_file: 5; expected a path"),
+        (
+            {"otlp_endpont": "http://x"},
+            TypeError,
+            "install() got unexpected keyword argument(s) 'otlp_endpont' (did you mean "
+            "'otlp_endpoint'?); accepted: loop, id_generator",
+        ),
+        ({"promethus_port": 1}, TypeError, "'promethus_port' (did you mean 'prometheus_port'?)"),
     ],
 )
 def test_bad_install_options(options: dict[str, Any], error: type[Exception], message: str) -> None:

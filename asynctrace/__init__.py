@@ -25,7 +25,7 @@ from asynctrace._install import Installation, loop_factory, uninstall
 from asynctrace._introspect import task_metadata
 from asynctrace._metadata import TaskMetadata, correlation_id, random_correlation_id
 from asynctrace._record import TaskRecord
-from asynctrace._scope import correlation
+from asynctrace._scope import correlation, run_in_executor
 from asynctrace._version import __version__
 from asynctrace.export.summary import Summary
 from asynctrace.sinks.logs import TaskContextFilter, add_task_context
@@ -50,6 +50,7 @@ __all__ = [
     "install",
     "loop_factory",
     "random_correlation_id",
+    "run_in_executor",
     "shutdown",
     "summary",
     "task_metadata",

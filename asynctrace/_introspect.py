@@ -33,7 +33,9 @@ def task_metadata(task: asyncio.Future[Any] | None = None) -> TaskMetadata | Non
     """Return a task's :class:`TaskMetadata`, or None for a task the factory never saw.
 
     Args:
-        task: The task; by default the current one (None outside a task).
+        task: The task; by default the code running now: the current task, or the task
+            whose context this code runs in (a callback it scheduled, a worker thread
+            started with :func:`asynctrace.run_in_executor`). None outside any.
 
     With no argument it describes the code running now: inside a
     :func:`asynctrace.correlation` block its ``correlation_id`` is the block's, as
@@ -48,14 +50,9 @@ def task_metadata(task: asyncio.Future[Any] | None = None) -> TaskMetadata | Non
     Since: 0.1.0
     """
     if task is None:
-        try:
-            current = asyncio.current_task()
-        except RuntimeError:  # no running loop
-            return None
         # Inside a task (even during an eager first step, before the factory has returned
-        # the task) the metadata is in the context.
-        if current is None:
-            return None
+        # the task) the metadata is in the context; so it is in a context copied from one
+        # (a callback the task scheduled, a thread run by run_in_executor). Elsewhere: None.
         metadata = _METADATA.get()
         correlation_id = _CORRELATION_ID.get()
         if metadata is not None and metadata.correlation_id != correlation_id:

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import functools
 from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from asynctrace._hooks import source_of
 from asynctrace._metadata import _CORRELATION_ID, check_text
 from asynctrace._state import STATE
 
-__all__ = ["correlation"]
+__all__ = ["correlation", "run_in_executor"]
+
+_T = TypeVar("_T")
 
 
 @contextlib.contextmanager
@@ -99,3 +105,40 @@ def _close(ends: list[tuple[str, _End]], error: BaseException | None) -> None:
             end(error)
         except Exception as exc:
             STATE.errors.count(source, exc)
+
+
+def run_in_executor(
+    executor: concurrent.futures.Executor | None, func: Callable[..., _T], /, *args: object
+) -> asyncio.Future[_T]:
+    """Run ``func(*args)`` in ``executor`` with the caller's context, as ``asyncio.to_thread`` does.
+
+    ``loop.run_in_executor`` runs the function without the caller's context, so in the worker
+    thread the correlation id, the task's metadata, the current span (spans opened there nest
+    under it) and the log fields are gone. This is ``loop.run_in_executor`` with a copy of the
+    current context::
+
+        digest = await asynctrace.run_in_executor(pool, hash_file, path)
+
+    Args:
+        executor: A ``concurrent.futures.Executor``, or None for the loop's default one.
+        func: The callable to run.
+        *args: Its positional arguments (use ``functools.partial`` for keywords).
+
+    Returns:
+        The future ``loop.run_in_executor`` returns: await it for the result.
+
+    Raises:
+        RuntimeError: No event loop is running in this thread.
+        TypeError: ``func`` is not callable, or ``executor`` is neither an Executor nor None.
+
+    Since: 0.1.0
+    """
+    if not callable(func):
+        raise TypeError(f"Invalid func: {func!r}; expected a callable.")
+    if executor is not None and not isinstance(executor, concurrent.futures.Executor):
+        raise TypeError(
+            f"Invalid executor: {executor!r}; expected a concurrent.futures.Executor or None."
+        )
+    loop = asyncio.get_running_loop()
+    context = contextvars.copy_context()
+    return loop.run_in_executor(executor, functools.partial(context.run, func, *args))

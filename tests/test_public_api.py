@@ -24,6 +24,7 @@ EXPECTED = [
     "install",
     "loop_factory",
     "random_correlation_id",
+    "run_in_executor",
     "shutdown",
     "summary",
     "task_metadata",

@@ -39,8 +39,10 @@ from tests.conftest import PY314
         (
             {"otlp_endpont": "http://x"},
             TypeError,
-            "install() got unexpected keyword argument(s) 'otlp_endpont' (did you mean "
-            "'otlp_endpoint'?); accepted: loop, id_generator",
+            (
+                "install() got unexpected keyword argument(s) 'otlp_endpont' (did you mean "
+                "'otlp_endpoint'?); accepted: loop, id_generator"
+            ),
         ),
         ({"promethus_port": 1}, TypeError, "'promethus_port' (did you mean 'prometheus_port'?)"),
     ],

@@ -49,6 +49,11 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=40.0)
     parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="after the load, keep the service running (and /metrics served) until Ctrl-C",
+    )
     args = parser.parse_args()
     args.out.mkdir(exist_ok=True)
     port, metrics_port = free_port(), free_port()
@@ -79,6 +84,11 @@ def main() -> int:
             loop.close()
             metrics_text = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
             (args.out / "metrics.txt").write_text(metrics_text)
+            if args.keep:
+                print(f"load done; the service is still running on {url}, metrics on "
+                      f"{metrics_url}: Ctrl-C stops it", flush=True)  # fmt: skip
+                with contextlib.suppress(KeyboardInterrupt):
+                    proc.wait()
         finally:
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=30)

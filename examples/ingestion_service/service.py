@@ -2,11 +2,11 @@
 
 POST /ingest with {"documents": [{"source": "crm", "id": "...", "body": "..."}, ...]}
 
-- A middleware gives each request its correlation scope: the id comes from ``X-Request-ID``
-  (when it is a valid id; a bad one is logged and replaced), else from the W3C ``traceparent``
-  header (the trace continues the caller's), else a fresh one. Each request is one trace (the
-  caller's, or its own, linked to the connection's task). The id is returned in the
-  ``X-Request-ID`` response header and the body.
+- asynctrace's aiohttp middleware (``asynctrace.web``) gives each request its correlation
+  scope: the id comes from ``X-Request-ID`` (when it is a valid id; a bad one is logged and
+  replaced), else from the W3C ``traceparent`` header (the trace continues the caller's),
+  else a fresh one. Each request is one trace (the caller's, or its own, linked to the
+  connection's task). The id is returned in the ``X-Request-ID`` response header and the body.
 - Limits: a body over 512 KiB gets 413; more than 2,000 documents, 32 sources, JSON nested
   deeper than 8 levels, or documents that are not objects get 400 with a JSON error.
 - Normalization fans out one task per source (``operation_name`` per stage, a priority hint
@@ -29,17 +29,15 @@ import logging
 import random
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiosqlite
 import structlog
 from aiohttp import web
-from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
 
 import asynctrace
+import asynctrace.web
 
 log = structlog.get_logger("ingestion")
 DB_KEY = web.AppKey("db", aiosqlite.Connection)
@@ -200,52 +198,6 @@ def parse_documents(payload: object) -> list[dict[str, Any]]:
     return documents
 
 
-def request_id_of(request: web.Request, parent: Any) -> str:  # noqa: ANN401 - an OTel Context
-    """The caller's X-Request-ID when valid, else the caller's trace id, else a fresh id.
-
-    A header that is not an acceptable id (over 128 characters, not printable, not UTF-8) is
-    logged, as its repr (escaped, cut to 200 characters), and replaced: never a 500.
-    """
-    given = request.headers.get("X-Request-ID")
-    if given is not None:
-        try:
-            asynctrace.TaskMetadata(correlation_id=given)  # the library's own check of an id
-        except (TypeError, ValueError):
-            log.warning("rejected X-Request-ID", header=repr(given)[:200])
-        else:
-            return given
-    span_ctx = trace.get_current_span(parent).get_span_context()
-    if span_ctx.is_valid:
-        return f"{span_ctx.trace_id:032x}"
-    return asynctrace.random_correlation_id()
-
-
-@web.middleware
-async def correlation_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """One correlation scope per request: its own trace, or the caller's, and its id echoed.
-
-    The caller's W3C ``traceparent`` (when valid) is made current first, so the request's span
-    continues the caller's trace; without one, the request starts a trace of its own, linked
-    to the connection's task.
-    """
-    parent = propagate.extract(request.headers)
-    request_id = request_id_of(request, parent)
-    continues = trace.get_current_span(parent).get_span_context().is_valid
-    token = otel_context.attach(parent) if continues else None
-    try:
-        resource = request.match_info.route.resource
-        route = resource.canonical if resource is not None else "unmatched"
-        with asynctrace.correlation(request_id, span_name=f"{request.method} {route}"):
-            response = await handler(request)
-    finally:
-        if token is not None:
-            otel_context.detach(token)
-    response.headers["X-Request-ID"] = request_id
-    return response
-
-
 async def handle_ingest(request: web.Request) -> web.Response:
     """POST /ingest: check the body, run the pipeline; a bad body gets 400 (or 413)."""
     request_id = asynctrace.correlation_id()
@@ -274,7 +226,9 @@ async def handle_health(request: web.Request) -> web.Response:  # noqa: ARG001
 
 async def make_app(config: ServiceConfig) -> web.Application:
     """The aiohttp application with its SQLite connection."""
-    app = web.Application(middlewares=[correlation_middleware], client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        middlewares=[asynctrace.web.aiohttp_middleware()], client_max_size=MAX_BODY_BYTES
+    )
     app[CONFIG_KEY] = config
     db = await aiosqlite.connect(config.database)
     await db.execute(

@@ -102,6 +102,8 @@ def main() -> int:
     else:
         print(f"  traces: {traces} (OTLP/JSON; replay into Jaeger with the Collector's "
               "otlpjsonfile receiver, see docs/walkthrough.md)")  # fmt: skip
+        print(f"    in this terminal: {Path(sys.executable).name} -m asynctrace traces {traces} "
+              "--slowest 5   (or --errors, --correlation-id ID)")  # fmt: skip
     print(f"  metrics: were served on {metrics_url}; the last scrape is in "
           f"{(args.out / 'metrics.txt').resolve()}")  # fmt: skip
     print(f"  logs (structlog JSON with correlation_id, trace_id): {log_path}")

@@ -447,7 +447,12 @@ def test_service_exits_on_sigterm_promptly_with_a_hung_collector(processes: Proc
         took = time.monotonic() - start
     assert took < 9, f"the service took {took:.1f} s to exit after SIGTERM"
     log = processes.log("sigterm")
-    assert "did not finish within 5.0 s" in log
+    # The spans are reported lost either way: still queued when the bound ran out, or in a
+    # request that timed out (5 s) before it did (the lane sends within 1 s of a span's end,
+    # so its first request may already be hanging when SIGTERM comes).
+    cut_off = "did not finish within 5.0 s" in log
+    failed = "OTLP exporter (http/protobuf" in log and "telemetry goes on" in log
+    assert cut_off or failed, log[-2000:]
 
 
 def test_service_refuses_bad_input_without_a_500(processes: Processes) -> None:

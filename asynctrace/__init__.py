@@ -19,6 +19,7 @@ from __future__ import annotations
 import typing as _typing
 
 from asynctrace._api import flush, install, shutdown, summary, telemetry_errors
+from asynctrace._carry import Carried, carry, resume
 from asynctrace._create_task import create_task
 from asynctrace._hooks import Instrument
 from asynctrace._install import Installation, loop_factory, uninstall
@@ -34,6 +35,7 @@ if _typing.TYPE_CHECKING:
     from asynctrace.export.files import OTLPJsonFileSpanExporter
 
 __all__ = [
+    "Carried",
     "Installation",
     "Instrument",
     "OTLPJsonFileSpanExporter",
@@ -43,6 +45,7 @@ __all__ = [
     "TaskRecord",
     "__version__",
     "add_task_context",
+    "carry",
     "correlation",
     "correlation_id",
     "create_task",
@@ -50,6 +53,7 @@ __all__ = [
     "install",
     "loop_factory",
     "random_correlation_id",
+    "resume",
     "run_in_executor",
     "shutdown",
     "summary",

@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from asynctrace import _run, _traces
+from asynctrace import _run, _tasks_cli, _traces
 
 __all__ = ["main"]
 
@@ -30,6 +30,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "traces", help="print trace trees from an OTLP/JSON traces file (no Jaeger needed)"
     )
     _traces.add_arguments(traces)
+    for name, about in (
+        ("ps", "list the tasks in flight of a running app (its /tasks view)"),
+        ("tree", "show who awaits whom among a running app's tasks"),
+        ("top", "the task list, refreshed"),
+    ):
+        _tasks_cli.add_arguments(commands.add_parser(name, help=about), refresh=name == "top")
     argv = list(sys.argv[1:] if argv is None else argv)
     module: list[str] = []
     if argv[:1] == ["run"] and "-m" in argv and "--" not in argv[: argv.index("-m")]:
@@ -41,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if module:
             args.command = module
         return _run.main(args, run)
+    if args.subcommand in ("ps", "tree", "top"):
+        return _tasks_cli.main(args.subcommand, args)
     return _traces.main(args)
 
 

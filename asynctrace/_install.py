@@ -41,6 +41,7 @@ __all__ = [
     "configured_options",
     "install_factory",
     "installation_of",
+    "instrumented_loops",
     "loop_factory",
     "reset",
     "uninstall",
@@ -316,6 +317,20 @@ class _Installed:
 
 
 _INSTALLED: Final = _Installed()
+
+
+def instrumented_loops() -> list[asyncio.AbstractEventLoop]:
+    """The open loops asynctrace's factory is on now (per-loop and process-wide installs)."""
+    with STATE.lock:
+        installations = list(_INSTALLED.loops)
+        if _INSTALLED.process is not None:
+            installations += _INSTALLED.process._children
+    loops = []
+    for installation in installations:
+        loop = installation.loop
+        if loop is not None and installation.active and loop not in loops:
+            loops.append(loop)
+    return loops
 
 
 class _InstrumentingPolicy(_PolicyBase):  # type: ignore[misc]

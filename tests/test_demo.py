@@ -38,6 +38,9 @@ def test_keep_leaves_metrics_served_until_interrupted(tmp_path: Path) -> None:
         time.sleep(0.5)
         body = urllib.request.urlopen(match.group(1), timeout=5).read().decode()
         assert "asynctrace_tasks_created_total" in body
+        tasks = match.group(1).replace("/metrics", "/tasks")
+        view = urllib.request.urlopen(tasks, timeout=5).read().decode()
+        assert '"loops"' in view
         assert proc.poll() is None  # still up after the load
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)

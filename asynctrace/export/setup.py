@@ -122,7 +122,7 @@ class Telemetry(Instrument):
             )
 
     def _setup_metrics(self) -> None:
-        from prometheus_client import REGISTRY, start_http_server  # noqa: PLC0415
+        from prometheus_client import REGISTRY  # noqa: PLC0415
 
         from asynctrace.sinks.prometheus import PrometheusSink  # noqa: PLC0415
 
@@ -140,9 +140,11 @@ class Telemetry(Instrument):
         if monitor is not None:
             self.sinks.append(monitor)
         if options.prometheus_port is not None:
-            serve = start_http_server if _daemon_threads_allowed() else _serve_without_daemons
+            daemon = _daemon_threads_allowed()
             try:
-                server, thread = serve(options.prometheus_port, options.prometheus_addr, registry)
+                server, thread = _serve(
+                    options.prometheus_port, options.prometheus_addr, registry, daemon=daemon
+                )
             except OSError as exc:
                 raise OSError(
                     exc.errno,
@@ -355,32 +357,41 @@ def _daemon_threads_allowed() -> bool:
     return True
 
 
-def _serve_without_daemons(port: int, addr: str, registry: Any) -> tuple[Any, threading.Thread]:  # noqa: ANN401
-    """``/metrics`` where daemon threads are refused: plain threads, stopped before the end.
+def _serve(
+    port: int,
+    addr: str,
+    registry: Any,  # noqa: ANN401
+    *,
+    daemon: bool,
+) -> tuple[Any, threading.Thread]:
+    """Serve ``/metrics`` (prometheus_client's WSGI app) and ``/tasks`` (the task view).
 
-    prometheus_client's ``start_http_server`` starts daemon threads (the server's and one
-    per request). Here the same WSGI app is served by plain threads, and the server is shut
-    down by ``threading._register_atexit`` (what ``concurrent.futures`` uses): it runs
-    before the interpreter joins its threads, which would otherwise wait for the server
-    forever. Only used where daemon threads are refused; elsewhere the library's own.
+    As prometheus_client's ``start_http_server`` does, with daemon threads where allowed.
+    Where daemon threads are refused (an isolated subinterpreter) the threads are plain ones,
+    and the server is shut down by ``threading._register_atexit`` (what ``concurrent.futures``
+    uses): it runs before the interpreter joins its threads, which would otherwise wait for
+    the server forever.
     """
     from wsgiref.simple_server import WSGIRequestHandler, make_server  # noqa: PLC0415
 
     from prometheus_client import make_wsgi_app  # noqa: PLC0415
     from prometheus_client.exposition import ThreadingWSGIServer  # noqa: PLC0415
 
+    from asynctrace.export.tasks import tasks_app  # noqa: PLC0415
+
     class Server(ThreadingWSGIServer):
-        daemon_threads = False
+        daemon_threads = daemon
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002, ANN401
             """No access log."""
 
-    httpd = make_server(addr, port, make_wsgi_app(registry), Server, handler_class=Quiet)
-    thread = threading.Thread(target=httpd.serve_forever, name="asynctrace-metrics")
+    app = tasks_app(make_wsgi_app(registry))
+    httpd = make_server(addr, port, app, Server, handler_class=Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, name="asynctrace-metrics", daemon=daemon)
     thread.start()
     register = getattr(threading, "_register_atexit", None)
-    if register is not None:
+    if not daemon and register is not None:
         register(httpd.shutdown)
     return httpd, thread
 

@@ -76,6 +76,9 @@ def main() -> int:
             wait_ready(url, proc)
             print(f"service on {url}, metrics on {metrics_url}; load for {args.duration:.0f} s "
                   "(Ctrl-C stops early)")  # fmt: skip
+            tasks_url = metrics_url.replace("/metrics", "/tasks")
+            print(f"tasks in flight: {tasks_url}  (or: {Path(sys.executable).name} -m "
+                  f"asynctrace ps {metrics_url})", flush=True)  # fmt: skip
             stop = asyncio.Event()
             loop = asyncio.new_event_loop()
             with contextlib.suppress(NotImplementedError):
@@ -86,7 +89,8 @@ def main() -> int:
             (args.out / "metrics.txt").write_text(metrics_text)
             if args.keep:
                 print(f"load done; the service is still running on {url}, metrics on "
-                      f"{metrics_url}: Ctrl-C stops it", flush=True)  # fmt: skip
+                      f"{metrics_url}, tasks on {tasks_url}: Ctrl-C stops it",
+                      flush=True)  # fmt: skip
                 with contextlib.suppress(KeyboardInterrupt):
                     proc.wait()
         finally:

@@ -80,6 +80,13 @@ class Instrument:
         task had ``metadata``. Called on the thread that collected the task.
         """
 
+    def task_never_retrieved(self, task: asyncio.Future[Any], metadata: TaskMetadata) -> None:
+        """Called when ``task`` ended with an exception nobody retrieved, as it is collected.
+
+        asyncio reports it ("Task exception was never retrieved", still logged, now with
+        the task's ids); called on the thread that collected the task.
+        """
+
     def close(self) -> None:
         """Flush and release what the instrument holds.
 
@@ -168,6 +175,7 @@ class Hooks:
         done: ``task_done`` likewise.
         attached: ``loop_attached`` likewise.
         destroyed: ``task_destroyed`` likewise.
+        never_retrieved: ``task_never_retrieved`` likewise.
         scope: ``correlation_scope`` likewise.
         lean: True when every task-observing instrument is a :class:`LeanInstrument`: the
             factory then keeps no record and calls ``started`` and ``finished`` instead.
@@ -187,6 +195,7 @@ class Hooks:
         "instant",
         "instruments",
         "lean",
+        "never_retrieved",
         "scope",
         "started",
     )
@@ -200,6 +209,7 @@ class Hooks:
 
         self.attached = overridden("loop_attached")
         self.destroyed = overridden("task_destroyed")
+        self.never_retrieved = overridden("task_never_retrieved")
         self.scope: tuple[Callable[..., Callable[[BaseException | None], None] | None], ...] = (
             tuple(i.correlation_scope for i in instruments if overrides(i, "correlation_scope"))
         )

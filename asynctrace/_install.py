@@ -278,9 +278,22 @@ def _chained_handler(installation: Installation) -> _ExceptionHandler:
         task = context.get("task")
         if isinstance(task, asyncio.Future) and not task.done():
             try:
+                context = _with_ids(context, task)
                 _task_destroyed(installation, task)
             except Exception as exc:
                 STATE.errors.count("destroyed-task tracking", exc)
+        future = context.get("future")
+        if (
+            isinstance(future, asyncio.Task)
+            and future.done()
+            and str(context.get("message", "")).startswith("Task exception was never retrieved")
+        ):
+            try:
+                context = _with_ids(context, future)
+                metadata = task_metadata(future) or _NO_METADATA
+                call_each(STATE.hooks.never_retrieved, STATE.errors, future, metadata)
+            except Exception as exc:
+                STATE.errors.count("never-retrieved tracking", exc)
         previous = installation._previous_handler
         if previous is None:
             loop.default_exception_handler(context)
@@ -288,6 +301,18 @@ def _chained_handler(installation: Installation) -> _ExceptionHandler:
             previous(loop, context)
 
     return asynctrace_exception_handler
+
+
+def _with_ids(context: dict[str, Any], task: asyncio.Future[Any]) -> dict[str, Any]:
+    """Asyncio's report about ``task``, with the task's ids (its default handler logs them)."""
+    metadata = task_metadata(task)
+    if metadata is None:
+        return context
+    return {
+        **context,
+        "operation": metadata.operation_name,
+        "correlation_id": metadata.correlation_id,
+    }
 
 
 def _task_destroyed(installation: Installation, task: asyncio.Future[Any]) -> None:

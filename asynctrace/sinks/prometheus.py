@@ -121,6 +121,14 @@ class PrometheusSink(Instrument, Collector):
         yield created_family
         yield in_flight
         yield destroyed_family
+        never_retrieved = CounterMetricFamily(
+            f"{PREFIX}task_exceptions_never_retrieved",
+            "Tasks that ended with an exception nobody retrieved, by operation.",
+            labels=["operation"],
+        )
+        for op in sorted(created):
+            never_retrieved.add_metric([op], folded.never_retrieved.get(op, 0))
+        yield never_retrieved
 
         lag_family = HistogramMetricFamily(
             f"{PREFIX}event_loop_lag_seconds",

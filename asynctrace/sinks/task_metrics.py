@@ -72,6 +72,7 @@ class _Shard:
         "lag",
         "last_label",
         "last_metadata",
+        "never_retrieved",
         "series",
     )
 
@@ -80,6 +81,7 @@ class _Shard:
         self.last_label = ""
         self.created: dict[str, int] = {}
         self.destroyed: dict[str, int] = {}
+        self.never_retrieved: dict[str, int] = {}
         self.series: dict[tuple[str, str], Series] = {}
         self.lag = Series(len(LAG_BUCKETS) + 1)
         self.blocked: dict[str, int] = {}
@@ -123,6 +125,7 @@ class Folded:
     series: dict[tuple[str, str], Series] = field(default_factory=dict)
     blocked: dict[str, int] = field(default_factory=dict)
     destroyed: dict[str, int] = field(default_factory=dict)
+    never_retrieved: dict[str, int] = field(default_factory=dict)
 
 
 @final
@@ -242,6 +245,12 @@ class TaskMetrics(LeanInstrument):
         destroyed = shard.destroyed
         destroyed[op] = destroyed.get(op, 0) + 1
 
+    def task_never_retrieved(self, task: asyncio.Future[Any], metadata: TaskMetadata) -> None:  # noqa: ARG002
+        """Count a task whose exception nobody retrieved."""
+        shard, op = self._shard_and_label(metadata)
+        lost = shard.never_retrieved
+        lost[op] = lost.get(op, 0) + 1
+
     def count_blocked(self, operation_name: str | None) -> None:
         """Count one blocked-loop episode (any thread)."""
         op = self.label(operation_name) if operation_name is not None else "unknown"
@@ -262,6 +271,8 @@ class TaskMetrics(LeanInstrument):
                 created[op] = created.get(op, 0) + n
             for op, n in list(shard.destroyed.items()):
                 destroyed[op] = destroyed.get(op, 0) + n
+            for op, n in list(shard.never_retrieved.items()):
+                folded.never_retrieved[op] = folded.never_retrieved.get(op, 0) + n
             for key, s in list(shard.series.items()):
                 total = series.get(key)
                 if total is None:

@@ -70,36 +70,37 @@ def render_tree(view: dict[str, Any], out: TextIO) -> None:
             out.write(f"loop {i}: {loop['error']}\n")
             continue
         out.write(f"loop {i}: {loop['tasks_in_flight']} task(s) in flight\n")
-        tasks = {t["name"]: t for t in loop["tasks"]}
+        tasks = {t["id"]: t for t in loop["tasks"]}
         children: dict[str, list[str]] = {}
         roots = []
-        for name, task in tasks.items():
-            waiters = [w for w in task.get("awaited_by", []) if w in tasks]
+        for key, task in tasks.items():
+            waiters = [w for w in task.get("awaited_by_ids", []) if w in tasks]
             if waiters:
-                children.setdefault(waiters[0], []).append(name)
+                children.setdefault(waiters[0], []).append(key)
             else:
-                roots.append(name)
+                roots.append(key)
 
         for root in roots:
             _show(root, 0, tasks, children, out)
 
 
 def _show(
-    name: str,
+    key: str,
     depth: int,
     tasks: dict[str, dict[str, Any]],
     children: dict[str, list[str]],
     out: TextIO,
 ) -> None:
-    task = tasks[name]
-    extra = [w for w in task.get("awaited_by", []) if w not in tasks]
+    task = tasks[key]
+    pairs = zip(task.get("awaited_by", []), task.get("awaited_by_ids", []), strict=False)
+    extra = [label for label, waiter in pairs if waiter not in tasks]
     note = f"  (awaited by {', '.join(extra)})" if extra else ""
     out.write(
-        f"  {'  ' * depth}{name} [{task['operation'] or '-'} "
+        f"  {'  ' * depth}{task['name']} [{task['operation'] or '-'} "
         f"{task['correlation_id'] or '-'}] {_age(task['age_s'])} "
         f"in {task['waiting_in'] or '-'}{note}\n"
     )
-    for child in children.get(name, []):
+    for child in children.get(key, []):
         _show(child, depth + 1, tasks, children, out)
 
 

@@ -69,6 +69,7 @@ async def test_tasks_json_shape_filters_and_graph() -> None:
         assert handler_view["waiting_in"].startswith(("TaskGroup.__aexit__", "TaskGroup._aexit"))
         assert by_name["child-1"]["correlation_id"] == "req-5"
         assert by_name["child-1"]["awaited_by"] == ["handler"]  # who awaits whom
+        assert by_name["child-1"]["awaited_by_ids"] == [handler_view["id"]]
         assert by_name["child-1"]["waiting_in"].startswith("Event.wait")
 
         _, only = await _get(base + "?operation=fetch")

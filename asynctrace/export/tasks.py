@@ -145,6 +145,7 @@ def _describe(
     if created is None and starts is not None:
         created = starts.get(id(task))
     info: dict[str, Any] = {
+        "id": f"{id(task):x}",  # names need not be unique (3.13 names factory tasks "None")
         "name": task.get_name(),
         "operation": meta.operation_name if meta is not None else None,
         "correlation_id": meta.correlation_id if meta is not None else None,
@@ -157,7 +158,9 @@ def _describe(
         "waiting_in": _where(task),
     }
     if graph:
-        info["awaited_by"] = [_label(f) for f in _awaited_by(task)]
+        waiters = _awaited_by(task)
+        info["awaited_by"] = [_label(f) for f in waiters]
+        info["awaited_by_ids"] = [f"{id(f):x}" for f in waiters]
     return info
 
 

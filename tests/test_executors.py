@@ -37,21 +37,28 @@ async def test_ids_and_span_reach_the_worker_thread() -> None:
         with tracer.start_as_current_span("in-thread"):
             pass
 
+    loop = asyncio.get_running_loop()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    # The pool's thread starts here, outside the request: on free-threaded 3.14t a new thread
+    # starts with its creator's context (sys.flags.thread_inherit_context).
+    await loop.run_in_executor(pool, _seen_in_thread)
+
     async def handler() -> tuple[object, object, int]:
         here = trace.get_current_span().get_span_context().span_id
-        loop = asyncio.get_running_loop()
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            carried = await asynctrace.run_in_executor(pool, _seen_in_thread)
-            plain = await loop.run_in_executor(pool, _seen_in_thread)
-            await asynctrace.run_in_executor(pool, child_span)
+        carried = await asynctrace.run_in_executor(pool, _seen_in_thread)
+        plain = await loop.run_in_executor(pool, _seen_in_thread)
+        await asynctrace.run_in_executor(pool, child_span)
         return carried, plain, here
 
-    with asynctrace.correlation("req-42"):
-        task = asynctrace.create_task(handler(), operation_name="handle")
-        carried, plain, here = await task
-    asynctrace.uninstall()
+    try:
+        with asynctrace.correlation("req-42"):
+            task = asynctrace.create_task(handler(), operation_name="handle")
+            carried, plain, here = await task
+    finally:
+        pool.shutdown()
+        asynctrace.uninstall()
     assert carried == ("req-42", "handle", here)
-    assert plain[0] is None  # what loop.run_in_executor loses
+    assert plain[0] != "req-42"  # what loop.run_in_executor loses: the caller's id
     assert plain[2] != here
     spans = {s.name: s for s in memory.get_finished_spans()}
     assert spans["in-thread"].parent is not None

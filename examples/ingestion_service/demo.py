@@ -44,6 +44,14 @@ def wait_ready(url: str, proc: subprocess.Popen[str], timeout: float = 20) -> No
     raise SystemExit("the service did not become ready in time")
 
 
+# How to run this Python from here, for the commands the demo prints (.venv/bin/python).
+PYTHON = (
+    os.path.relpath(sys.executable)
+    if not os.path.relpath(sys.executable).startswith("..")
+    else sys.executable
+)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=20.0)
@@ -77,7 +85,7 @@ def main() -> int:
             print(f"service on {url}, metrics on {metrics_url}; load for {args.duration:.0f} s "
                   "(Ctrl-C stops early)")  # fmt: skip
             tasks_url = metrics_url.replace("/metrics", "/tasks")
-            print(f"tasks in flight: {tasks_url}  (or: {Path(sys.executable).name} -m "
+            print(f"tasks in flight: {tasks_url}  (or: {PYTHON} -m "
                   f"asynctrace ps {metrics_url})", flush=True)  # fmt: skip
             stop = asyncio.Event()
             loop = asyncio.new_event_loop()
@@ -106,7 +114,7 @@ def main() -> int:
     else:
         print(f"  traces: {traces} (OTLP/JSON; replay into Jaeger with the Collector's "
               "otlpjsonfile receiver, see docs/walkthrough.md)")  # fmt: skip
-        print(f"    in this terminal: {Path(sys.executable).name} -m asynctrace traces {traces} "
+        print(f"    in this terminal: {PYTHON} -m asynctrace traces {traces} "
               "--slowest 5   (or --errors, --correlation-id ID)")  # fmt: skip
     print(f"  metrics: were served on {metrics_url}; the last scrape is in "
           f"{(args.out / 'metrics.txt').resolve()}")  # fmt: skip

@@ -98,16 +98,9 @@ class LiveRecord(TaskRecord):
         record as usual, so your instruments' hooks still run from a ``Handle``.
         """
         self.finished_ns = _perf_ns()
-        hooks = self._hooks
-        if not hooks.instant:
+        if not self._hooks.instant:
             return False
-        self.outcome = outcome = outcome_of(task)
-        if hooks is not STATE.hooks:
-            return True  # its configuration has ended: nothing to record
-        if outcome == EXCEPTION:
-            self.exception = task._exception
-        call_each(hooks.done, STATE.errors, task, self)
-        self.exception = None
+        self(task)  # the end is taken: the rest is the Handle path's, now
         return True
 
 

@@ -278,7 +278,7 @@ def _chained_handler(installation: Installation) -> _ExceptionHandler:
         task = context.get("task")
         if isinstance(task, asyncio.Future) and not task.done():
             try:
-                context = _with_ids(context, task)
+                context = _with_ids(context, task_metadata(task))
                 _task_destroyed(installation, task)
             except Exception as exc:
                 STATE.errors.count("destroyed-task tracking", exc)
@@ -289,9 +289,11 @@ def _chained_handler(installation: Installation) -> _ExceptionHandler:
             and str(context.get("message", "")).startswith("Task exception was never retrieved")
         ):
             try:
-                context = _with_ids(context, future)
-                metadata = task_metadata(future) or _NO_METADATA
-                call_each(STATE.hooks.never_retrieved, STATE.errors, future, metadata)
+                metadata = task_metadata(future)
+                context = _with_ids(context, metadata)
+                call_each(
+                    STATE.hooks.never_retrieved, STATE.errors, future, metadata or _NO_METADATA
+                )
             except Exception as exc:
                 STATE.errors.count("never-retrieved tracking", exc)
         previous = installation._previous_handler
@@ -303,9 +305,8 @@ def _chained_handler(installation: Installation) -> _ExceptionHandler:
     return asynctrace_exception_handler
 
 
-def _with_ids(context: dict[str, Any], task: asyncio.Future[Any]) -> dict[str, Any]:
-    """Asyncio's report about ``task``, with the task's ids (its default handler logs them)."""
-    metadata = task_metadata(task)
+def _with_ids(context: dict[str, Any], metadata: TaskMetadata | None) -> dict[str, Any]:
+    """Asyncio's report about a task, with the task's ids (its default handler logs them)."""
     if metadata is None:
         return context
     return {

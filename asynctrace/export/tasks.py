@@ -137,13 +137,14 @@ def _awaited_by_future(future: asyncio.Future[Any]) -> list[str]:
 
 
 def _describe(
-    task: asyncio.Task[Any], now_ns: int, starts: dict[int, int] | None, *, graph: bool
+    task: asyncio.Task[Any],
+    meta: Any,  # noqa: ANN401 - its TaskMetadata, or None
+    record: Any,  # noqa: ANN401 - its TaskRecord, or None
+    created: int | None,
+    now_ns: int,
+    *,
+    graph: bool,
 ) -> dict[str, Any]:
-    meta = task_metadata(task)
-    record = task_record(task)
-    created = record.created_ns if record is not None else None
-    if created is None and starts is not None:
-        created = starts.get(id(task))
     info: dict[str, Any] = {
         "id": f"{id(task):x}",  # names need not be unique (3.13 names factory tasks "None")
         "name": task.get_name(),
@@ -235,12 +236,12 @@ class _Reader:
         if query.correlation_id is not None and cid != query.correlation_id:
             return
         self.matched += 1
-        if len(self.listed) < query.limit:
-            self.listed.append(_describe(task, now_ns, starts, graph=query.graph))
         record = task_record(task)
         created = record.created_ns if record is not None else None
         if created is None and starts is not None:
             created = starts.get(id(task))
+        if len(self.listed) < query.limit:
+            self.listed.append(_describe(task, meta, record, created, now_ns, graph=query.graph))
         age = (now_ns - created) / 1e9 if created is not None else None
         group = self.groups.setdefault(operation, [0, None])
         group[0] += 1

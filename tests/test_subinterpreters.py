@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,22 @@ pytestmark = pytest.mark.skipif(
     sys.version_info < (3, 14), reason="concurrent.interpreters is new in Python 3.14"
 )
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_driver(code: str, *args: str, timeout: float) -> Any:
+    """Run ``code`` in a fresh Python (bounded in time); the JSON of its last output line."""
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
 
 # What runs inside each interpreter: metrics, the loop monitor, a task that blocks the loop.
 INSIDE = """
@@ -84,16 +101,9 @@ print(json.dumps([out.get(i) for i in range(len(counts))]))
 
 
 def run_interpreters(*tasks: int) -> list[dict[str, object]]:
-    result = subprocess.run(
-        [sys.executable, "-c", DRIVER, textwrap.dedent(INSIDE), *map(str, tasks)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    reports: list[dict[str, object]] = run_driver(
+        DRIVER, textwrap.dedent(INSIDE), *map(str, tasks), timeout=120
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    reports: list[dict[str, object]] = json.loads(result.stdout.strip().splitlines()[-1])
     return reports
 
 
@@ -154,16 +164,7 @@ def test_metrics_are_served_in_an_isolated_interpreter() -> None:
     """prometheus_port in an isolated interpreter: served (plain threads), and the
     interpreter closes whether or not shutdown() was called.
     """
-    result = subprocess.run(
-        [sys.executable, "-c", METRICS_DRIVER],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    (with_shutdown, without) = json.loads(result.stdout.strip().splitlines()[-1])
+    (with_shutdown, without) = run_driver(METRICS_DRIVER, timeout=60)
     assert with_shutdown[0] is True
     assert without[0] is True
     assert with_shutdown[1] != without[1]  # each interpreter its own port
@@ -198,17 +199,7 @@ def test_spans_are_exported_from_isolated_interpreters() -> None:
     """OTLP export in three pooled interpreters at once, and one closed while installed:
     every span arrives, each interpreter's under its own service and id, no thread left.
     """
-    result = subprocess.run(
-        [sys.executable, "-c", EXPORT_DRIVER],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_driver(EXPORT_DRIVER, timeout=120)
     native = "c" if importlib.util.find_spec("asynctrace._speedups") else "python"
     for report, count in zip(out["reports"], (20, 30, 40), strict=True):
         assert report["implementation"] == native  # the C extension loads in each
@@ -253,17 +244,7 @@ def test_other_exporters_work_in_an_isolated_interpreter(tmp_path: Path) -> None
     thread) is refused: plain threads export, and the interpreter's end flushes them.
     """
     traces = tmp_path / "traces.jsonl"
-    result = subprocess.run(
-        [sys.executable, "-c", OTHER_EXPORTERS_DRIVER, str(traces)],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_driver(OTHER_EXPORTERS_DRIVER, str(traces), timeout=120)
     assert out["report"]["threads"].count("asynctrace-export") == 2
     assert {ct for _, ct in out["posted"]} == {"application/json"}
     assert out["names"].count("j") == 12
@@ -293,17 +274,7 @@ def test_grpc_in_an_isolated_interpreter_is_a_clear_error() -> None:
     the protocols that work there, and leaves nothing installed.
     """
     pytest.importorskip("grpc", reason="grpcio is not installed (no 3.14t wheel)")
-    result = subprocess.run(
-        [sys.executable, "-c", GRPC_DRIVER],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    out = run_driver(GRPC_DRIVER, timeout=60)
     assert "otlp_protocol: 'grpc' in this subinterpreter" in out["error"]
     assert "'http/protobuf'" in out["error"]
     assert out["installed"] is False

@@ -19,6 +19,7 @@ from __future__ import annotations
 import typing as _typing
 
 from asynctrace._api import flush, install, shutdown, summary, telemetry_errors
+from asynctrace._cancel import Cancellation
 from asynctrace._carry import Carried, carry, resume
 from asynctrace._create_task import create_task
 from asynctrace._hooks import Instrument
@@ -35,6 +36,7 @@ if _typing.TYPE_CHECKING:
     from asynctrace.export.files import OTLPJsonFileSpanExporter
 
 __all__ = [
+    "Cancellation",
     "Carried",
     "Installation",
     "Instrument",

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import inspect
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
@@ -116,6 +116,8 @@ def install(
     blocked_threshold: float = 0.1,
     shutdown_timeout: float = 5.0,
     exception_messages: bool = True,
+    stuck_after: float | Mapping[str, float] | None = None,
+    creation_sites: bool = False,
 ) -> Installation:
     """Install the asynctrace task factory; every task created afterwards carries metadata.
 
@@ -166,6 +168,14 @@ def install(
         exception_messages: Record a failed task's exception message in its span's exception
             event (once; the span's status holds only the type). False records none, for
             apps whose messages may carry personal data.
+        stuck_after: Seconds after which a pending task counts as stuck: one number for every
+            task, or a mapping of operation names to seconds (key ``"*"``: every other
+            operation; operations left out are not watched). Stuck tasks are counted in the
+            ``asynctrace_tasks_stuck`` gauge, logged once each with their ids and where they
+            wait, and their span gets an ``asynctrace.stuck`` event. None (default): off.
+        creation_sites: Note where each task was created (``file:line in function``): shown
+            by ``/tasks``, and in the stuck and pending-at-close logs. Costs a frame walk and
+            a record on every task: off by default.
 
     Returns:
         The :class:`Installation`; its ``uninstall()`` restores what was there before.
@@ -197,6 +207,8 @@ def install(
         blocked_threshold=blocked_threshold,
         shutdown_timeout=shutdown_timeout,
         exception_messages=exception_messages,
+        stuck_after=stuck_after,
+        creation_sites=creation_sites,
     )
     options = _make_options(id_generator, instruments, export)
     # A bare install() (every option at its default) asks for no configuration of its own:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Final, cast, final
 
+from asynctrace._cancel import cancellation_of
 from asynctrace._create_task import (
     ASYNCIO_KEYWORDS,
     FACTORY_MARK,
@@ -87,6 +88,8 @@ class LiveRecord(TaskRecord):
             return  # its configuration has ended
         if outcome == EXCEPTION:
             self.exception = task._exception
+        elif outcome == CANCELLED:
+            self.cancellation = cancellation_of(task)
         call_each(hooks.done, STATE.errors, task, self)
         self.exception = None
 
@@ -136,7 +139,11 @@ class LeanDone:
 
 def lean_finish(task: asyncio.Future[Any], metadata: TaskMetadata, duration_ns: int) -> None:
     """Call the lean instruments' ``task_finished`` for a task that ended."""
-    call_each(STATE.hooks.finished, STATE.errors, metadata, outcome_of(task), duration_ns)
+    hooks = STATE.hooks
+    outcome = outcome_of(task)
+    call_each(hooks.finished, STATE.errors, metadata, outcome, duration_ns)
+    if outcome == CANCELLED and hooks.cancelled:
+        call_each(hooks.cancelled, STATE.errors, metadata, cancellation_of(task))
 
 
 @final

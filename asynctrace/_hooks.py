@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any, ClassVar, Final, final
 
+from asynctrace._cancel import Cancellation
 from asynctrace._errors import ErrorCounts
 from asynctrace._metadata import TaskMetadata
 from asynctrace._record import FINISHED, Outcome, TaskRecord
@@ -87,6 +88,24 @@ class Instrument:
         the task's ids); called on the thread that collected the task.
         """
 
+    def task_stuck(self, task: asyncio.Task[Any], metadata: TaskMetadata, age_s: float) -> None:
+        """Called once when ``task`` has been pending longer than its ``stuck_after``.
+
+        Called on the task's loop thread, between steps, with the task's age in seconds.
+        """
+
+    def tasks_pending_at_close(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        pending: list[tuple[asyncio.Task[Any], TaskMetadata]],
+        when: str,
+    ) -> None:
+        """Called with the tasks still pending when ``loop`` closes or ``asyncio.run`` ends.
+
+        ``when`` says which. At the end of ``asyncio.run`` they are about to be cancelled
+        (reason ``"shutdown"``); at a ``loop.close()`` they will never run again.
+        """
+
     def close(self) -> None:
         """Flush and release what the instrument holds.
 
@@ -121,6 +140,9 @@ class LeanInstrument(Instrument):
     def task_finished(self, metadata: TaskMetadata, outcome: Outcome, duration_ns: int) -> None:
         """Called once a task is done, ``duration_ns`` after its creation."""
 
+    def task_cancelled(self, metadata: TaskMetadata, cancellation: Cancellation) -> None:
+        """Called after :meth:`task_finished` for a task that ended cancelled: why it was."""
+
     def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
         """Forward to :meth:`task_started` (the path with records)."""
         self.task_started(record.metadata)
@@ -130,6 +152,8 @@ class LeanInstrument(Instrument):
         self.task_finished(
             record.metadata, record.outcome or FINISHED, record.finished_ns - record.created_ns
         )
+        if record.cancellation is not None:
+            self.task_cancelled(record.metadata, record.cancellation)
 
 
 TASK_HOOKS: Final = ("task_context", "task_created", "task_done")
@@ -183,10 +207,14 @@ class Hooks:
             asynctrace's own); else the done hooks run from a ``Handle``.
         started: ``task_started`` of the lean instruments (on the lean path).
         finished: ``task_finished`` of the lean instruments.
+        cancelled: ``task_cancelled`` of the lean instruments that override it.
+        stuck: ``task_stuck`` likewise (of every instrument).
+        pending_at_close: ``tasks_pending_at_close`` likewise.
     """
 
     __slots__ = (
         "attached",
+        "cancelled",
         "context",
         "created",
         "destroyed",
@@ -196,8 +224,10 @@ class Hooks:
         "instruments",
         "lean",
         "never_retrieved",
+        "pending_at_close",
         "scope",
         "started",
+        "stuck",
     )
 
     def __init__(self, instruments: tuple[Instrument, ...] = ()) -> None:
@@ -210,6 +240,8 @@ class Hooks:
         self.attached = overridden("loop_attached")
         self.destroyed = overridden("task_destroyed")
         self.never_retrieved = overridden("task_never_retrieved")
+        self.stuck = overridden("task_stuck")
+        self.pending_at_close = overridden("tasks_pending_at_close")
         self.scope: tuple[Callable[..., Callable[[BaseException | None], None] | None], ...] = (
             tuple(i.correlation_scope for i in instruments if overrides(i, "correlation_scope"))
         )
@@ -218,6 +250,11 @@ class Hooks:
         self.lean = bool(lean) and len(lean) == len(observers)
         self.started: tuple[_Hook, ...] = tuple(i.task_started for i in lean)
         self.finished: tuple[_Hook, ...] = tuple(i.task_finished for i in lean)
+        self.cancelled: tuple[_Hook, ...] = tuple(
+            i.task_cancelled
+            for i in lean
+            if type(i).task_cancelled is not LeanInstrument.task_cancelled
+        )
         self.context: tuple[_Hook, ...] = () if self.lean else overridden("task_context")
         self.created: tuple[_Hook, ...] = () if self.lean else overridden("task_created")
         self.done: tuple[_Hook, ...] = () if self.lean else overridden("task_done")

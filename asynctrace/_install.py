@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final, final
 
+from asynctrace._cancel_patch import patch, unpatch
 from asynctrace._create_task import FACTORY_MARK
 from asynctrace._factory import (
     LiveRecord,
@@ -43,6 +44,7 @@ __all__ = [
     "installation_of",
     "instrumented_loops",
     "loop_factory",
+    "report_pending",
     "reset",
     "uninstall",
 ]
@@ -126,6 +128,7 @@ class Installation:
         self._factory = make_factory(self, self._previous)
         loop.set_task_factory(self._factory)
         tap(loop)  # exact end times where the loop allows it (see _tap)
+        _watch_close(loop)  # tasks still pending when it closes are reported
         # asyncio reports a task destroyed while pending through the exception handler (with
         # the task): chained in front of the one set before, which still gets every call.
         self._previous_handler = loop.get_exception_handler()
@@ -232,6 +235,7 @@ class _Switch:
         if loop.get_task_factory() is self.factory:
             loop.set_task_factory(self.previous)
             untap(loop)
+            _unwatch_close(loop)
         if loop.get_exception_handler() is self.handler:
             loop.set_exception_handler(self.previous_handler)
 
@@ -327,6 +331,93 @@ def _task_destroyed(installation: Installation, task: asyncio.Future[Any]) -> No
             return  # not ours, or its configuration has ended
         metadata = record.metadata
     call_each(hooks.destroyed, STATE.errors, task, metadata or _NO_METADATA)
+
+
+_PENDING_LISTED: Final = 20
+"""How many pending tasks the one log record lists by name (all are counted)."""
+
+
+def report_pending(
+    loop: asyncio.AbstractEventLoop, tasks: list[asyncio.Task[Any]], when: str
+) -> None:
+    """Tasks still pending as ``loop`` closes or ``asyncio.run`` ends: one log record, hooks.
+
+    Only tasks asynctrace's factory made (with metadata) are reported.
+    """
+    pending = [(t, m) for t in tasks if (m := task_metadata(t)) is not None]
+    if not pending:
+        return
+    by_operation: dict[str, int] = {}
+    for _, metadata in pending:
+        op = metadata.operation_name or "unnamed"
+        by_operation[op] = by_operation.get(op, 0) + 1
+    listed = "; ".join(
+        f"{task.get_name()} (operation={m.operation_name}, correlation_id={m.correlation_id}"
+        f"{_site_part(task)})"
+        for task, m in pending[:_PENDING_LISTED]
+    )
+    more = f"; and {len(pending) - _PENDING_LISTED} more" if len(pending) > _PENDING_LISTED else ""
+    counts = ", ".join(f"{op}={n}" for op, n in sorted(by_operation.items()))
+    logger.warning(
+        "%d task(s) still pending when %s (%s): %s%s",
+        len(pending),
+        when,
+        counts,
+        listed,
+        more,
+        extra={"asynctrace_pending": by_operation},
+    )
+    call_each(STATE.hooks.pending_at_close, STATE.errors, loop, pending, when)
+
+
+def _site_part(task: asyncio.Future[Any]) -> str:
+    record = task_record(task)
+    site = getattr(record, "site", None)
+    return f", created at {site}" if site else ""
+
+
+@final
+class _Closing:
+    """``loop.close`` while asynctrace instruments the loop: reports the pending tasks first."""
+
+    __slots__ = ("close", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, close: Callable[[], None]) -> None:
+        self.loop = loop
+        self.close = close
+
+    def __call__(self) -> None:
+        loop = self.loop
+        if not loop.is_closed() and not loop.is_running():
+            try:
+                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+                if pending:
+                    report_pending(loop, pending, "the loop closed")
+            except Exception as exc:
+                STATE.errors.count("pending-task report", exc)
+        self.close()
+
+
+def _watch_close(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        if isinstance(vars(loop).get("close"), _Closing):
+            return
+        loop.close = _Closing(loop, loop.close)  # type: ignore[method-assign]
+    except (AttributeError, TypeError):
+        pass  # no instance attributes (uvloop): tasks left there are reported when destroyed
+
+
+def _unwatch_close(loop: asyncio.AbstractEventLoop) -> None:
+    try:
+        current = vars(loop).get("close")
+    except TypeError:
+        return
+    if isinstance(current, _Closing):
+        original = current.close
+        if getattr(original, "__func__", None) is getattr(type(loop), "close", None):
+            del loop.close
+        else:
+            loop.close = original  # type: ignore[method-assign]
 
 
 @final
@@ -432,6 +523,7 @@ def _unconfigure_if_idle() -> tuple[Instrument, ...]:
     _INSTALLED.loops.clear()
     if STATE.options is None:
         return ()
+    unpatch()
     return STATE.unconfigure()[1].instruments
 
 
@@ -503,6 +595,7 @@ def install_factory(
                     if built is None:
                         continue  # uninstalled meanwhile: build, with the lock released
                     STATE.configure(options, Hooks(built), id_generator)
+                    patch(report_pending)  # why tasks are cancelled (see _cancel_patch)
                     for instrument in built:  # their failures are served from 0
                         STATE.errors.declare(source_of(instrument.close))
                 else:
@@ -609,6 +702,7 @@ def _after_fork_in_child() -> None:
     process, loops = _INSTALLED.process, list(_INSTALLED.loops)
     _INSTALLED.clear()
     STATE.start_fresh()
+    unpatch()
     for installation in [*(process._children if process else ()), *loops]:
         loop = installation.loop
         if loop is not None and installation._factory is not None:
@@ -740,6 +834,7 @@ def reset() -> None:
         _INSTALLED.loops.clear()
         _INSTALLED.warned.clear()
         closing = STATE.unconfigure()[1].instruments
+        unpatch()
     for switch in switches:
         switch.apply()
     _close(closing)

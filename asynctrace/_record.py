@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Final, Literal
 
+from asynctrace._cancel import Cancellation
 from asynctrace._metadata import TaskMetadata
 
 __all__ = ["CANCELLED", "EXCEPTION", "FINISHED", "Outcome", "TaskRecord"]
@@ -24,6 +25,10 @@ class TaskRecord:
         outcome: ``"finished"``, ``"exception"`` or ``"cancelled"``; None while it runs.
         exception: The exception the task ended with, or None. Reading it here does not mark
             it retrieved: asyncio still warns about exceptions nobody awaited.
+        cancellation: Why the task was cancelled (a :class:`Cancellation`), set when it
+            ended cancelled; else None.
+        site: Where the task was created (``file:line in function``) when
+            ``install(creation_sites=True)``; else None.
         trace_id: The trace id of the task's span when the task is traced and sampled, else 0.
         span_id: The span id of that span, else 0.
 
@@ -36,11 +41,13 @@ class TaskRecord:
 
     __slots__ = (
         "_span",
+        "cancellation",
         "created_ns",
         "exception",
         "finished_ns",
         "metadata",
         "outcome",
+        "site",
         "span_id",
         "trace_id",
     )
@@ -52,6 +59,8 @@ class TaskRecord:
         self.finished_ns = 0
         self.outcome: Outcome | None = None
         self.exception: BaseException | None = None
+        self.cancellation: Cancellation | None = None
+        self.site: str | None = None
         self.trace_id = 0
         self.span_id = 0
         # The span sink's own per-task state (its span handle); nobody else's.

@@ -8,6 +8,7 @@ import asynctrace
 import asynctrace.testing
 
 EXPECTED = [
+    "Cancellation",
     "Carried",
     "Installation",
     "Instrument",

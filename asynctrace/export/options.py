@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from asynctrace._metadata import TaskMetadata
+from asynctrace.sinks.health import StuckAfter, parse_stuck_after
 
 if TYPE_CHECKING:  # annotations only: nothing is imported at run time
     from opentelemetry.metrics import MeterProvider
@@ -75,6 +76,8 @@ class ExportOptions:
     blocked_threshold: float = 0.1
     shutdown_timeout: float = 5.0
     exception_messages: bool = True
+    stuck_after: StuckAfter = ()
+    creation_sites: bool = False
     # From the environment only:
     traces_exporters: tuple[str, ...] = ()
     otlp_url: str | None = None
@@ -112,6 +115,7 @@ class ExportOptions:
                 raise ValueError(
                     f"Invalid ASYNCTRACE_PROMETHEUS_PORT: {raw!r}; expected a port number."
                 ) from None
+        given["stuck_after"] = parse_stuck_after(given.get("stuck_after"))
         options = cls(**given)
         options.validate()
         return options
@@ -185,7 +189,7 @@ class ExportOptions:
                 )
 
     def _check_objects(self) -> None:
-        for name in ("metrics", "loop_monitor", "exception_messages"):
+        for name in ("metrics", "loop_monitor", "exception_messages", "creation_sites"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"Invalid {name}: {value!r}; expected True or False.")

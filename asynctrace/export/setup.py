@@ -34,6 +34,7 @@ from asynctrace._state import STATE
 from asynctrace.export.drops import SpanDrops
 from asynctrace.export.options import ExportOptions, redact_url
 from asynctrace.export.summary import Summary
+from asynctrace.sinks.health import CreationSites, StuckWatch
 from asynctrace.sinks.task_metrics import TaskMetrics
 
 if TYPE_CHECKING:
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SpanExporter
     from opentelemetry.trace import TracerProvider as ApiTracerProvider
+
 
 __all__ = ["Telemetry"]
 
@@ -112,8 +114,12 @@ class Telemetry(Instrument):
                     on_unfinished=self._unfinished.drop,
                 )
             )
+        if options.creation_sites:
+            self.sinks.append(CreationSites())
         if options.metrics:
             self._setup_metrics()
+        elif options.stuck_after:
+            self.sinks.append(self._stuck_watch(None))
         if options.meter_provider is not None:
             from asynctrace.sinks.otel_metrics import OTelMetricsSink  # noqa: PLC0415
 
@@ -130,13 +136,20 @@ class Telemetry(Instrument):
         registry = options.registry if options.registry is not None else REGISTRY
         self.metrics = TaskMetrics(options.max_operations)
         self.sinks.append(self.metrics)
+        stuck = None
+        if options.stuck_after:
+            watch = self._stuck_watch(self.metrics.label)
+            self.sinks.append(watch)
+            stuck = watch.stuck_now
         monitor = None
         if options.loop_monitor:
             from asynctrace.sinks.loop_monitor import LoopMonitor  # noqa: PLC0415
 
             monitor = LoopMonitor(self.metrics, options.lag_interval, options.blocked_threshold)
         blocked_for = monitor.blocked_for if monitor is not None else None
-        self.sinks.append(PrometheusSink(self.metrics, registry, self._dropped_spans, blocked_for))
+        self.sinks.append(
+            PrometheusSink(self.metrics, registry, self._dropped_spans, blocked_for, stuck)
+        )
         if monitor is not None:
             self.sinks.append(monitor)
         if options.prometheus_port is not None:
@@ -154,6 +167,9 @@ class Telemetry(Instrument):
             self._http_server, self._http_thread = server, thread
             port = server.server_address[1]
             self.metrics_url = f"http://{options.prometheus_addr}:{port}/metrics"
+
+    def _stuck_watch(self, label: Any) -> StuckWatch:  # noqa: ANN401 - a label function
+        return StuckWatch(self.options.stuck_after, label)
 
     def _dropped_spans(self) -> int:
         return sum(drops.total_dropped() for drops in self._drops)

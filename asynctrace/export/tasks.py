@@ -18,18 +18,15 @@ import json
 import sys
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, Final
 from urllib.parse import parse_qs
 
 from asynctrace._install import instrumented_loops
-from asynctrace._introspect import task_metadata, task_record
+from asynctrace._introspect import SLICE, task_metadata, task_record, walk_tasks
 
 __all__ = ["MAX_LIMIT", "SLICE", "TaskQuery", "snapshot", "tasks_app"]
 
-SLICE: Final = 1000
-"""Tasks read per loop turn."""
 MAX_LIMIT: Final = 10_000
 DEFAULT_LIMIT: Final = 100
 READ_TIMEOUT_S: Final = 5.0
@@ -157,36 +154,13 @@ def _describe(
         "state": "waiting" if getattr(task, "_fut_waiter", None) is not None else "scheduled",
         "coroutine": getattr(task.get_coro(), "__qualname__", None),
         "waiting_in": _where(task),
+        "created_at": record.site if record is not None else None,
     }
     if graph:
         waiters = _awaited_by(task)
         info["awaited_by"] = [_label(f) for f in waiters]
         info["awaited_by_ids"] = [f"{id(f):x}" for f in waiters]
     return info
-
-
-def _all_tasks(loop: asyncio.AbstractEventLoop) -> list[Any]:
-    """The loop's tasks, or (3.11-3.13) weak references to every loop's, gathered fast.
-
-    Python 3.14 keeps tasks per thread in C: ``asyncio.all_tasks`` is quick. Before, it
-    iterates a ``WeakSet`` in Python (about 50 ms for 100,000 tasks, all in one loop turn);
-    copying the set of weak references under it is a C copy, and the references are resolved
-    (and filtered by loop) in slices. Private state, so only where it has that shape.
-    """
-    if sys.version_info >= (3, 14):
-        return list(asyncio.all_tasks(loop))
-    tasks_module: Any = asyncio.tasks
-    weak = getattr(tasks_module, "_scheduled_tasks", None) or getattr(
-        tasks_module, "_all_tasks", None
-    )
-    data = getattr(weak, "data", None)
-    if not isinstance(weak, weakref.WeakSet) or not isinstance(data, set):
-        return list(asyncio.all_tasks(loop))
-    refs: list[Any] = list(data)
-    eager = getattr(tasks_module, "_eager_tasks", None)  # 3.12-3.13: a plain set
-    if isinstance(eager, set):
-        refs += [t for t in list(eager) if t.get_loop() is loop]
-    return refs
 
 
 class _Reader:
@@ -202,29 +176,20 @@ class _Reader:
         self.total = 0
 
     def start(self) -> None:
-        tasks = _all_tasks(self.loop)
         factory = self.loop.get_task_factory()
         starts = getattr(factory, "_asynctrace_starts", None)
-        self._step(iter(tasks), time.perf_counter_ns(), starts)
+        now_ns = time.perf_counter_ns()
 
-    def _step(self, tasks: Iterator[Any], now_ns: int, starts: Any) -> None:  # noqa: ANN401
-        try:
-            for _ in range(SLICE):
-                task = next(tasks, None)
-                if task is None:
-                    self._finish()
-                    return
-                if isinstance(task, weakref.ref):
-                    task = task()
-                    if task is None or task.get_loop() is not self.loop:
-                        continue
-                self.total += 1
-                if not task.done():
-                    self._take(task, now_ns, starts)
-            self.loop.call_soon(self._step, tasks, now_ns, starts)  # the next slice
-        except BaseException as exc:  # a broken view must not break the loop
-            if not self.result.done():
-                self.result.set_exception(exc)
+        def visit(task: asyncio.Task[Any]) -> None:
+            self.total += 1
+            if not task.done():
+                self._take(task, now_ns, starts)
+
+        walk_tasks(self.loop, visit, self._finish, self._failed)
+
+    def _failed(self, exc: BaseException) -> None:
+        if not self.result.done():
+            self.result.set_exception(exc)
 
     def _take(self, task: asyncio.Task[Any], now_ns: int, starts: Any) -> None:  # noqa: ANN401
         query = self.query

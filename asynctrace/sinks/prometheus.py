@@ -23,7 +23,7 @@ from prometheus_client.samples import Exemplar
 
 from asynctrace._hooks import Instrument
 from asynctrace._state import STATE
-from asynctrace.sinks.task_metrics import DURATION_BUCKETS, LAG_BUCKETS, TaskMetrics
+from asynctrace.sinks.task_metrics import DURATION_BUCKETS, LAG_BUCKETS, Folded, TaskMetrics
 
 __all__ = ["PREFIX", "PrometheusSink"]
 
@@ -52,15 +52,18 @@ class PrometheusSink(Instrument, Collector):
         registry: CollectorRegistry,
         dropped_spans: Callable[[], int] = _no_drops,
         blocked_for: Callable[[], float] | None = None,
+        stuck: Callable[[], dict[str, int]] | None = None,
     ) -> None:
         """Register on ``registry``; a name clash there raises ValueError and registers nothing.
 
         ``blocked_for`` tells how long a loop has been blocked now (the loop monitor's);
-        without it the gauge is not served.
+        without it the gauge is not served. ``stuck`` counts the tasks stuck now by operation
+        (the stuck watch's); without it, neither.
         """
         self._metrics = metrics
         self._dropped_spans = dropped_spans
         self._blocked_for = blocked_for
+        self._stuck = stuck
         self._registry: CollectorRegistry | None = registry
         registry.register(self)
 
@@ -121,14 +124,7 @@ class PrometheusSink(Instrument, Collector):
         yield created_family
         yield in_flight
         yield destroyed_family
-        never_retrieved = CounterMetricFamily(
-            f"{PREFIX}task_exceptions_never_retrieved",
-            "Tasks that ended with an exception nobody retrieved, by operation.",
-            labels=["operation"],
-        )
-        for op in sorted(created):
-            never_retrieved.add_metric([op], folded.never_retrieved.get(op, 0))
-        yield never_retrieved
+        yield from self._health(folded, sorted(created))
 
         lag_family = HistogramMetricFamily(
             f"{PREFIX}event_loop_lag_seconds",
@@ -174,6 +170,43 @@ class PrometheusSink(Instrument, Collector):
         )
         dropped.add_metric([], self._dropped_spans())
         yield dropped
+
+    def _health(self, folded: Folded, operations: list[str]) -> Iterator[Metric]:
+        """Never-retrieved exceptions, tasks pending at close, cancellations, stuck tasks."""
+        never_retrieved = CounterMetricFamily(
+            f"{PREFIX}task_exceptions_never_retrieved",
+            "Tasks that ended with an exception nobody retrieved, by operation.",
+            labels=["operation"],
+        )
+        for op in operations:
+            never_retrieved.add_metric([op], folded.never_retrieved.get(op, 0))
+        yield never_retrieved
+        pending = CounterMetricFamily(
+            f"{PREFIX}tasks_pending_at_close",
+            "Tasks still pending when their loop closed or asyncio.run ended, by operation.",
+            labels=["operation"],
+        )
+        for op in operations:
+            pending.add_metric([op], folded.pending_at_close.get(op, 0))
+        yield pending
+        cancellations = CounterMetricFamily(
+            f"{PREFIX}task_cancellations",
+            "Tasks that ended cancelled, by operation and reason (timeout, taskgroup, "
+            "shutdown, explicit).",
+            labels=["operation", "reason"],
+        )
+        for (op, reason), n in sorted(folded.cancelled.items()):
+            cancellations.add_metric([op, reason], n)
+        yield cancellations
+        if self._stuck is not None:
+            stuck = GaugeMetricFamily(
+                f"{PREFIX}tasks_stuck",
+                "Tasks pending longer than their stuck_after threshold now, by operation.",
+                labels=["operation"],
+            )
+            for op, n in sorted(self._stuck().items()):
+                stuck.add_metric([op], n)
+            yield stuck
 
     def after_fork(self) -> None:
         """In a forked child: unregister from the child's copy of the registry."""

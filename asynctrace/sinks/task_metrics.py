@@ -20,6 +20,7 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any, Final, final
 
+from asynctrace._cancel import Cancellation
 from asynctrace._hooks import LeanInstrument
 from asynctrace._metadata import TaskMetadata
 from asynctrace._record import FINISHED, Outcome, TaskRecord
@@ -67,12 +68,14 @@ class _Shard:
 
     __slots__ = (
         "blocked",
+        "cancelled",
         "created",
         "destroyed",
         "lag",
         "last_label",
         "last_metadata",
         "never_retrieved",
+        "pending_at_close",
         "series",
     )
 
@@ -82,6 +85,8 @@ class _Shard:
         self.created: dict[str, int] = {}
         self.destroyed: dict[str, int] = {}
         self.never_retrieved: dict[str, int] = {}
+        self.pending_at_close: dict[str, int] = {}
+        self.cancelled: dict[tuple[str, str], int] = {}  # (operation, reason)
         self.series: dict[tuple[str, str], Series] = {}
         self.lag = Series(len(LAG_BUCKETS) + 1)
         self.blocked: dict[str, int] = {}
@@ -126,6 +131,8 @@ class Folded:
     blocked: dict[str, int] = field(default_factory=dict)
     destroyed: dict[str, int] = field(default_factory=dict)
     never_retrieved: dict[str, int] = field(default_factory=dict)
+    pending_at_close: dict[str, int] = field(default_factory=dict)
+    cancelled: dict[tuple[str, str], int] = field(default_factory=dict)
 
 
 @final
@@ -158,6 +165,12 @@ class OperationStats:
                 return lower + (self.bounds[i] - lower) * (rank - seen) / n
             seen += n
         return self.bounds[-1]
+
+
+def _add(into: dict[Any, int], counts: dict[Any, int]) -> None:
+    """Add another thread's ``counts`` (copied first: that thread may be adding to it)."""
+    for key, n in list(counts.items()):
+        into[key] = into.get(key, 0) + n
 
 
 @final
@@ -218,6 +231,8 @@ class TaskMetrics(LeanInstrument):
             if series.exemplars is None:
                 series.exemplars = [None] * self._size
             series.exemplars[i] = (record.trace_id, record.span_id, duration, time.time())
+        if record.cancellation is not None:
+            self.task_cancelled(record.metadata, record.cancellation)
 
     def _observe(
         self, metadata: TaskMetadata, outcome: str, duration_ns: int
@@ -251,6 +266,23 @@ class TaskMetrics(LeanInstrument):
         lost = shard.never_retrieved
         lost[op] = lost.get(op, 0) + 1
 
+    def task_cancelled(self, metadata: TaskMetadata, cancellation: Cancellation) -> None:
+        """Count a cancellation by (operation, reason)."""
+        shard, op = self._shard_and_label(metadata)
+        key = (op, cancellation.reason)
+        shard.cancelled[key] = shard.cancelled.get(key, 0) + 1
+
+    def tasks_pending_at_close(
+        self,
+        loop: asyncio.AbstractEventLoop,  # noqa: ARG002
+        pending: list[tuple[asyncio.Task[Any], TaskMetadata]],
+        when: str,  # noqa: ARG002
+    ) -> None:
+        """Count the tasks still pending when a loop closed or ``asyncio.run`` ended."""
+        for _, metadata in pending:
+            shard, op = self._shard_and_label(metadata)
+            shard.pending_at_close[op] = shard.pending_at_close.get(op, 0) + 1
+
     def count_blocked(self, operation_name: str | None) -> None:
         """Count one blocked-loop episode (any thread)."""
         op = self.label(operation_name) if operation_name is not None else "unknown"
@@ -267,12 +299,11 @@ class TaskMetrics(LeanInstrument):
         created, series, lag = folded.created, folded.series, folded.lag
         blocked, destroyed = folded.blocked, folded.destroyed
         for shard in shards:
-            for op, n in list(shard.created.items()):
-                created[op] = created.get(op, 0) + n
-            for op, n in list(shard.destroyed.items()):
-                destroyed[op] = destroyed.get(op, 0) + n
-            for op, n in list(shard.never_retrieved.items()):
-                folded.never_retrieved[op] = folded.never_retrieved.get(op, 0) + n
+            _add(created, shard.created)
+            _add(destroyed, shard.destroyed)
+            _add(folded.never_retrieved, shard.never_retrieved)
+            _add(folded.pending_at_close, shard.pending_at_close)
+            _add(folded.cancelled, shard.cancelled)
             for key, s in list(shard.series.items()):
                 total = series.get(key)
                 if total is None:
@@ -289,8 +320,7 @@ class TaskMetrics(LeanInstrument):
                         ]
             lag.counts = [a + b for a, b in zip(lag.counts, shard.lag.counts, strict=True)]
             lag.sum_ns += shard.lag.sum_ns
-            for op, n in list(shard.blocked.items()):
-                blocked[op] = blocked.get(op, 0) + n
+            _add(blocked, shard.blocked)
         return folded
 
     def stats(self) -> list[OperationStats]:

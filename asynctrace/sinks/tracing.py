@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, final
 
 from opentelemetry import context as otel_context
@@ -56,16 +56,22 @@ from opentelemetry.trace import (
 )
 
 from asynctrace._hooks import Instrument
+from asynctrace._introspect import task_record
 from asynctrace._metadata import TaskMetadata
 from asynctrace._record import CANCELLED, EXCEPTION, TaskRecord
 
 __all__ = [
+    "ATTR_CANCELLED_BY_CORRELATION_ID",
+    "ATTR_CANCELLED_BY_OPERATION",
+    "ATTR_CANCEL_MESSAGE",
+    "ATTR_CANCEL_REASON",
     "ATTR_CORRELATION_ID",
     "ATTR_OPERATION",
     "ATTR_OUTCOME",
     "ATTR_PRIORITY_HINT",
     "ATTR_TASK_NAME",
     "SCOPE_SPAN_NAME",
+    "STUCK_EVENT",
     "SpanSink",
     "span_name",
 ]
@@ -75,6 +81,11 @@ ATTR_OUTCOME: Final = "asyncio.task.outcome"
 ATTR_OPERATION: Final = "asynctrace.operation"
 ATTR_CORRELATION_ID: Final = "asynctrace.correlation_id"
 ATTR_PRIORITY_HINT: Final = "asynctrace.priority_hint"
+ATTR_CANCEL_REASON: Final = "asyncio.task.cancel.reason"
+ATTR_CANCEL_MESSAGE: Final = "asyncio.task.cancel.message"
+ATTR_CANCELLED_BY_OPERATION: Final = "asynctrace.cancelled_by.operation"
+ATTR_CANCELLED_BY_CORRELATION_ID: Final = "asynctrace.cancelled_by.correlation_id"
+STUCK_EVENT: Final = "asynctrace.stuck"
 
 _PROVISIONAL_NAME: Final = "asyncio.task"
 SCOPE_SPAN_NAME: Final = "correlation"
@@ -238,6 +249,16 @@ def _attributes(task: asyncio.Task[Any], record: TaskRecord) -> dict[str, Any]:
         attributes[ATTR_CORRELATION_ID] = meta.correlation_id
     if meta.priority_hint is not None:
         attributes[ATTR_PRIORITY_HINT] = meta.priority_hint
+    cancellation = record.cancellation
+    if cancellation is not None:
+        attributes[ATTR_CANCEL_REASON] = cancellation.reason
+        if cancellation.message is not None:
+            attributes[ATTR_CANCEL_MESSAGE] = cancellation.message
+        by = cancellation.by
+        if by is not None and by.operation_name is not None:
+            attributes[ATTR_CANCELLED_BY_OPERATION] = by.operation_name
+        if by is not None and by.correlation_id is not None:
+            attributes[ATTR_CANCELLED_BY_CORRELATION_ID] = by.correlation_id
     return attributes
 
 
@@ -303,6 +324,8 @@ class SpanSink(Instrument):
         # processor of the provider does: no ReadableSpan is built for a task then.
         self._lanes: tuple[Any, ...] = ()
         self._default_sampler = False
+        # Events noted while a fast-path span runs (stuck tasks), by id(handle); rare.
+        self._late_events: dict[int, list[sdk_trace.Event]] = {}
         self._recheck()
 
     def _recheck(self) -> None:
@@ -517,6 +540,7 @@ class SpanSink(Instrument):
         start_ns: int,
         end: int,
         exc: BaseException | None,
+        late: Sequence[sdk_trace.Event] = (),
     ) -> None:
         """Hand a fast-path span, finished, to the provider's processors."""
         if handle.sampler_attributes:
@@ -527,6 +551,8 @@ class SpanSink(Instrument):
             status = _error_status(exc)
             attributes_of_event = _exception_event_attributes(exc, message=self._messages)
             events = (sdk_trace.Event("exception", attributes_of_event, end),)
+        if late:
+            events = (*late, *events)
         tracer = self._tracer
         assert isinstance(tracer, sdk_trace.Tracer)  # noqa: S101 - the fast path needs it
         tracer.span_processor.on_end(
@@ -559,17 +585,37 @@ class SpanSink(Instrument):
             return  # on the full path the span is never ended, so never exported
         end = record.finished_ns + self._epoch_offset
         exc = record.exception if record.outcome == EXCEPTION else None
-        # The lane takes the common shape: no links, no attributes from the sampler.
-        lane = isinstance(data, _TaskSpan) and not (data.links or data.sampler_attributes)
+        late = self._late_events.pop(id(data), ()) if self._late_events else ()
+        # The lane takes the common shape: no links, no attributes from the sampler, neither
+        # cancelled nor stuck (those take the SDK's path, with their attributes and events).
+        lane = (
+            isinstance(data, _TaskSpan)
+            and not (data.links or data.sampler_attributes or late)
+            and record.outcome != CANCELLED
+        )
         if lane and self._lanes:
             self._to_lanes(task, record, data, end, exc)  # type: ignore[arg-type]
             return
         attributes = _attributes(task, record)
         if isinstance(data, _TaskSpan):
             name = span_name(task, record.metadata)
-            self._emit(data, name, attributes, start_ns=record.created_ns, end=end, exc=exc)
+            self._emit(
+                data, name, attributes, start_ns=record.created_ns, end=end, exc=exc, late=late
+            )
         elif isinstance(data, trace.Span):
             self._end_full(task, record, data, attributes, end)
+
+    def task_stuck(self, task: asyncio.Task[Any], metadata: TaskMetadata, age_s: float) -> None:  # noqa: ARG002
+        """Add an ``asynctrace.stuck`` event to the task's span (exported when it ends)."""
+        record = task_record(task)
+        data = record._span if record is not None else None
+        attributes = {"asynctrace.age_s": round(age_s, 3)}
+        now = time.time_ns()
+        if isinstance(data, _TaskSpan):
+            event = sdk_trace.Event(STUCK_EVENT, attributes, now)
+            self._late_events.setdefault(id(data), []).append(event)
+        elif isinstance(data, trace.Span):
+            data.add_event(STUCK_EVENT, attributes, timestamp=now)
 
     def _end_full(
         self,

@@ -283,6 +283,9 @@ def _chained_handler(installation: Installation) -> _ExceptionHandler:
         if isinstance(task, asyncio.Future) and not task.done():
             try:
                 context = _with_ids(context, task_metadata(task))
+                site = getattr(task_record(task), "site", None)
+                if site is not None:
+                    context = {**context, "created_at": site}
                 _task_destroyed(installation, task)
             except Exception as exc:
                 STATE.errors.count("destroyed-task tracking", exc)
@@ -396,6 +399,7 @@ class _Closing:
             except Exception as exc:
                 STATE.errors.count("pending-task report", exc)
         self.close()
+        _unwatch_close(loop)  # closed: its own close() again
 
 
 def _watch_close(loop: asyncio.AbstractEventLoop) -> None:

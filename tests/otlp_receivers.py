@@ -50,6 +50,10 @@ class Received:
                             "attributes": {a.key: _value(a.value) for a in s.attributes},
                             "status_code": s.status.code,
                             "links": [(ln.trace_id.hex(), ln.span_id.hex()) for ln in s.links],
+                            "events": [
+                                (e.name, {a.key: _value(a.value) for a in e.attributes})
+                                for e in s.events
+                            ],
                             "resource": resource,
                             "scope": ss.scope.name,
                         }

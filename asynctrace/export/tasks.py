@@ -24,6 +24,7 @@ from urllib.parse import parse_qs
 
 from asynctrace._install import instrumented_loops
 from asynctrace._introspect import SLICE, task_metadata, task_record, walk_tasks
+from asynctrace.export.tasks_page import PAGE, wants_html
 
 __all__ = ["MAX_LIMIT", "SLICE", "TaskQuery", "snapshot", "tasks_app"]
 
@@ -276,8 +277,20 @@ def tasks_app(metrics_app: _WSGIApp) -> _WSGIApp:
     """A WSGI app serving ``/tasks`` (JSON) and passing every other path to ``metrics_app``."""
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
-        if environ.get("PATH_INFO") != "/tasks":
+        path = environ.get("PATH_INFO")
+        if path not in ("/tasks", "/tasks.html"):
             return metrics_app(environ, start_response)
+        if path == "/tasks.html" or wants_html(environ.get("HTTP_ACCEPT", "")):
+            page = PAGE.encode()
+            start_response(
+                "200 OK",
+                [
+                    ("Content-Type", "text/html; charset=utf-8"),
+                    ("Content-Length", str(len(page))),
+                    ("Vary", "Accept"),
+                ],
+            )
+            return [page]
         try:
             query = TaskQuery.from_query_string(environ.get("QUERY_STRING", ""))
         except ValueError as exc:
@@ -287,7 +300,11 @@ def tasks_app(metrics_app: _WSGIApp) -> _WSGIApp:
         body = json.dumps(snapshot(query)).encode()
         start_response(
             "200 OK",
-            [("Content-Type", "application/json"), ("Content-Length", str(len(body)))],
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Vary", "Accept"),
+            ],
         )
         return [body]
 

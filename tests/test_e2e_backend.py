@@ -160,7 +160,7 @@ def test_every_rule_has_firing_and_quiet_unit_tests() -> None:
     rules = (EXPORTERS / "prometheus" / "rules" / "asynctrace.rules.yml").read_text()
     tests = (EXPORTERS / "prometheus" / "tests" / "asynctrace.rules.test.yml").read_text()
     names = re.findall(r"- alert: (\w+)", rules)
-    assert len(names) == 10  # noqa: PLR2004
+    assert len(names) == 10
     for name in names:
         blocks = [b for b in tests.split("- eval_time") if f"alertname: {name}" in b]
         assert any("exp_alerts: []" in b for b in blocks), f"{name} has no quiet test"

@@ -185,3 +185,46 @@ def test_tasks_that_are_not_cancelled_pay_nothing(monkeypatch: pytest.MonkeyPatc
     finally:
         asynctrace.uninstall()
     assert looked_up == []
+
+
+def test_reasons_under_uvloop() -> None:
+    uvloop = pytest.importorskip("uvloop")
+    registry = CollectorRegistry()
+    asynctrace.install(registry=registry, loop_monitor=False)
+    try:
+        with asyncio.Runner(loop_factory=asynctrace.loop_factory(uvloop.new_event_loop)) as runner:
+            seen = runner.run(each_reason())
+        counts = cancellations(registry)
+    finally:
+        asynctrace.uninstall()
+    assert seen["explicit_args"] == ("no longer needed",)
+    assert counts[("waited", "timeout")] == 1
+    assert counts[("timed", "timeout")] == 1
+    assert counts[("unnamed", "taskgroup")] == 1
+    assert counts[("explicit", "explicit")] == 1
+    assert counts[("sibling", "shutdown")] == 1
+
+
+def test_stuck_event_reaches_a_real_otlp_receiver() -> None:
+    """A stuck task's span leaves the lane for the SDK's path, with its asynctrace.stuck event."""
+
+    async def main() -> None:
+        await asynctrace.create_task(asyncio.sleep(0.3), operation_name="slow")
+        await asynctrace.create_task(asyncio.sleep(0), operation_name="quick")
+
+    for url, received in http_receiver():
+        asynctrace.install(
+            otlp_endpoint=url,
+            registry=CollectorRegistry(),
+            loop_monitor=False,
+            stuck_after={"slow": 0.1},
+        )
+        try:
+            asyncio.run(main())
+        finally:
+            asynctrace.shutdown()
+        by_name = {s["name"]: s for s in received.snapshot()}
+        ((name, attributes),) = by_name["slow"]["events"]
+        assert name == "asynctrace.stuck"
+        assert attributes["asynctrace.age_s"] >= 0.1
+        assert by_name["quick"]["events"] == []

@@ -28,9 +28,10 @@ def test_keep_leaves_metrics_served_until_interrupted(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 60
-        line = ""
+        line = seen = ""
         while time.monotonic() < deadline:
             line = proc.stdout.readline()
+            seen += line
             if "still running" in line or not line:
                 break
         match = re.search(r"metrics on (http://\S+/metrics)", line)
@@ -41,6 +42,9 @@ def test_keep_leaves_metrics_served_until_interrupted(tmp_path: Path) -> None:
         tasks = match.group(1).replace("/metrics", "/tasks")
         view = urllib.request.urlopen(tasks, timeout=5).read().decode()
         assert '"loops"' in view
+        assert f"{tasks}.html in a browser" in seen
+        page = urllib.request.urlopen(tasks + ".html", timeout=5).read().decode()
+        assert "<title>asynctrace: tasks in flight</title>" in page
         assert proc.poll() is None  # still up after the load
         proc.send_signal(signal.SIGINT)
         rest, _ = proc.communicate(timeout=60)

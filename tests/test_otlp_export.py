@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -325,6 +326,40 @@ def test_meter_provider_records_otel_metrics() -> None:
         for p in metrics["asynctrace.task.in_flight"].data.data_points
     }
     assert in_flight["fetch"] == 0
+    provider.shutdown()
+
+
+def test_meter_provider_counts_cancellations_by_reason() -> None:
+    from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: PLC0415
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    asynctrace.install(meter_provider=provider, registry=CollectorRegistry(), loop_monitor=False)
+
+    async def main() -> None:
+        task = asynctrace.create_task(asyncio.sleep(10), operation_name="slow")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(task, 0.01)
+
+    try:
+        asyncio.run(main())
+    finally:
+        asynctrace.uninstall()
+    data = reader.get_metrics_data()
+    assert data is not None
+    (metric,) = [
+        m
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "asynctrace.task.cancellations"
+    ]
+    points = {
+        (p.attributes["asynctrace.operation"], p.attributes["asyncio.task.cancel.reason"]): p.value
+        for p in metric.data.data_points
+    }
+    assert points == {("slow", "timeout"): 1}
     provider.shutdown()
 
 

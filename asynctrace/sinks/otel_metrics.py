@@ -2,7 +2,8 @@
 
 The same measurements as the Prometheus sink, named the OpenTelemetry way:
 ``asynctrace.task.duration`` (s, histogram), ``asynctrace.task.created`` (counter) and
-``asynctrace.task.in_flight`` (up-down counter), with attributes ``asynctrace.operation`` and
+``asynctrace.task.in_flight`` (up-down counter), ``asynctrace.task.cancellations`` (counter,
+with ``asyncio.task.cancel.reason``), with attributes ``asynctrace.operation`` and
 ``asyncio.task.outcome``. This path calls the OpenTelemetry API per task, so it costs more
 than the Prometheus sink.
 """
@@ -13,6 +14,7 @@ from typing import Final, final
 
 from opentelemetry.metrics import MeterProvider
 
+from asynctrace._cancel import Cancellation
 from asynctrace._hooks import LeanInstrument
 from asynctrace._metadata import TaskMetadata
 from asynctrace._record import Outcome
@@ -49,6 +51,11 @@ class OTelMetricsSink(LeanInstrument):
         self._in_flight = meter.create_up_down_counter(
             "asynctrace.task.in_flight", unit="{task}", description="Tasks not yet done."
         )
+        self._cancellations = meter.create_counter(
+            "asynctrace.task.cancellations",
+            unit="{task}",
+            description="Tasks that ended cancelled, by why.",
+        )
 
     def task_started(self, metadata: TaskMetadata) -> None:
         """Count the task and add it to the in-flight count."""
@@ -62,4 +69,14 @@ class OTelMetricsSink(LeanInstrument):
         self._in_flight.add(-1, {"asynctrace.operation": op})
         self._duration.record(
             duration_ns / 1e9, {"asynctrace.operation": op, "asyncio.task.outcome": outcome}
+        )
+
+    def task_cancelled(self, metadata: TaskMetadata, cancellation: Cancellation) -> None:
+        """Count the cancellation by operation and reason."""
+        self._cancellations.add(
+            1,
+            {
+                "asynctrace.operation": self._labels.label(metadata.operation_name),
+                "asyncio.task.cancel.reason": cancellation.reason,
+            },
         )

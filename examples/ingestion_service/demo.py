@@ -85,8 +85,8 @@ def main() -> int:
             print(f"service on {url}, metrics on {metrics_url}; load for {args.duration:.0f} s "
                   "(Ctrl-C stops early)")  # fmt: skip
             tasks_url = metrics_url.replace("/metrics", "/tasks")
-            print(f"tasks in flight: {tasks_url}  (or: {PYTHON} -m "
-                  f"asynctrace ps {metrics_url})", flush=True)  # fmt: skip
+            print(f"tasks in flight: {tasks_url}.html in a browser, {tasks_url} as JSON "
+                  f"(or: {PYTHON} -m asynctrace ps {metrics_url})", flush=True)  # fmt: skip
             stop = asyncio.Event()
             loop = asyncio.new_event_loop()
             with contextlib.suppress(NotImplementedError):

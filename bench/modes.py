@@ -15,6 +15,8 @@ MODES = [
     "asynctrace-metrics",
     "asynctrace-metrics-pure",
     "asynctrace-metrics-handle",
+    "asynctrace-metrics-stuck",
+    "asynctrace-metrics-sites",
     "asynctrace-tracing",
     "asynctrace-tracing-otlp",
     "otel-asyncio-metrics",
@@ -62,7 +64,11 @@ class Mode:
             import asynctrace  # noqa: PLC0415
 
             ASYNCTRACE_OPTIONS.update(registry=CollectorRegistry())
-            if name == "asynctrace-tracing":
+            if name == "asynctrace-metrics-stuck":  # the stuck-task watch walking the loop
+                ASYNCTRACE_OPTIONS["stuck_after"] = 60.0
+            elif name == "asynctrace-metrics-sites":  # a creation site noted for every task
+                ASYNCTRACE_OPTIONS["creation_sites"] = True
+            elif name == "asynctrace-tracing":
                 self.provider = discarding_provider()
                 ASYNCTRACE_OPTIONS["tracer_provider"] = self.provider
             elif name == "asynctrace-tracing-otlp":

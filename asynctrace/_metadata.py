@@ -93,11 +93,20 @@ def check_text(what: str, value: object) -> None:
         raise ValueError(f"Invalid {what}: {value!r}; expected printable characters only.")
 
 
+_VALID_OPERATION: list[object] = [None]
+
+
 def validate_metadata(
     operation_name: object, correlation_id: object, priority_hint: object
 ) -> None:
-    """Raise TypeError or ValueError naming the first field that is not acceptable."""
-    check_text("operation_name", operation_name)
+    """Raise TypeError or ValueError naming the first field that is not acceptable.
+
+    The operation name last found valid is not checked again (a str never changes): tasks of
+    one call site pass the same object.
+    """
+    if operation_name is not _VALID_OPERATION[0]:
+        check_text("operation_name", operation_name)
+        _VALID_OPERATION[0] = operation_name
     check_text("correlation_id", correlation_id)
     if priority_hint is not None and (
         not isinstance(priority_hint, int) or isinstance(priority_hint, bool)

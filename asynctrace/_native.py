@@ -11,7 +11,7 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Final
 
-__all__ = ["IMPLEMENTATION", "PURE_PYTHON_ENV", "Tap", "load"]
+__all__ = ["IMPLEMENTATION", "PURE_PYTHON_ENV", "LeanFactory", "Tap", "load"]
 
 PURE_PYTHON_ENV: Final = "ASYNCTRACE_PURE_PYTHON"
 
@@ -35,3 +35,4 @@ _module = load()
 IMPLEMENTATION: Final[str] = _module.IMPLEMENTATION
 """``"c"`` or ``"python"``: what this process runs."""
 Tap: Final = _module.Tap
+LeanFactory: Final = _module.LeanFactory

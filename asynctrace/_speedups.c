@@ -16,9 +16,20 @@
 #include <Python.h>
 #include <structmember.h>
 
+#define STATE_STRINGS(X) X(hooks) X(lean) X(started) X(value) X(operation_name) \
+    X(correlation_id) X(priority_hint) X(name) X(context) X(eager_start) X(done)     \
+    X(add_done_callback)
+
 typedef struct {
     PyTypeObject *tap_type;
+    PyTypeObject *lean_factory_type;
     PyObject *mark_name; /* "mark" */
+#define DECLARE(n) PyObject *s_##n;
+    STATE_STRINGS(DECLARE)
+#undef DECLARE
+    PyObject *kw_loop_context;      /* ("loop", "context") */
+    PyObject *kw_loop_context_name; /* ("loop", "context", "name") */
+    PyObject *kw_context;           /* ("context",) */
 } speedups_state;
 
 typedef struct {
@@ -178,6 +189,512 @@ static PyType_Spec tap_spec = {
     .slots = tap_slots,
 };
 
+
+/* ---------------------------------------------------------------------------------------
+ * LeanFactory: the task factory's common path (see _speedups_py.LeanFactory, and the
+ * closure in _factory.make_factory that it takes over from): metadata in the new task's
+ * context, the lean instruments' task_started, the creation time noted, one shared done
+ * callback. Anything off that path (records, a chained factory, an explicit context, eager
+ * start, a helper call naming the task) is handed, untouched, to the Python factory.
+ * --------------------------------------------------------------------------------------- */
+
+#if PY_VERSION_HEX < 0x030C0000
+static PyObject *
+PyErr_GetRaisedException(void)
+{
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (tb != NULL && value != NULL) {
+        (void)PyException_SetTraceback(value, tb);
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+    return value;
+}
+#endif
+
+#if PY_VERSION_HEX < 0x030D0000
+#define Py_BEGIN_CRITICAL_SECTION(op) {
+#define Py_END_CRITICAL_SECTION() }
+#endif
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *fallback;       /* the Python factory: every call off the common path */
+    PyObject *state;          /* asynctrace._state.STATE */
+    PyObject *slot;           /* the helper's thread-local slot (_create_task.PENDING) */
+    PyObject *cid_var;
+    PyObject *metadata_var;
+    PyObject *make_metadata;  /* _metadata._make_metadata */
+    PyObject *new_cid;        /* _factory.new_correlation_id */
+    PyObject *validate;       /* _metadata.validate_metadata */
+    PyObject *task_type;      /* asyncio.Task */
+    PyObject *lean_done;      /* the shared done callback */
+    PyObject *starts;         /* id(task) -> creation time (ns) */
+    PyObject *on_error;       /* called with (hook, exception) when a started hook raises */
+    PyObject *lean_finish;    /* for an eager task done in its first step */
+    PyObject *last;           /* (correlation id, metadata) last made, or NULL */
+    PyObject *named;          /* (operation, id, priority, metadata) last made, or NULL */
+    PyObject *dict;
+    vectorcallfunc vectorcall;
+} LeanFactoryObject;
+
+static long long
+perf_counter_ns(void)
+{
+#if PY_VERSION_HEX >= 0x030D0000
+    PyTime_t t;
+    (void)PyTime_PerfCounterRaw(&t);
+    return (long long)t;
+#else
+    return (long long)_PyTime_GetPerfCounter();
+#endif
+}
+
+static PyObject *
+lf_fallback(LeanFactoryObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+/* The metadata of a task with these fields (new reference); caches the last one made. */
+static PyObject *
+lf_metadata(LeanFactoryObject *self, PyObject *op, PyObject *cid, PyObject *prio)
+{
+    PyObject *cached = NULL;
+    int unnamed = (op == Py_None && prio == Py_None);
+    Py_BEGIN_CRITICAL_SECTION(self);
+    PyObject *entry = unnamed ? self->last : self->named;
+    if (entry != NULL) {
+        if (unnamed && cid != Py_None && PyTuple_GET_ITEM(entry, 0) == cid) {
+            cached = Py_NewRef(PyTuple_GET_ITEM(entry, 1));
+        }
+        else if (!unnamed && PyTuple_GET_ITEM(entry, 0) == op && PyTuple_GET_ITEM(entry, 1) == cid
+                 && PyTuple_GET_ITEM(entry, 2) == prio) {
+            cached = Py_NewRef(PyTuple_GET_ITEM(entry, 3));
+        }
+    }
+    Py_END_CRITICAL_SECTION();
+    if (cached != NULL) {
+        return cached;
+    }
+    PyObject *made = PyObject_CallFunctionObjArgs(self->make_metadata, op, cid, prio, NULL);
+    if (made == NULL) {
+        return NULL;
+    }
+    PyObject *fresh = unnamed ? PyTuple_Pack(2, cid, made) : PyTuple_Pack(4, op, cid, prio, made);
+    if (fresh == NULL) {
+        Py_DECREF(made);
+        return NULL;
+    }
+    PyObject *old;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    if (unnamed) {
+        old = self->last;
+        self->last = fresh;
+    }
+    else {
+        old = self->named;
+        self->named = fresh;
+    }
+    Py_END_CRITICAL_SECTION();
+    Py_XDECREF(old);
+    return made;
+}
+
+/* Whether the metadata in the creator's context already says what the task's would. */
+static int
+lf_inherits(PyObject *metadata, PyObject *cid, speedups_state *st)
+{
+    PyObject *value = PyObject_GetAttr(metadata, st->s_operation_name);
+    if (value == NULL) {
+        return -1;
+    }
+    int ok = (value == Py_None);
+    Py_DECREF(value);
+    if (ok) {
+        value = PyObject_GetAttr(metadata, st->s_priority_hint);
+        if (value == NULL) {
+            return -1;
+        }
+        ok = (value == Py_None);
+        Py_DECREF(value);
+    }
+    if (ok) {
+        value = PyObject_GetAttr(metadata, st->s_correlation_id);
+        if (value == NULL) {
+            return -1;
+        }
+        ok = PyObject_RichCompareBool(value, cid, Py_EQ);
+        Py_DECREF(value);
+    }
+    return ok;
+}
+
+static int
+lf_call_started(LeanFactoryObject *self, PyObject *hooks, PyObject *metadata, speedups_state *st)
+{
+    PyObject *started = PyObject_GetAttr(hooks, st->s_started);
+    if (started == NULL) {
+        return -1;
+    }
+    if (!PyTuple_Check(started)) {
+        Py_DECREF(started);
+        PyErr_SetString(PyExc_TypeError, "hooks.started must be a tuple");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(started); i++) {
+        PyObject *hook = PyTuple_GET_ITEM(started, i);
+        PyObject *res = PyObject_CallOneArg(hook, metadata);
+        if (res != NULL) {
+            Py_DECREF(res);
+            continue;
+        }
+        /* call_each's rule: counted and logged by on_error, which re-raises what it must not
+           swallow (KeyboardInterrupt, SystemExit). */
+        PyObject *exc = PyErr_GetRaisedException();
+        res = PyObject_CallFunctionObjArgs(self->on_error, hook, exc, NULL);
+        Py_DECREF(exc);
+        if (res == NULL) {
+            Py_DECREF(started);
+            return -1;
+        }
+        Py_DECREF(res);
+    }
+    Py_DECREF(started);
+    return 0;
+}
+
+static PyObject *
+lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    LeanFactoryObject *self = (LeanFactoryObject *)op_self;
+    speedups_state *st = PyType_GetModuleState(Py_TYPE(op_self));
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (st == NULL || nargs != 2) {
+        return lf_fallback(self, args, nargsf, kwnames);
+    }
+    PyObject *loop = args[0], *coro = args[1];
+    PyObject *op = Py_None, *cid = Py_None, *prio = Py_None, *name = Py_None;
+    int metadata_keywords = 0;
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; i < nkw; i++) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, i), *value = args[nargs + i];
+        if (PyUnicode_Compare(key, st->s_context) == 0 || PyUnicode_Compare(key, st->s_eager_start) == 0) {
+            if (value != Py_None) {
+                return lf_fallback(self, args, nargsf, kwnames);  /* explicit context, eager */
+            }
+        }
+        else if (PyUnicode_Compare(key, st->s_name) == 0) {
+            name = value;
+        }
+        else if (PyUnicode_Compare(key, st->s_operation_name) == 0) {
+            op = value;
+            metadata_keywords = 1;
+        }
+        else if (PyUnicode_Compare(key, st->s_correlation_id) == 0) {
+            cid = value;
+            metadata_keywords = 1;
+        }
+        else if (PyUnicode_Compare(key, st->s_priority_hint) == 0) {
+            prio = value;
+            metadata_keywords = 1;
+        }
+        else {
+            return lf_fallback(self, args, nargsf, kwnames);  /* unknown: it raises */
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    PyObject *hooks = PyObject_GetAttr(self->state, st->s_hooks);
+    if (hooks == NULL) {
+        return NULL;
+    }
+    PyObject *lean = PyObject_GetAttr(hooks, st->s_lean);
+    if (lean == NULL) {
+        Py_DECREF(hooks);
+        return NULL;
+    }
+    int is_lean = (lean == Py_True);
+    Py_DECREF(lean);
+    PyObject *pending = is_lean ? PyObject_GetAttr(self->slot, st->s_value) : Py_NewRef(Py_None);
+    if (pending == NULL) {
+        Py_DECREF(hooks);
+        return NULL;
+    }
+    if (!is_lean || (pending != Py_None
+                     && (metadata_keywords || !PyTuple_CheckExact(pending)
+                         || PyTuple_GET_SIZE(pending) != 5
+                         || PyTuple_GET_ITEM(pending, 3) != Py_None
+                         || PyTuple_GET_ITEM(pending, 4) != Py_None))) {
+        Py_DECREF(hooks);
+        Py_DECREF(pending);
+        return lf_fallback(self, args, nargsf, kwnames);
+    }
+    if (pending != Py_None) {
+        if (PyObject_SetAttr(self->slot, st->s_value, Py_None) < 0) {
+            goto fail_early;
+        }
+        op = PyTuple_GET_ITEM(pending, 0);
+        cid = PyTuple_GET_ITEM(pending, 1);
+        prio = PyTuple_GET_ITEM(pending, 2);
+    }
+    else if (metadata_keywords) {
+        PyObject *ok = PyObject_CallFunctionObjArgs(self->validate, op, cid, prio, NULL);
+        if (ok == NULL) {  /* the Python factory raises it again, and closes the coroutine */
+            PyErr_Clear();
+            Py_DECREF(hooks);
+            Py_DECREF(pending);
+            return lf_fallback(self, args, nargsf, kwnames);
+        }
+        Py_DECREF(ok);
+    }
+
+    PyObject *ctx = NULL, *inherited = NULL, *metadata = NULL, *task = NULL, *result = NULL;
+    PyObject *own_cid = NULL;
+    ctx = PyContext_CopyCurrent();
+    if (ctx == NULL || PyContextVar_Get(self->cid_var, NULL, &inherited) < 0) {
+        goto done;
+    }
+    int set_cid = 0;
+    if (cid == Py_None) {
+        if (inherited != NULL) {
+            cid = inherited;
+        }
+        else {
+            own_cid = PyObject_CallNoArgs(self->new_cid);
+            if (own_cid == NULL) {
+                goto done;
+            }
+            cid = own_cid;
+            set_cid = (cid != Py_None);
+        }
+    }
+    else if (inherited == NULL) {
+        set_cid = 1;
+    }
+    else {
+        int same = PyObject_RichCompareBool(cid, inherited, Py_EQ);
+        if (same < 0) {
+            goto done;
+        }
+        set_cid = !same;
+    }
+    int inherit = 0;
+    if (op == Py_None && prio == Py_None) {
+        if (PyContextVar_Get(self->metadata_var, NULL, &metadata) < 0) {
+            goto done;
+        }
+        if (metadata != NULL && metadata != Py_None) {
+            inherit = lf_inherits(metadata, cid, st);
+            if (inherit < 0) {
+                goto done;
+            }
+        }
+        if (!inherit) {
+            Py_CLEAR(metadata);
+        }
+    }
+    if (!inherit) {
+        metadata = lf_metadata(self, op, cid, prio);
+        if (metadata == NULL) {
+            goto done;
+        }
+    }
+    if (set_cid || !inherit) {
+        if (PyContext_Enter(ctx) < 0) {
+            goto done;
+        }
+        PyObject *token = NULL;
+        int failed = 0;
+        if (set_cid) {
+            token = PyContextVar_Set(self->cid_var, cid);
+            failed = (token == NULL);
+            Py_XDECREF(token);
+        }
+        if (!failed && !inherit) {
+            token = PyContextVar_Set(self->metadata_var, metadata);
+            failed = (token == NULL);
+            Py_XDECREF(token);
+        }
+        if (PyContext_Exit(ctx) < 0 || failed) {
+            goto done;
+        }
+    }
+
+    long long created_ns = perf_counter_ns();
+    PyObject *call_args[4] = {NULL, coro, loop, ctx};
+    if (name != Py_None) {
+        PyObject *with_name[5] = {NULL, coro, loop, ctx, name};
+        task = PyObject_Vectorcall(self->task_type, with_name + 1,
+                                   1 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_loop_context_name);
+    }
+    else {
+        task = PyObject_Vectorcall(self->task_type, call_args + 1,
+                                   1 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_loop_context);
+    }
+    if (task == NULL) {
+        goto done;
+    }
+    if (lf_call_started(self, hooks, metadata, st) < 0) {
+        goto done;
+    }
+    PyObject *is_done = PyObject_CallMethodNoArgs(task, st->s_done);
+    if (is_done == NULL) {
+        goto done;
+    }
+    int finished = (is_done == Py_True);
+    Py_DECREF(is_done);
+    if (finished) {  /* an eager task that finished in its first step */
+        PyObject *duration = PyLong_FromLongLong(perf_counter_ns() - created_ns);
+        PyObject *r = duration == NULL ? NULL : PyObject_CallFunctionObjArgs(
+            self->lean_finish, task, metadata, duration, NULL);
+        Py_XDECREF(duration);
+        if (r == NULL) {
+            goto done;
+        }
+        Py_DECREF(r);
+    }
+    else {
+        PyObject *key = PyLong_FromVoidPtr(task);
+        PyObject *value = key == NULL ? NULL : PyLong_FromLongLong(created_ns);
+        int bad = (value == NULL) || PyDict_SetItem(self->starts, key, value) < 0;
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+        if (bad) {
+            goto done;
+        }
+        PyObject *cb_args[3] = {task, self->lean_done, ctx};
+        PyObject *r = PyObject_VectorcallMethod(st->s_add_done_callback, cb_args,
+                                                2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                                st->kw_context);
+        if (r == NULL) {
+            goto done;
+        }
+        Py_DECREF(r);
+    }
+    result = Py_NewRef(task);
+done:
+    Py_XDECREF(task);
+    Py_XDECREF(metadata);
+    Py_XDECREF(inherited);
+    Py_XDECREF(own_cid);
+    Py_XDECREF(ctx);
+    Py_DECREF(hooks);
+    Py_DECREF(pending);
+    return result;
+fail_early:
+    Py_DECREF(hooks);
+    Py_DECREF(pending);
+    return NULL;
+}
+
+static PyObject *
+lf_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {
+        "fallback", "state", "slot", "cid_var", "metadata_var", "make_metadata", "new_cid",
+        "validate", "task_type", "lean_done", "starts", "on_error", "lean_finish", NULL};
+    PyObject *a[13];
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOOOOOOOOO:LeanFactory", keywords,
+                                     &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7],
+                                     &a[8], &a[9], &a[10], &a[11], &a[12])) {
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(a[3]) || !PyContextVar_CheckExact(a[4])) {
+        PyErr_Format(PyExc_TypeError, "LeanFactory: cid_var and metadata_var must be "
+                     "ContextVars, got %R and %R", a[3], a[4]);
+        return NULL;
+    }
+    if (!PyDict_CheckExact(a[10])) {
+        PyErr_Format(PyExc_TypeError, "LeanFactory: starts must be a dict, got %R", a[10]);
+        return NULL;
+    }
+    LeanFactoryObject *self = (LeanFactoryObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    PyObject **fields[13] = {&self->fallback, &self->state, &self->slot, &self->cid_var,
+        &self->metadata_var, &self->make_metadata, &self->new_cid, &self->validate,
+        &self->task_type, &self->lean_done, &self->starts, &self->on_error, &self->lean_finish};
+    for (int i = 0; i < 13; i++) {
+        *fields[i] = Py_NewRef(a[i]);
+    }
+    self->vectorcall = lf_vectorcall;
+    return (PyObject *)self;
+}
+
+#define LF_FIELDS(X) X(fallback) X(state) X(slot) X(cid_var) X(metadata_var) X(make_metadata) \
+    X(new_cid) X(validate) X(task_type) X(lean_done) X(starts) X(on_error) X(lean_finish)    \
+    X(last) X(named) X(dict)
+
+static int
+lf_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    LeanFactoryObject *self = (LeanFactoryObject *)op;
+    Py_VISIT(Py_TYPE(op));
+#define VISIT(f) Py_VISIT(self->f);
+    LF_FIELDS(VISIT)
+#undef VISIT
+    return 0;
+}
+
+static int
+lf_clear(PyObject *op)
+{
+    LeanFactoryObject *self = (LeanFactoryObject *)op;
+#define CLEAR(f) Py_CLEAR(self->f);
+    LF_FIELDS(CLEAR)
+#undef CLEAR
+    return 0;
+}
+
+static void
+lf_dealloc(PyObject *op)
+{
+    PyTypeObject *type = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)lf_clear(op);
+    type->tp_free(op);
+    Py_DECREF(type);
+}
+
+static PyMemberDef lf_members[] = {
+    {"fallback", T_OBJECT, offsetof(LeanFactoryObject, fallback), READONLY,
+     "The Python factory, which takes every call off the common path."},
+    {"starts", T_OBJECT, offsetof(LeanFactoryObject, starts), READONLY,
+     "id(task) -> creation time (ns), while the task runs."},
+    {"__dictoffset__", T_PYSSIZET, offsetof(LeanFactoryObject, dict), READONLY},
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(LeanFactoryObject, vectorcall), READONLY},
+    {NULL},
+};
+
+PyDoc_STRVAR(lf_doc,
+"LeanFactory(*, fallback, state, slot, cid_var, metadata_var, make_metadata, new_cid, "
+"validate, task_type, lean_done, starts, on_error, lean_finish)\n--\n\n"
+"The task factory's common path in C (see _speedups_py.LeanFactory).");
+
+static PyType_Slot lf_slots[] = {
+    {Py_tp_new, lf_new},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_traverse, lf_traverse},
+    {Py_tp_clear, lf_clear},
+    {Py_tp_dealloc, lf_dealloc},
+    {Py_tp_members, lf_members},
+    {Py_tp_doc, (void *)lf_doc},
+    {0, NULL},
+};
+
+static PyType_Spec lf_spec = {
+    .name = "asynctrace._speedups.LeanFactory",
+    .basicsize = sizeof(LeanFactoryObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
+             | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = lf_slots,
+};
+
 static int
 speedups_exec(PyObject *module)
 {
@@ -193,10 +710,26 @@ speedups_exec(PyObject *module)
     if (PyModule_AddType(module, state->tap_type) < 0) {
         return -1;
     }
+#define INTERN(n) if ((state->s_##n = PyUnicode_InternFromString(#n)) == NULL) return -1;
+    STATE_STRINGS(INTERN)
+#undef INTERN
+    state->kw_loop_context = Py_BuildValue("(ss)", "loop", "context");
+    state->kw_loop_context_name = Py_BuildValue("(sss)", "loop", "context", "name");
+    state->kw_context = Py_BuildValue("(s)", "context");
+    if (!state->kw_loop_context || !state->kw_loop_context_name || !state->kw_context) {
+        return -1;
+    }
+    state->lean_factory_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &lf_spec, NULL);
+    if (state->lean_factory_type == NULL) {
+        return -1;
+    }
+    if (PyModule_AddType(module, state->lean_factory_type) < 0) {
+        return -1;
+    }
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[ss]", "IMPLEMENTATION", "Tap");
+    PyObject *all = Py_BuildValue("[sss]", "IMPLEMENTATION", "LeanFactory", "Tap");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
         Py_XDECREF(all);
         return -1;
@@ -209,6 +742,7 @@ speedups_traverse(PyObject *module, visitproc visit, void *arg)
 {
     speedups_state *state = get_state(module);
     Py_VISIT(state->tap_type);
+    Py_VISIT(state->lean_factory_type);
     return 0;
 }
 
@@ -217,7 +751,14 @@ speedups_clear(PyObject *module)
 {
     speedups_state *state = get_state(module);
     Py_CLEAR(state->tap_type);
+    Py_CLEAR(state->lean_factory_type);
     Py_CLEAR(state->mark_name);
+#define CLEAR_S(n) Py_CLEAR(state->s_##n);
+    STATE_STRINGS(CLEAR_S)
+#undef CLEAR_S
+    Py_CLEAR(state->kw_loop_context);
+    Py_CLEAR(state->kw_loop_context_name);
+    Py_CLEAR(state->kw_context);
     return 0;
 }
 

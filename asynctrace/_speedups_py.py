@@ -15,11 +15,13 @@ other call, unchanged, to the loop's own ``call_soon``.
 
 from __future__ import annotations
 
+import contextvars
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, final
 
-__all__ = ["IMPLEMENTATION", "Tap"]
+__all__ = ["IMPLEMENTATION", "LeanFactory", "Tap"]
 
 IMPLEMENTATION = "python"
 
@@ -84,3 +86,191 @@ def _unraisable(exc: BaseException | None, callback: object) -> Any:  # noqa: AN
         object = callback
 
     return UnraisableHookArgs()
+
+
+_SIMPLE_KEYWORDS = frozenset({"context", "eager_start", "name"})
+_METADATA_KEYWORDS = frozenset({"operation_name", "correlation_id", "priority_hint"})
+
+
+@final
+class LeanFactory:
+    """The task factory's common path, taken over from the Python factory (``fallback``).
+
+    The common path: only lean instruments observe tasks (``state.hooks.lean``), no explicit
+    context, no eager start, and a helper call (the thread-local ``slot``) that names no task.
+    There it does what ``_factory.make_factory``'s closure does on its lean path:
+
+    1. the correlation id: given, else inherited from the creator's context, else a new one
+       (``new_cid()``), set in a copy of the creator's context;
+    2. the metadata: the creator's own when it says the same (no operation, same id), else
+       ``make_metadata(operation, id, priority)``, the last one made reused for the same
+       fields; set in that context;
+    3. ``task_type(coro, loop=loop, context=context[, name=name])``;
+    4. each ``state.hooks.started`` hook called with the metadata (a hook that raises goes to
+       ``on_error(hook, exception)``, which counts it, or re-raises what must not be swallowed);
+    5. an eager task done already: ``lean_finish(task, metadata, duration_ns)``; else
+       ``starts[id(task)] = created_ns`` and ``task.add_done_callback(lean_done, context=...)``.
+
+    Every other call goes to ``fallback`` unchanged (metadata keywords that fail
+    ``validate`` too: the fallback raises, and closes the coroutine). The C version
+    (``_speedups.LeanFactory``) is what runs; in the pure-Python runtime the closure itself is
+    the factory (this class would add a frame to it), and this is its specification, tested
+    against the C one.
+    """
+
+    __slots__ = (
+        "__dict__",
+        "_last",
+        "_named",
+        "cid_var",
+        "fallback",
+        "lean_done",
+        "lean_finish",
+        "make_metadata",
+        "metadata_var",
+        "new_cid",
+        "on_error",
+        "slot",
+        "starts",
+        "state",
+        "task_type",
+        "validate",
+    )
+
+    def __init__(
+        self,
+        *,
+        fallback: Callable[..., Any],
+        state: Any,  # noqa: ANN401
+        slot: Any,  # noqa: ANN401
+        cid_var: object,
+        metadata_var: object,
+        make_metadata: Callable[..., Any],
+        new_cid: Callable[[], Any],
+        validate: Callable[..., Any],
+        task_type: Callable[..., Any],
+        lean_done: Any,  # noqa: ANN401
+        starts: object,
+        on_error: Callable[[Any, BaseException], Any],
+        lean_finish: Callable[..., Any],
+    ) -> None:
+        """Take over the common path from ``fallback`` (see the class docstring)."""
+        if not isinstance(cid_var, contextvars.ContextVar) or not isinstance(
+            metadata_var, contextvars.ContextVar
+        ):
+            msg = (
+                "LeanFactory: cid_var and metadata_var must be ContextVars, got "
+                f"{cid_var!r} and {metadata_var!r}"
+            )
+            raise TypeError(msg)
+        if not isinstance(starts, dict) or type(starts) is not dict:
+            msg = f"LeanFactory: starts must be a dict, got {starts!r}"
+            raise TypeError(msg)
+        self.fallback = fallback
+        self.state = state
+        self.slot = slot
+        self.cid_var: contextvars.ContextVar[Any] = cid_var
+        self.metadata_var: contextvars.ContextVar[Any] = metadata_var
+        self.make_metadata = make_metadata
+        self.new_cid = new_cid
+        self.validate = validate
+        self.task_type = task_type
+        self.lean_done = lean_done
+        self.starts: dict[int, int] = starts
+        self.on_error = on_error
+        self.lean_finish = lean_finish
+        self._last: tuple[Any, Any] | None = None
+        self._named: tuple[Any, Any, Any, Any] | None = None
+
+    def __call__(self, loop: Any, coro: Any, /, **kwargs: Any) -> Any:  # noqa: ANN401, C901, PLR0912, PLR0915
+        """Make the task (see the class docstring)."""
+        if any(k not in _SIMPLE_KEYWORDS and k not in _METADATA_KEYWORDS for k in kwargs) or (
+            kwargs.get("context") is not None or kwargs.get("eager_start") is not None
+        ):
+            return self.fallback(loop, coro, **kwargs)
+        hooks = self.state.hooks
+        pending = self.slot.value if hooks.lean else None
+        has_metadata = any(k in _METADATA_KEYWORDS for k in kwargs)
+        if not hooks.lean or (
+            pending is not None
+            and (has_metadata or pending[3] is not None or pending[4] is not None)
+        ):
+            return self.fallback(loop, coro, **kwargs)
+        if pending is not None:
+            self.slot.value = None
+            op, cid, prio = pending[0], pending[1], pending[2]
+        else:
+            op = kwargs.get("operation_name")
+            cid = kwargs.get("correlation_id")
+            prio = kwargs.get("priority_hint")
+            if has_metadata:
+                try:
+                    self.validate(op, cid, prio)
+                except Exception:
+                    return self.fallback(loop, coro, **kwargs)
+        context = contextvars.copy_context()
+        inherited = self.cid_var.get(None)
+        set_cid = False
+        if cid is None:
+            if inherited is not None:
+                cid = inherited
+            else:
+                cid = self.new_cid()
+                set_cid = cid is not None
+        else:
+            set_cid = inherited is None or cid != inherited
+        inherit = False
+        metadata = None
+        if op is None and prio is None:
+            metadata = self.metadata_var.get(None)
+            inherit = (
+                metadata is not None
+                and metadata.operation_name is None
+                and metadata.priority_hint is None
+                and metadata.correlation_id == cid
+            )
+        if not inherit:
+            metadata = self._metadata(op, cid, prio)
+        if set_cid or not inherit:
+            context.run(self._set, cid if set_cid else _UNSET, None if inherit else metadata)
+        created_ns = time.perf_counter_ns()
+        name = kwargs.get("name")
+        if name is not None:
+            task = self.task_type(coro, loop=loop, context=context, name=name)
+        else:
+            task = self.task_type(coro, loop=loop, context=context)
+        for hook in hooks.started:
+            try:
+                hook(metadata)
+            except BaseException as exc:
+                self.on_error(hook, exc)
+        if task.done():
+            self.lean_finish(task, metadata, time.perf_counter_ns() - created_ns)
+        else:
+            self.starts[id(task)] = created_ns
+            task.add_done_callback(self.lean_done, context=context)
+        return task
+
+    def _metadata(self, op: Any, cid: Any, prio: Any) -> Any:  # noqa: ANN401
+        if op is None and prio is None:
+            last = self._last
+            if last is not None and cid is not None and last[0] is cid:
+                return last[1]
+            made = self.make_metadata(op, cid, prio)
+            self._last = (cid, made)
+            return made
+        named = self._named
+        if named is not None and named[0] is op and named[1] is cid and named[2] is prio:
+            return named[3]
+        made = self.make_metadata(op, cid, prio)
+        self._named = (op, cid, prio, made)
+        return made
+
+    def _set(self, cid: Any, metadata: Any) -> None:  # noqa: ANN401
+        if cid is not _UNSET:
+            self.cid_var.set(cid)
+        if metadata is not None:
+            self.metadata_var.set(metadata)
+
+
+_UNSET = object()

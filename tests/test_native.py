@@ -67,7 +67,7 @@ class Marker:
 
 def test_implementation_names(impl: ModuleType) -> None:
     assert impl.IMPLEMENTATION in {"c", "python"}
-    assert sorted(impl.__all__) == ["IMPLEMENTATION", "Tap"]
+    assert sorted(impl.__all__) == ["IMPLEMENTATION", "LeanFactory", "Tap"]
 
 
 def test_other_calls_pass_through_unchanged(impl: ModuleType) -> None:
@@ -384,3 +384,198 @@ def test_tap_by_default_only_with_the_c_extension(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(_tap, "IMPLEMENTATION", "c")
     monkeypatch.setenv(_tap.TAP_ENV, "0")
     assert _tap.enabled() is False
+
+
+# -- LeanFactory: the factory's common path (C), against its specification (the twin) ------
+
+
+class Meta:
+    def __init__(self, op: object, cid: object, prio: object) -> None:
+        self.operation_name, self.correlation_id, self.priority_hint = op, cid, prio
+
+
+class LeanParts:
+    """A LeanFactory's collaborators, recording what they were asked."""
+
+    def __init__(self, impl: ModuleType, *, lean: bool = True) -> None:
+        import contextvars  # noqa: PLC0415
+        import types  # noqa: PLC0415
+
+        self.started: list[object] = []
+        self.fallback_calls: list[tuple[object, ...]] = []
+        self.errors: list[tuple[object, BaseException]] = []
+        self.finished: list[object] = []
+        self.done: list[object] = []
+        self.made = 0
+        self.hooks = types.SimpleNamespace(lean=lean, started=(self.started.append,))
+        self.state = types.SimpleNamespace(hooks=self.hooks)
+        self.slot = types.SimpleNamespace(value=None)
+        self.cid_var: contextvars.ContextVar[str] = contextvars.ContextVar("cid")
+        self.meta_var: contextvars.ContextVar[Meta] = contextvars.ContextVar("meta")
+        self.starts: dict[int, int] = {}
+        parts = self
+
+        def make(op: object, cid: object, prio: object) -> Meta:
+            parts.made += 1
+            return Meta(op, cid, prio)
+
+        def validate(op: object, cid: object, prio: object) -> None:
+            if op == "":
+                raise ValueError("Invalid operation_name: ''")
+
+        def fallback(loop: Any, coro: Any, **kwargs: Any) -> Any:
+            parts.fallback_calls.append(tuple(sorted(kwargs)))
+            return asyncio.Task(coro, loop=loop)
+
+        self.factory = impl.LeanFactory(
+            fallback=fallback, state=self.state, slot=self.slot, cid_var=self.cid_var,
+            metadata_var=self.meta_var, make_metadata=make, new_cid=lambda: "fresh",
+            validate=validate, task_type=asyncio.Task, lean_done=self.done.append,
+            starts=self.starts, on_error=lambda hook, exc: parts.errors.append((hook, exc)),
+            lean_finish=lambda task, meta, ns: parts.finished.append((task, meta, ns)),
+        )  # fmt: skip
+
+
+async def _peek(parts: LeanParts) -> tuple[object, object]:
+    return parts.cid_var.get(None), parts.meta_var.get(None)
+
+
+def test_lean_factory_common_path(impl: ModuleType) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        parts = LeanParts(impl)
+        parts.slot.value = ("fetch", None, 3, None, None)  # the helper's call, 3.11-3.13
+        task = parts.factory(loop, _peek(parts))
+        assert parts.slot.value is None
+        cid, meta = await task
+        assert cid == "fresh"  # nothing to inherit: a new id
+        assert isinstance(meta, Meta)
+        assert (meta.operation_name, meta.correlation_id, meta.priority_hint) == (
+            "fetch",
+            "fresh",
+            3,
+        )
+        assert parts.started == [meta]
+        assert parts.done == [task]  # the shared done callback, once
+        assert id(task) in parts.starts
+        assert parts.fallback_calls == []
+        # 3.14's keywords, inside a request: the id is inherited, the metadata object reused
+        parts.cid_var.set("req-1")
+        one = parts.factory(loop, _peek(parts), operation_name="fetch", name="n1", context=None)
+        two = parts.factory(loop, _peek(parts), operation_name="fetch")
+        (cid1, meta1), (cid2, meta2) = await one, await two
+        assert (cid1, cid2) == ("req-1", "req-1")
+        assert meta1 is meta2
+        assert one.get_name() == "n1"
+        made = parts.made
+        # no operation, and the creator's metadata says the same: inherited as it is
+        parts.meta_var.set(Meta(None, "req-1", None))
+        _, meta3 = await parts.factory(loop, _peek(parts))
+        assert meta3 is parts.meta_var.get()
+        assert parts.made == made
+        assert parts.fallback_calls == []
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("keywords", "pending", "lean"),
+    [
+        ({"context": "explicit"}, None, True),
+        ({"eager_start": True}, None, True),
+        ({"unknown": 1}, None, True),
+        ({"operation_name": ""}, None, True),  # invalid: the fallback raises it
+        ({}, ("op", None, None, "named", None), True),
+        ({}, None, False),  # records needed (spans, your instruments)
+    ],
+)
+def test_lean_factory_hands_everything_else_to_the_fallback(
+    impl: ModuleType, keywords: dict[str, Any], pending: object, lean: bool
+) -> None:
+    async def main() -> None:
+        import contextvars  # noqa: PLC0415
+
+        loop = asyncio.get_running_loop()
+        parts = LeanParts(impl, lean=lean)
+        parts.slot.value = pending
+        if keywords.get("context") == "explicit":
+            keywords["context"] = contextvars.copy_context()
+        await parts.factory(loop, asyncio.sleep(0), **keywords)
+        assert parts.fallback_calls == [tuple(sorted(keywords))]
+        assert parts.started == []
+        assert parts.slot.value is pending  # left for the fallback to take
+
+    asyncio.run(main())
+
+
+def test_lean_factory_hook_errors_and_eager_tasks(impl: ModuleType) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        parts = LeanParts(impl)
+
+        def broken(meta: object) -> None:
+            raise ValueError("hook")
+
+        parts.hooks.started = (broken, parts.started.append)
+        task = parts.factory(loop, asyncio.sleep(0))
+        await task
+        ((hook, exc),) = parts.errors
+        assert hook is broken
+        assert isinstance(exc, ValueError)
+        assert len(parts.started) == 1  # the next hook still ran
+
+        class Done:  # a task type whose tasks are done at once (an eager one's first step)
+            def __init__(self, coro: Any, **_: Any) -> None:
+                coro.close()
+
+            def done(self) -> bool:
+                return True
+
+        eager = LeanParts(impl)
+        eager_factory = type(eager.factory)(
+            fallback=eager.factory.fallback, state=eager.state, slot=eager.slot,
+            cid_var=eager.cid_var, metadata_var=eager.meta_var, make_metadata=Meta,
+            new_cid=lambda: None, validate=lambda *_: None, task_type=Done,
+            lean_done=eager.done.append, starts=eager.starts,
+            on_error=lambda *_: None,
+            lean_finish=lambda task, meta, ns: eager.finished.append((task, meta, ns)),
+        )  # fmt: skip
+        made = eager_factory(loop, asyncio.sleep(0))
+        ((task2, meta, ns),) = eager.finished
+        assert task2 is made
+        assert ns >= 0
+        assert meta.correlation_id is None  # no id generator: none
+        assert eager.starts == {}
+        assert eager.done == []
+
+    asyncio.run(main())
+
+
+def test_lean_factory_rejects_bad_parts(impl: ModuleType) -> None:
+    parts = LeanParts(impl)
+    with pytest.raises(TypeError, match="cid_var and metadata_var must be ContextVars"):
+        impl.LeanFactory(
+            fallback=print, state=parts.state, slot=parts.slot, cid_var="x",
+            metadata_var=parts.meta_var, make_metadata=Meta, new_cid=print, validate=print,
+            task_type=asyncio.Task, lean_done=print, starts={}, on_error=print,
+            lean_finish=print,
+        )  # fmt: skip
+    with pytest.raises(TypeError, match="starts must be a dict"):
+        impl.LeanFactory(
+            fallback=print, state=parts.state, slot=parts.slot, cid_var=parts.cid_var,
+            metadata_var=parts.meta_var, make_metadata=Meta, new_cid=print, validate=print,
+            task_type=asyncio.Task, lean_done=print, starts=[], on_error=print,
+            lean_finish=print,
+        )  # fmt: skip
+
+
+def test_installed_factory_is_the_c_one_with_the_extension() -> None:
+    async def main() -> str:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        try:
+            return type(asyncio.get_running_loop().get_task_factory()).__name__
+        finally:
+            asynctrace.uninstall()
+
+    expected = "LeanFactory" if _native.IMPLEMENTATION == "c" else "function"
+    assert asyncio.run(main()) == expected

@@ -62,6 +62,9 @@ class Series:
         self.exemplars: list[tuple[int, int, int, float] | None] | None = None
 
 
+_NO_NAME: Final = object()
+
+
 @final
 class _Shard:
     """What one thread counted. Only its own thread writes it."""
@@ -74,6 +77,7 @@ class _Shard:
         "lag",
         "last_label",
         "last_metadata",
+        "last_name",
         "never_retrieved",
         "pending_at_close",
         "series",
@@ -81,6 +85,7 @@ class _Shard:
 
     def __init__(self) -> None:
         self.last_metadata: object = None
+        self.last_name: object = _NO_NAME
         self.last_label = ""
         self.created: dict[str, int] = {}
         self.destroyed: dict[str, int] = {}
@@ -209,8 +214,12 @@ class TaskMetrics(LeanInstrument):
             shard = self._shard()
         if metadata is shard.last_metadata:  # siblings of a fan-out share their metadata
             return shard, shard.last_label
-        op = shard.last_label = self.label(metadata.operation_name)
         shard.last_metadata = metadata
+        name = metadata.operation_name
+        if name is shard.last_name:  # the same operation (the same str) as the last task
+            return shard, shard.last_label
+        shard.last_name = name
+        op = shard.last_label = self.label(name)
         return shard, op
 
     def task_started(self, metadata: TaskMetadata) -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Final, cast, final
 
+from asynctrace import _native
 from asynctrace._cancel import cancellation_of
 from asynctrace._create_task import (
     ASYNCIO_KEYWORDS,
@@ -109,50 +110,26 @@ class LiveRecord(TaskRecord):
         return True
 
 
-@final
-class LeanDone:
-    """The done callback of every task on the lean path of one factory (no record per task).
+LeanDone: Final = _native.LeanDone
+"""The done callback of every task on one factory's lean path (``_speedups_py.LeanDone``)."""
 
-    Its ``starts`` maps ``id(task)`` to ``perf_counter_ns()`` at the task's creation, while the
-    task runs. Keyed by id, not by task, so a task destroyed while pending is still garbage
-    collected (and still warned about); a later task with the same id overwrites its entry.
-    The task's metadata is read back from its context: the ``Handle`` runs this in it, and
-    :meth:`mark` runs inside the task's last step, in it too.
-    """
 
-    __slots__ = ("starts",)
+def new_lean_done() -> Any:  # noqa: ANN401 - a LeanDone, C or Python
+    """A factory's lean done callback, reading and reporting through asynctrace's state."""
+    return LeanDone(
+        metadata_var=_METADATA,
+        no_metadata=_NO_METADATA,
+        state=STATE,
+        on_error=_hook_failed,
+        on_cancelled=_cancelled,
+    )
 
-    def __init__(self) -> None:
-        """An empty table."""
-        self.starts: dict[int, int] = {}
 
-    def __call__(self, task: asyncio.Task[Any]) -> None:
-        """Record the task's end: its duration into the lean hooks."""
-        self.mark(task)
-
-    def mark(self, task: asyncio.Task[Any]) -> bool:
-        """Called by the loop's tap the moment ``task`` is done: the same, now.
-
-        ``lean_finish`` inlined (one frame less per task).
-        """
-        finished_ns = _perf_ns()
-        created_ns = self.starts.pop(id(task), None)
-        if created_ns is None:
-            return True
-        metadata = _METADATA.get(None) or _NO_METADATA
-        hooks = STATE.hooks
-        if task.cancelled():
-            outcome: Outcome = CANCELLED
-        else:
-            outcome = FINISHED if task._exception is None else EXCEPTION
-        for hook in hooks.finished:
-            try:
-                hook(metadata, outcome, finished_ns - created_ns)
-            except (Exception, asyncio.CancelledError) as exc:
-                STATE.errors.count(source_of(hook), exc)
-        if outcome == CANCELLED and hooks.cancelled:
-            call_each(hooks.cancelled, STATE.errors, metadata, cancellation_of(task))
-        return True
+def _cancelled(task: asyncio.Future[Any], metadata: TaskMetadata) -> None:
+    """A lean-path task ended cancelled: why, to the instruments that want it."""
+    hooks = STATE.hooks
+    if hooks.cancelled:
+        call_each(hooks.cancelled, STATE.errors, metadata, cancellation_of(task))
 
 
 def lean_finish(task: asyncio.Future[Any], metadata: TaskMetadata, duration_ns: int) -> None:
@@ -367,7 +344,7 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
             return task_type(coro, loop=loop, **kwargs)
         return cast("asyncio.Task[Any]", inner(loop, coro, **kwargs))
 
-    lean_done = LeanDone()
+    lean_done = new_lean_done()
     starts = lean_done.starts
     factory: Any = asynctrace_task_factory
     if IMPLEMENTATION == "c" and inner is None:

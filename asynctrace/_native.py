@@ -11,7 +11,15 @@ import importlib
 import os
 from typing import TYPE_CHECKING, Final
 
-__all__ = ["IMPLEMENTATION", "PURE_PYTHON_ENV", "LeanFactory", "Tap", "load"]
+__all__ = [
+    "IMPLEMENTATION",
+    "PURE_PYTHON_ENV",
+    "Counts",
+    "LeanDone",
+    "LeanFactory",
+    "Tap",
+    "load",
+]
 
 PURE_PYTHON_ENV: Final = "ASYNCTRACE_PURE_PYTHON"
 
@@ -36,3 +44,5 @@ IMPLEMENTATION: Final[str] = _module.IMPLEMENTATION
 """``"c"`` or ``"python"``: what this process runs."""
 Tap: Final = _module.Tap
 LeanFactory: Final = _module.LeanFactory
+LeanDone: Final = _module.LeanDone
+Counts: Final = _module.Counts

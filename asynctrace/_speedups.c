@@ -18,11 +18,13 @@
 
 #define STATE_STRINGS(X) X(hooks) X(lean) X(started) X(value) X(operation_name) \
     X(correlation_id) X(priority_hint) X(name) X(context) X(eager_start) X(done)     \
-    X(add_done_callback)
+    X(add_done_callback) X(cancelled) X(_exception) X(finished)
 
 typedef struct {
     PyTypeObject *tap_type;
     PyTypeObject *lean_factory_type;
+    PyTypeObject *counts_type;
+    PyTypeObject *lean_done_type;
     PyObject *mark_name; /* "mark" */
 #define DECLARE(n) PyObject *s_##n;
     STATE_STRINGS(DECLARE)
@@ -215,6 +217,22 @@ PyErr_GetRaisedException(void)
 #endif
 
 #if PY_VERSION_HEX < 0x030D0000
+static int
+PyDict_Pop(PyObject *dict, PyObject *key, PyObject **result)
+{
+    PyObject *value = PyDict_GetItemWithError(dict, key);
+    *result = NULL;
+    if (value == NULL) {
+        return PyErr_Occurred() ? -1 : 0;
+    }
+    *result = Py_NewRef(value);
+    if (PyDict_DelItem(dict, key) < 0) {
+        Py_CLEAR(*result);
+        return -1;
+    }
+    return 1;
+}
+
 #define Py_BEGIN_CRITICAL_SECTION(op) {
 #define Py_END_CRITICAL_SECTION() }
 #endif
@@ -695,6 +713,597 @@ static PyType_Spec lf_spec = {
     .slots = lf_slots,
 };
 
+
+/* ---------------------------------------------------------------------------------------
+ * Counts: the task metrics' per-operation counters and duration histograms, kept in C
+ * (see _speedups_py.Counts). started(metadata) and finished(metadata, outcome, duration_ns)
+ * are the lean instruments' hooks themselves (TaskMetrics hands them to the hook table), so
+ * counting a task calls no Python code. fold() reads them out at scrape time.
+ * Free-threaded builds: each update holds the object's critical section.
+ * --------------------------------------------------------------------------------------- */
+
+#define MAX_BOUNDS 64
+#define OUTCOMES 3 /* finished, exception, cancelled */
+
+typedef struct {
+    long long created;
+    long long sum_ns[OUTCOMES];
+    long long counts[OUTCOMES][MAX_BOUNDS + 1];
+} SeriesData;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *label;       /* operation name (or None) -> label str */
+    PyObject *by_label;    /* label -> capsule of SeriesData */
+    PyObject *last_name;   /* the operation name last seen (strong), or NULL */
+    SeriesData *last;      /* its series */
+    PyObject *outcomes[OUTCOMES];
+    Py_ssize_t nbounds;
+    long long bounds[MAX_BOUNDS];
+} CountsObject;
+
+static void
+series_free(PyObject *capsule)
+{
+    PyMem_Free(PyCapsule_GetPointer(capsule, "asynctrace.series"));
+}
+
+/* The series of a task with this metadata (borrowed; NULL with an exception set). Called
+   inside the critical section. */
+static SeriesData *
+counts_series(CountsObject *self, PyObject *metadata, PyObject *op_name_str)
+{
+    PyObject *name = PyObject_GetAttr(metadata, op_name_str);
+    if (name == NULL) {
+        return NULL;
+    }
+    if (self->last != NULL && name == self->last_name) {
+        Py_DECREF(name);
+        return self->last;
+    }
+    PyObject *label = PyObject_CallOneArg(self->label, name);
+    if (label == NULL) {
+        Py_DECREF(name);
+        return NULL;
+    }
+    PyObject *capsule = PyDict_GetItemWithError(self->by_label, label);
+    SeriesData *data;
+    if (capsule != NULL) {
+        data = PyCapsule_GetPointer(capsule, "asynctrace.series");
+    }
+    else {
+        if (PyErr_Occurred()) {
+            goto fail;
+        }
+        data = PyMem_Calloc(1, sizeof(SeriesData));
+        if (data == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        capsule = PyCapsule_New(data, "asynctrace.series", series_free);
+        if (capsule == NULL) {
+            PyMem_Free(data);
+            goto fail;
+        }
+        int bad = PyDict_SetItem(self->by_label, label, capsule);
+        Py_DECREF(capsule); /* the dict holds it */
+        if (bad < 0) {
+            goto fail;
+        }
+    }
+    Py_DECREF(label);
+    Py_XSETREF(self->last_name, name);
+    self->last = data;
+    return data;
+fail:
+    Py_DECREF(label);
+    Py_DECREF(name);
+    return NULL;
+}
+
+static PyObject *
+counts_started(PyObject *op, PyObject *metadata)
+{
+    CountsObject *self = (CountsObject *)op;
+    speedups_state *st = PyType_GetModuleState(Py_TYPE(op));
+    int ok;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    SeriesData *data = counts_series(self, metadata, st->s_operation_name);
+    ok = (data != NULL);
+    if (ok) {
+        data->created++;
+    }
+    Py_END_CRITICAL_SECTION();
+    if (!ok) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+counts_finished(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CountsObject *self = (CountsObject *)op;
+    speedups_state *st = PyType_GetModuleState(Py_TYPE(op));
+    if (nargs != 3) {
+        PyErr_Format(PyExc_TypeError, "finished() takes 3 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int outcome = -1;
+    for (int i = 0; i < OUTCOMES; i++) {
+        if (args[1] == self->outcomes[i]) {
+            outcome = i;
+            break;
+        }
+    }
+    if (outcome < 0) {
+        for (int i = 0; i < OUTCOMES && outcome < 0; i++) {
+            int eq = PyObject_RichCompareBool(args[1], self->outcomes[i], Py_EQ);
+            if (eq < 0) {
+                return NULL;
+            }
+            if (eq) {
+                outcome = i;
+            }
+        }
+        if (outcome < 0) {
+            PyErr_Format(PyExc_ValueError, "Invalid outcome: %R", args[1]);
+            return NULL;
+        }
+    }
+    long long duration = PyLong_AsLongLong(args[2]);
+    if (duration == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (duration < 0) {
+        duration = 0;
+    }
+    Py_ssize_t lo = 0, hi = self->nbounds; /* bisect_left */
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (self->bounds[mid] < duration) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    int ok;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    SeriesData *data = counts_series(self, args[0], st->s_operation_name);
+    ok = (data != NULL);
+    if (ok) {
+        data->counts[outcome][lo]++;
+        data->sum_ns[outcome] += duration;
+    }
+    Py_END_CRITICAL_SECTION();
+    if (!ok) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+counts_fold(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    CountsObject *self = (CountsObject *)op;
+    PyObject *created = PyDict_New(), *series = PyDict_New(), *result = NULL;
+    if (created == NULL || series == NULL) {
+        goto done;
+    }
+    PyObject *by_label = NULL;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    by_label = PyDict_Copy(self->by_label);
+    Py_END_CRITICAL_SECTION();
+    if (by_label == NULL) {
+        goto done;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *label, *capsule;
+    while (PyDict_Next(by_label, &pos, &label, &capsule)) {
+        SeriesData copy;
+        Py_BEGIN_CRITICAL_SECTION(op);
+        memcpy(&copy, PyCapsule_GetPointer(capsule, "asynctrace.series"), sizeof(copy));
+        Py_END_CRITICAL_SECTION();
+        PyObject *n = PyLong_FromLongLong(copy.created);
+        if (n == NULL || PyDict_SetItem(created, label, n) < 0) {
+            Py_XDECREF(n);
+            goto fail;
+        }
+        Py_DECREF(n);
+        for (int o = 0; o < OUTCOMES; o++) {
+            long long total = 0;
+            for (Py_ssize_t i = 0; i <= self->nbounds; i++) {
+                total += copy.counts[o][i];
+            }
+            if (total == 0) {
+                continue;
+            }
+            PyObject *counts = PyList_New(self->nbounds + 1);
+            if (counts == NULL) {
+                goto fail;
+            }
+            for (Py_ssize_t i = 0; i <= self->nbounds; i++) {
+                PyObject *c = PyLong_FromLongLong(copy.counts[o][i]);
+                if (c == NULL) {
+                    Py_DECREF(counts);
+                    goto fail;
+                }
+                PyList_SET_ITEM(counts, i, c);
+            }
+            PyObject *key = PyTuple_Pack(2, label, self->outcomes[o]);
+            PyObject *value = Py_BuildValue("(NL)", counts, copy.sum_ns[o]);
+            int bad = key == NULL || value == NULL || PyDict_SetItem(series, key, value) < 0;
+            Py_XDECREF(key);
+            Py_XDECREF(value);
+            if (bad) {
+                goto fail;
+            }
+        }
+    }
+    result = PyTuple_Pack(2, created, series);
+fail:
+    Py_DECREF(by_label);
+done:
+    Py_XDECREF(created);
+    Py_XDECREF(series);
+    return result;
+}
+
+static PyObject *
+counts_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"bounds_ns", "label", NULL};
+    PyObject *bounds, *label;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:Counts", keywords, &bounds, &label)) {
+        return NULL;
+    }
+    if (!PyTuple_Check(bounds) || PyTuple_GET_SIZE(bounds) > MAX_BOUNDS
+        || PyTuple_GET_SIZE(bounds) == 0) {
+        PyErr_Format(PyExc_ValueError, "Counts: bounds_ns must be a tuple of 1 to %d ints, got %R",
+                     MAX_BOUNDS, bounds);
+        return NULL;
+    }
+    if (!PyCallable_Check(label)) {
+        PyErr_Format(PyExc_TypeError, "Counts: label must be callable, got %R", label);
+        return NULL;
+    }
+    CountsObject *self = (CountsObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->nbounds = PyTuple_GET_SIZE(bounds);
+    for (Py_ssize_t i = 0; i < self->nbounds; i++) {
+        self->bounds[i] = PyLong_AsLongLong(PyTuple_GET_ITEM(bounds, i));
+        if (self->bounds[i] == -1 && PyErr_Occurred()) {
+            Py_DECREF(self);
+            return NULL;
+        }
+        if (i > 0 && self->bounds[i] <= self->bounds[i - 1]) {
+            Py_DECREF(self);
+            PyErr_Format(PyExc_ValueError, "Counts: bounds_ns must increase, got %R", bounds);
+            return NULL;
+        }
+    }
+    self->label = Py_NewRef(label);
+    self->by_label = PyDict_New();
+    self->outcomes[0] = PyUnicode_InternFromString("finished");
+    self->outcomes[1] = PyUnicode_InternFromString("exception");
+    self->outcomes[2] = PyUnicode_InternFromString("cancelled");
+    if (self->by_label == NULL || !self->outcomes[0] || !self->outcomes[1] || !self->outcomes[2]) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+counts_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    CountsObject *self = (CountsObject *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->label);
+    Py_VISIT(self->by_label);
+    return 0;
+}
+
+static int
+counts_clear(PyObject *op)
+{
+    CountsObject *self = (CountsObject *)op;
+    Py_CLEAR(self->label);
+    Py_CLEAR(self->by_label);
+    Py_CLEAR(self->last_name);
+    self->last = NULL;
+    for (int i = 0; i < OUTCOMES; i++) {
+        Py_CLEAR(self->outcomes[i]);
+    }
+    return 0;
+}
+
+static void
+counts_dealloc(PyObject *op)
+{
+    PyTypeObject *type = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)counts_clear(op);
+    type->tp_free(op);
+    Py_DECREF(type);
+}
+
+static PyMethodDef counts_methods[] = {
+    {"started", (PyCFunction)counts_started, METH_O, "Count a task created with this metadata."},
+    {"finished", (PyCFunction)(void (*)(void))counts_finished, METH_FASTCALL,
+     "finished(metadata, outcome, duration_ns): put a task's duration in its histogram."},
+    {"fold", counts_fold, METH_NOARGS,
+     "(created: {label: n}, series: {(label, outcome): (counts, sum_ns)})."},
+    {NULL},
+};
+
+PyDoc_STRVAR(counts_doc,
+"Counts(bounds_ns, label)\n--\n\n"
+"Per-operation task counts and duration histograms in C (see _speedups_py.Counts).");
+
+static PyType_Slot counts_slots[] = {
+    {Py_tp_new, counts_new},
+    {Py_tp_traverse, counts_traverse},
+    {Py_tp_clear, counts_clear},
+    {Py_tp_dealloc, counts_dealloc},
+    {Py_tp_methods, counts_methods},
+    {Py_tp_doc, (void *)counts_doc},
+    {0, NULL},
+};
+
+static PyType_Spec counts_spec = {
+    .name = "asynctrace._speedups.Counts",
+    .basicsize = sizeof(CountsObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = counts_slots,
+};
+
+/* ---------------------------------------------------------------------------------------
+ * LeanDone: the done callback of the lean path (see _speedups_py.LeanDone). mark(task)
+ * runs inside the task's last step (the tap); __call__ from a Handle. It takes the end time,
+ * reads the task's metadata from the context it runs in, and calls the lean instruments'
+ * task_finished hooks (C ones, Counts.finished, call no Python code).
+ * --------------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *starts;       /* id(task) -> creation time (ns) */
+    PyObject *metadata_var;
+    PyObject *no_metadata;  /* for a task whose context has none */
+    PyObject *state;        /* STATE: .hooks.finished, .hooks.cancelled */
+    PyObject *on_error;     /* (hook, exception): counted, or re-raised */
+    PyObject *on_cancelled; /* (task, metadata): the cancellation hooks */
+    PyObject *outcomes[OUTCOMES];
+} LeanDoneObject;
+
+static int
+ld_finish(LeanDoneObject *self, PyObject *task)
+{
+    long long finished_ns = perf_counter_ns();
+    speedups_state *st = PyType_GetModuleState(Py_TYPE(self));
+    PyObject *key = PyLong_FromVoidPtr(task);
+    if (key == NULL) {
+        return -1;
+    }
+    PyObject *created = NULL;
+    int found = PyDict_Pop(self->starts, key, &created);
+    Py_DECREF(key);
+    if (found <= 0) {
+        return found; /* not noted (forgotten at uninstall), or an error */
+    }
+    long long created_ns = PyLong_AsLongLong(created);
+    Py_DECREF(created);
+    if (created_ns == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    PyObject *metadata = NULL, *hooks = NULL, *finished = NULL, *duration = NULL;
+    int rc = -1;
+    if (PyContextVar_Get(self->metadata_var, NULL, &metadata) < 0) {
+        return -1;
+    }
+    if (metadata == NULL || metadata == Py_None) {
+        Py_XSETREF(metadata, Py_NewRef(self->no_metadata));
+    }
+    PyObject *cancelled = PyObject_CallMethodNoArgs(task, st->s_cancelled);
+    if (cancelled == NULL) {
+        goto done;
+    }
+    int outcome = 2;
+    int is_cancelled = (cancelled == Py_True);
+    Py_DECREF(cancelled);
+    if (!is_cancelled) {
+        PyObject *exc = PyObject_GetAttr(task, st->s__exception);
+        if (exc == NULL) {
+            goto done;
+        }
+        outcome = (exc == Py_None) ? 0 : 1;
+        Py_DECREF(exc);
+    }
+    hooks = PyObject_GetAttr(self->state, st->s_hooks);
+    if (hooks == NULL) {
+        goto done;
+    }
+    finished = PyObject_GetAttr(hooks, st->s_finished);
+    if (finished == NULL || !PyTuple_Check(finished)) {
+        if (finished != NULL) {
+            PyErr_SetString(PyExc_TypeError, "hooks.finished must be a tuple");
+        }
+        goto done;
+    }
+    duration = PyLong_FromLongLong(finished_ns - created_ns);
+    if (duration == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(finished); i++) {
+        PyObject *hook = PyTuple_GET_ITEM(finished, i);
+        PyObject *call_args[3] = {metadata, self->outcomes[outcome], duration};
+        PyObject *res = PyObject_Vectorcall(hook, call_args, 3, NULL);
+        if (res != NULL) {
+            Py_DECREF(res);
+            continue;
+        }
+        PyObject *exc = PyErr_GetRaisedException();
+        res = PyObject_CallFunctionObjArgs(self->on_error, hook, exc, NULL);
+        Py_DECREF(exc);
+        if (res == NULL) {
+            goto done;
+        }
+        Py_DECREF(res);
+    }
+    if (is_cancelled) {
+        PyObject *res = PyObject_CallFunctionObjArgs(self->on_cancelled, task, metadata, NULL);
+        if (res == NULL) {
+            goto done;
+        }
+        Py_DECREF(res);
+    }
+    rc = 0;
+done:
+    Py_XDECREF(duration);
+    Py_XDECREF(finished);
+    Py_XDECREF(hooks);
+    Py_XDECREF(metadata);
+    return rc;
+}
+
+static PyObject *
+ld_mark(PyObject *op, PyObject *task)
+{
+    if (ld_finish((LeanDoneObject *)op, task) < 0) {
+        return NULL;
+    }
+    Py_RETURN_TRUE;
+}
+
+static PyObject *
+ld_call(PyObject *op, PyObject *args, PyObject *kwargs)
+{
+    PyObject *task;
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
+        PyErr_SetString(PyExc_TypeError, "LeanDone() takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyArg_UnpackTuple(args, "LeanDone", 1, 1, &task)) {
+        return NULL;
+    }
+    if (ld_finish((LeanDoneObject *)op, task) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+ld_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {
+        "metadata_var", "no_metadata", "state", "on_error", "on_cancelled", NULL};
+    PyObject *a[5];
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOO:LeanDone", keywords, &a[0], &a[1],
+                                     &a[2], &a[3], &a[4])) {
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(a[0])) {
+        PyErr_Format(PyExc_TypeError, "LeanDone: metadata_var must be a ContextVar, got %R", a[0]);
+        return NULL;
+    }
+    LeanDoneObject *self = (LeanDoneObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->starts = PyDict_New();
+    self->metadata_var = Py_NewRef(a[0]);
+    self->no_metadata = Py_NewRef(a[1]);
+    self->state = Py_NewRef(a[2]);
+    self->on_error = Py_NewRef(a[3]);
+    self->on_cancelled = Py_NewRef(a[4]);
+    self->outcomes[0] = PyUnicode_InternFromString("finished");
+    self->outcomes[1] = PyUnicode_InternFromString("exception");
+    self->outcomes[2] = PyUnicode_InternFromString("cancelled");
+    if (!self->starts || !self->outcomes[0] || !self->outcomes[1] || !self->outcomes[2]) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+ld_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    LeanDoneObject *self = (LeanDoneObject *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->starts);
+    Py_VISIT(self->metadata_var);
+    Py_VISIT(self->no_metadata);
+    Py_VISIT(self->state);
+    Py_VISIT(self->on_error);
+    Py_VISIT(self->on_cancelled);
+    return 0;
+}
+
+static int
+ld_clear(PyObject *op)
+{
+    LeanDoneObject *self = (LeanDoneObject *)op;
+    Py_CLEAR(self->starts);
+    Py_CLEAR(self->metadata_var);
+    Py_CLEAR(self->no_metadata);
+    Py_CLEAR(self->state);
+    Py_CLEAR(self->on_error);
+    Py_CLEAR(self->on_cancelled);
+    for (int i = 0; i < OUTCOMES; i++) {
+        Py_CLEAR(self->outcomes[i]);
+    }
+    return 0;
+}
+
+static void
+ld_dealloc(PyObject *op)
+{
+    PyTypeObject *type = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)ld_clear(op);
+    type->tp_free(op);
+    Py_DECREF(type);
+}
+
+static PyMethodDef ld_methods[] = {
+    {"mark", ld_mark, METH_O,
+     "Called by the loop's tap the moment the task is done: record it now; True."},
+    {NULL},
+};
+
+static PyMemberDef ld_members[] = {
+    {"starts", T_OBJECT, offsetof(LeanDoneObject, starts), READONLY,
+     "id(task) -> creation time (ns), while the task runs."},
+    {NULL},
+};
+
+PyDoc_STRVAR(ld_doc,
+"LeanDone(*, metadata_var, no_metadata, state, on_error, on_cancelled)\n--\n\n"
+"The lean path's done callback in C (see _speedups_py.LeanDone).");
+
+static PyType_Slot ld_slots[] = {
+    {Py_tp_new, ld_new},
+    {Py_tp_call, ld_call},
+    {Py_tp_traverse, ld_traverse},
+    {Py_tp_clear, ld_clear},
+    {Py_tp_dealloc, ld_dealloc},
+    {Py_tp_methods, ld_methods},
+    {Py_tp_members, ld_members},
+    {Py_tp_doc, (void *)ld_doc},
+    {0, NULL},
+};
+
+static PyType_Spec ld_spec = {
+    .name = "asynctrace._speedups.LeanDone",
+    .basicsize = sizeof(LeanDoneObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = ld_slots,
+};
+
 static int
 speedups_exec(PyObject *module)
 {
@@ -726,10 +1335,19 @@ speedups_exec(PyObject *module)
     if (PyModule_AddType(module, state->lean_factory_type) < 0) {
         return -1;
     }
+    state->counts_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &counts_spec, NULL);
+    if (state->counts_type == NULL || PyModule_AddType(module, state->counts_type) < 0) {
+        return -1;
+    }
+    state->lean_done_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &ld_spec, NULL);
+    if (state->lean_done_type == NULL || PyModule_AddType(module, state->lean_done_type) < 0) {
+        return -1;
+    }
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[sss]", "IMPLEMENTATION", "LeanFactory", "Tap");
+    PyObject *all = Py_BuildValue("[sssss]", "Counts", "IMPLEMENTATION", "LeanDone",
+                                  "LeanFactory", "Tap");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
         Py_XDECREF(all);
         return -1;
@@ -743,6 +1361,8 @@ speedups_traverse(PyObject *module, visitproc visit, void *arg)
     speedups_state *state = get_state(module);
     Py_VISIT(state->tap_type);
     Py_VISIT(state->lean_factory_type);
+    Py_VISIT(state->counts_type);
+    Py_VISIT(state->lean_done_type);
     return 0;
 }
 
@@ -752,6 +1372,8 @@ speedups_clear(PyObject *module)
     speedups_state *state = get_state(module);
     Py_CLEAR(state->tap_type);
     Py_CLEAR(state->lean_factory_type);
+    Py_CLEAR(state->counts_type);
+    Py_CLEAR(state->lean_done_type);
     Py_CLEAR(state->mark_name);
 #define CLEAR_S(n) Py_CLEAR(state->s_##n);
     STATE_STRINGS(CLEAR_S)

@@ -16,12 +16,15 @@ other call, unchanged, to the loop's own ``call_soon``.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import sys
+import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any, final
 
-__all__ = ["IMPLEMENTATION", "LeanFactory", "Tap"]
+__all__ = ["IMPLEMENTATION", "Counts", "LeanDone", "LeanFactory", "Tap"]
 
 IMPLEMENTATION = "python"
 
@@ -274,3 +277,166 @@ class LeanFactory:
 
 
 _UNSET = object()
+
+
+_OUTCOMES = ("finished", "exception", "cancelled")
+
+
+@final
+class LeanDone:
+    """The done callback of every task on one factory's lean path (no record per task).
+
+    ``starts`` maps ``id(task)`` to ``perf_counter_ns()`` at the task's creation, while the
+    task runs (keyed by id, not by task, so a task destroyed while pending is still collected).
+    At the end (:meth:`mark` inside the task's last step, through the loop's tap, or a call
+    from a ``Handle``): the entry is popped (none: forgotten at uninstall, nothing recorded),
+    the metadata read from the context it runs in (the task's; ``no_metadata`` when empty),
+    and each ``state.hooks.finished`` hook called with ``(metadata, outcome, duration_ns)``;
+    one that raises goes to ``on_error(hook, exception)``. A cancelled task then goes to
+    ``on_cancelled(task, metadata)``.
+    """
+
+    __slots__ = ("metadata_var", "no_metadata", "on_cancelled", "on_error", "starts", "state")
+
+    def __init__(
+        self,
+        *,
+        metadata_var: object,
+        no_metadata: object,
+        state: object,
+        on_error: Callable[[Any, BaseException], Any],
+        on_cancelled: Callable[[Any, Any], Any],
+    ) -> None:
+        """An empty table."""
+        if not isinstance(metadata_var, contextvars.ContextVar):
+            msg = f"LeanDone: metadata_var must be a ContextVar, got {metadata_var!r}"
+            raise TypeError(msg)
+        self.starts: dict[int, int] = {}
+        self.metadata_var: contextvars.ContextVar[Any] = metadata_var
+        self.no_metadata = no_metadata
+        self.state: Any = state
+        self.on_error = on_error
+        self.on_cancelled = on_cancelled
+
+    def __call__(self, task: Any) -> None:  # noqa: ANN401
+        """Record the task's end (from a ``Handle``)."""
+        self.mark(task)
+
+    def mark(self, task: Any) -> bool:  # noqa: ANN401
+        """Record the task's end now; True (the tap schedules nothing)."""
+        finished_ns = time.perf_counter_ns()
+        created_ns = self.starts.pop(id(task), None)
+        if created_ns is None:
+            return True
+        metadata = self.metadata_var.get(None) or self.no_metadata
+        cancelled = task.cancelled()
+        if cancelled:
+            outcome = "cancelled"
+        else:
+            outcome = "finished" if task._exception is None else "exception"
+        for hook in self.state.hooks.finished:
+            try:
+                hook(metadata, outcome, finished_ns - created_ns)
+            except BaseException as exc:
+                self.on_error(hook, exc)
+        if cancelled:
+            self.on_cancelled(task, metadata)
+        return True
+
+
+class _CountsShard:
+    __slots__ = ("by_label", "last", "last_name")
+
+    def __init__(self) -> None:
+        self.by_label: dict[str, list[Any]] = {}  # label -> [created, counts[3], sums[3]]
+        self.last_name: object = _UNSET
+        self.last: list[Any] = []
+
+
+@final
+class Counts:
+    """Per-operation task counts and duration histograms (the task metrics' hot part).
+
+    ``started(metadata)`` counts a task created; ``finished(metadata, outcome, duration_ns)``
+    puts its duration in the ``(label, outcome)`` histogram: the bucket is the first bound in
+    ``bounds_ns`` not below it (``bisect_left``), the last one past every bound. The label is
+    ``label(metadata.operation_name)``, asked again only when the operation name (the str
+    object) changes. Each thread counts into a shard of its own; :meth:`fold` sums them:
+    ``({label: created}, {(label, outcome): (counts, sum_ns)})`` (series with no task left out).
+    """
+
+    __slots__ = ("_local", "_lock", "_shards", "bounds_ns", "label")
+
+    def __init__(self, bounds_ns: object, label: object) -> None:
+        """Count with these bucket bounds (increasing ints, ns) and this label function."""
+        if (
+            not isinstance(bounds_ns, tuple) or not 0 < len(bounds_ns) <= 64  # noqa: PLR2004 - the C type's limit
+        ):
+            msg = f"Counts: bounds_ns must be a tuple of 1 to 64 ints, got {bounds_ns!r}"
+            raise ValueError(msg)
+        if any(b >= c for b, c in itertools.pairwise(bounds_ns)):
+            msg = f"Counts: bounds_ns must increase, got {bounds_ns!r}"
+            raise ValueError(msg)
+        if not callable(label):
+            msg = f"Counts: label must be callable, got {label!r}"
+            raise TypeError(msg)
+        self.bounds_ns: tuple[int, ...] = bounds_ns
+        self.label: Callable[[Any], str] = label
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._shards: list[_CountsShard] = []
+
+    def _series(self, metadata: Any) -> list[Any]:  # noqa: ANN401
+        try:
+            shard: _CountsShard = self._local.shard
+        except AttributeError:
+            shard = self._local.shard = _CountsShard()
+            with self._lock:
+                self._shards.append(shard)
+        name = metadata.operation_name
+        if name is shard.last_name:
+            return shard.last
+        label = self.label(name)
+        series = shard.by_label.get(label)
+        if series is None:
+            size = len(self.bounds_ns) + 1
+            series = shard.by_label[label] = [0, [[0] * size for _ in _OUTCOMES], [0, 0, 0]]
+        shard.last_name, shard.last = name, series
+        return series
+
+    def started(self, metadata: Any) -> None:  # noqa: ANN401
+        """Count a task created with ``metadata``."""
+        self._series(metadata)[0] += 1
+
+    def finished(self, metadata: Any, outcome: str, duration_ns: int) -> None:  # noqa: ANN401
+        """Put a task's duration in its ``(label, outcome)`` histogram."""
+        try:
+            o = _OUTCOMES.index(outcome)
+        except ValueError:
+            msg = f"Invalid outcome: {outcome!r}"
+            raise ValueError(msg) from None
+        duration_ns = max(duration_ns, 0)
+        series = self._series(metadata)
+        series[1][o][bisect_left(self.bounds_ns, duration_ns)] += 1
+        series[2][o] += duration_ns
+
+    def fold(self) -> tuple[dict[str, int], dict[tuple[str, str], tuple[list[int], int]]]:
+        """Every thread's counts, summed."""
+        with self._lock:
+            shards = list(self._shards)
+        created: dict[str, int] = {}
+        series: dict[tuple[str, str], tuple[list[int], int]] = {}
+        for shard in shards:
+            for label, (n, counts, sums) in list(shard.by_label.items()):
+                created[label] = created.get(label, 0) + n
+                for o, outcome in enumerate(_OUTCOMES):
+                    row = list(counts[o])
+                    if not any(row):
+                        continue
+                    total = series.get((label, outcome))
+                    if total is not None:
+                        row = [a + b for a, b in zip(row, total[0], strict=True)]
+                        series[(label, outcome)] = (row, total[1] + sums[o])
+                    else:
+                        series[(label, outcome)] = (row, sums[o])
+        return created, series

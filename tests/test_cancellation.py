@@ -36,8 +36,12 @@ def cancellations(registry: CollectorRegistry) -> dict[tuple[str, str], float]:
     return out
 
 
+KEPT: list[asyncio.Task[None]] = []
+
+
 async def each_reason() -> dict[str, Any]:
     """One task cancelled for each reason but shutdown; what the app saw."""
+    KEPT.clear()
     seen: dict[str, Any] = {}
     waited = asynctrace.create_task(forever(), operation_name="waited")
     with pytest.raises(TimeoutError):
@@ -55,7 +59,8 @@ async def each_reason() -> dict[str, Any]:
 
     async def group() -> None:
         async with asyncio.TaskGroup() as g:
-            asynctrace.create_task(forever(), operation_name="sibling")  # not the group's
+            # not the group's: pending when asyncio.run ends (kept: the loop's refs are weak)
+            KEPT.append(asynctrace.create_task(forever(), operation_name="sibling"))
             g.create_task(forever(), name="grouped")
             g.create_task(fails(), name="failing")
 

@@ -67,7 +67,7 @@ class Marker:
 
 def test_implementation_names(impl: ModuleType) -> None:
     assert impl.IMPLEMENTATION in {"c", "python"}
-    assert sorted(impl.__all__) == ["IMPLEMENTATION", "LeanFactory", "Tap"]
+    assert sorted(impl.__all__) == ["Counts", "IMPLEMENTATION", "LeanDone", "LeanFactory", "Tap"]
 
 
 def test_other_calls_pass_through_unchanged(impl: ModuleType) -> None:
@@ -579,3 +579,115 @@ def test_installed_factory_is_the_c_one_with_the_extension() -> None:
 
     expected = "LeanFactory" if _native.IMPLEMENTATION == "c" else "function"
     assert asyncio.run(main()) == expected
+
+
+# -- Counts and LeanDone: the lean path's completion, against the twin ----------------------
+
+
+def test_counts_buckets_labels_and_fold(impl: ModuleType) -> None:
+    asked: list[object] = []
+
+    def label(name: object) -> str:
+        asked.append(name)
+        return "unnamed" if name is None else str(name)
+
+    counts = impl.Counts((10, 20, 30), label)
+    fetch, other = Meta("fetch", "c", None), Meta(None, "c", None)
+    counts.started(fetch)
+    counts.started(fetch)
+    counts.started(other)
+    for duration in (0, 10, 11, 20, 31, -5):  # bisect_left: 10 is in the first bucket
+        counts.finished(fetch, "finished", duration)
+    counts.finished(fetch, "exception", 25)
+    counts.finished(other, "cancelled", 5)
+    created, series = counts.fold()
+    assert created == {"fetch": 2, "unnamed": 1}
+    assert series == {
+        ("fetch", "finished"): ([3, 2, 0, 1], 0 + 10 + 11 + 20 + 31 + 0),
+        ("fetch", "exception"): ([0, 0, 1, 0], 25),
+        ("unnamed", "cancelled"): ([1, 0, 0, 0], 5),
+    }
+    assert asked == ["fetch", None, "fetch", None]  # asked again only when the name changes
+    with pytest.raises(ValueError, match="Invalid outcome: 'lost'"):
+        counts.finished(fetch, "lost", 1)
+    with pytest.raises(ValueError, match="bounds_ns must increase"):
+        impl.Counts((10, 10), label)
+    with pytest.raises(ValueError, match="bounds_ns must be a tuple of 1 to 64 ints"):
+        impl.Counts((), label)
+    with pytest.raises(TypeError, match="label must be callable"):
+        impl.Counts((1,), "x")
+
+
+def test_counts_from_threads_add_up(impl: ModuleType) -> None:
+    import threading  # noqa: PLC0415
+
+    counts = impl.Counts((1_000,), str)
+    meta = Meta("t", None, None)
+
+    def work() -> None:
+        for _ in range(2_000):
+            counts.started(meta)
+            counts.finished(meta, "finished", 5)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    created, series = counts.fold()
+    assert created == {"t": 8_000}
+    assert series[("t", "finished")] == ([8_000, 0], 40_000)
+
+
+class DoneTask:
+    def __init__(self, *, cancelled: bool = False, exception: BaseException | None = None) -> None:
+        self._cancelled, self._exception = cancelled, exception
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+
+def test_lean_done_records_each_outcome(impl: ModuleType) -> None:
+    import contextvars  # noqa: PLC0415
+    import types  # noqa: PLC0415
+
+    seen: list[tuple[object, ...]] = []
+    cancelled: list[tuple[object, object]] = []
+    errors: list[tuple[object, BaseException]] = []
+    meta_var: contextvars.ContextVar[object] = contextvars.ContextVar("meta")
+    none = Meta(None, None, None)
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("hook")
+
+    hooks = types.SimpleNamespace(finished=(broken, lambda *a: seen.append(a)))
+    done = impl.LeanDone(
+        metadata_var=meta_var, no_metadata=none, state=types.SimpleNamespace(hooks=hooks),
+        on_error=lambda hook, exc: errors.append((hook, exc)),
+        on_cancelled=lambda task, meta: cancelled.append((task, meta)),
+    )  # fmt: skip
+    ok, failed, stopped, unknown = (
+        DoneTask(), DoneTask(exception=ValueError()), DoneTask(cancelled=True), DoneTask()
+    )  # fmt: skip
+    start = time.perf_counter_ns()
+    for task in (ok, failed, stopped):
+        done.starts[id(task)] = start
+    meta = Meta("op", "c", None)
+    ctx = contextvars.copy_context()
+    ctx.run(meta_var.set, meta)
+    assert ctx.run(done.mark, ok) is True
+    assert done(failed) is None  # from a Handle: the same, nothing returned
+    assert done.mark(stopped) is True  # no metadata in this context: no_metadata
+    assert done.mark(unknown) is True  # not noted (forgotten at uninstall): nothing
+    assert [(m, o) for m, o, _ in seen] == [
+        (meta, "finished"), (none, "exception"), (none, "cancelled")
+    ]  # fmt: skip
+    assert all(isinstance(ns, int) and ns >= 0 for _, _, ns in seen)
+    assert cancelled == [(stopped, none)]
+    assert len(errors) == 3
+    assert all(isinstance(e, RuntimeError) for _, e in errors)
+    assert done.starts == {}
+    with pytest.raises(TypeError, match="metadata_var must be a ContextVar"):
+        impl.LeanDone(
+            metadata_var="x", no_metadata=none, state=None, on_error=print, on_cancelled=print
+        )

@@ -186,11 +186,13 @@ def test_pending_when_asyncio_run_ends_is_listed_in_one_record(
     asynctrace.install(registry=registry, loop_monitor=False, creation_sites=True)
     caplog.set_level(logging.WARNING, logger="asynctrace")
 
+    kept: list[asyncio.Task[None]] = []  # referenced: pending, not garbage (the loop's are weak)
+
     async def main() -> None:
         with asynctrace.correlation("req-left"):
             for _ in range(3):
-                asynctrace.create_task(forever(), operation_name="left-behind")
-        asynctrace.create_task(forever(), operation_name="also-left")
+                kept.append(asynctrace.create_task(forever(), operation_name="left-behind"))
+        kept.append(asynctrace.create_task(forever(), operation_name="also-left"))
         await asyncio.sleep(0)
 
     try:

@@ -23,6 +23,7 @@ from typing import Any, Final, final
 from asynctrace._cancel import Cancellation
 from asynctrace._hooks import LeanInstrument
 from asynctrace._metadata import TaskMetadata
+from asynctrace._native import Counts
 from asynctrace._record import FINISHED, Outcome, TaskRecord
 
 __all__ = [
@@ -191,6 +192,11 @@ class TaskMetrics(LeanInstrument):
         self._lock = threading.Lock()
         self._shards: list[_Shard] = []
         self._local = threading.local()
+        # The lean path's hooks are the counters' own methods (C with the extension): a task
+        # is counted without running Python code. The record path (_observe) keeps exemplars.
+        self._counts = Counts(tuple(self._bounds_ns), self.label)
+        self.task_started = self._counts.started  # type: ignore[method-assign]
+        self.task_finished = self._counts.finished  # type: ignore[method-assign]
 
     def _shard(self) -> _Shard:
         try:
@@ -306,6 +312,12 @@ class TaskMetrics(LeanInstrument):
             shards = list(self._shards)
         folded = Folded(Series(len(LAG_BUCKETS) + 1))
         created, series, lag = folded.created, folded.series, folded.lag
+        lean_created, lean_series = self._counts.fold()
+        _add(created, lean_created)
+        for key, (counts, sum_ns) in lean_series.items():
+            lean = series[key] = Series(self._size)
+            lean.counts = counts
+            lean.sum_ns = sum_ns
         blocked, destroyed = folded.blocked, folded.destroyed
         for shard in shards:
             _add(created, shard.created)

@@ -723,6 +723,7 @@ static PyType_Spec lf_spec = {
  * --------------------------------------------------------------------------------------- */
 
 #define MAX_BOUNDS 64
+#define NAMES_CACHED 4096 /* names beyond share "_other" anyway: not cached, asked each time */
 #define OUTCOMES 3 /* finished, exception, cancelled */
 
 typedef struct {
@@ -735,6 +736,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *label;       /* operation name (or None) -> label str */
     PyObject *by_label;    /* label -> capsule of SeriesData */
+    PyObject *by_name;     /* operation name -> the same capsule (at most NAMES_CACHED) */
     PyObject *last_name;   /* the operation name last seen (strong), or NULL */
     SeriesData *last;      /* its series */
     PyObject *outcomes[OUTCOMES];
@@ -760,6 +762,16 @@ counts_series(CountsObject *self, PyObject *metadata, PyObject *op_name_str)
     if (self->last != NULL && name == self->last_name) {
         Py_DECREF(name);
         return self->last;
+    }
+    PyObject *known = PyDict_GetItemWithError(self->by_name, name);
+    if (known != NULL) {
+        Py_XSETREF(self->last_name, name);
+        self->last = PyCapsule_GetPointer(known, "asynctrace.series");
+        return self->last;
+    }
+    if (PyErr_Occurred()) {
+        Py_DECREF(name);
+        return NULL;
     }
     PyObject *label = PyObject_CallOneArg(self->label, name);
     if (label == NULL) {
@@ -790,6 +802,12 @@ counts_series(CountsObject *self, PyObject *metadata, PyObject *op_name_str)
         if (bad < 0) {
             goto fail;
         }
+    }
+    capsule = PyDict_GetItemWithError(self->by_label, label); /* borrowed, held by the dict */
+    if (capsule == NULL
+        || (PyDict_GET_SIZE(self->by_name) < NAMES_CACHED
+            && PyDict_SetItem(self->by_name, name, capsule) < 0)) {
+        goto fail;
     }
     Py_DECREF(label);
     Py_XSETREF(self->last_name, name);
@@ -987,10 +1005,11 @@ counts_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     }
     self->label = Py_NewRef(label);
     self->by_label = PyDict_New();
+    self->by_name = PyDict_New();
     self->outcomes[0] = PyUnicode_InternFromString("finished");
     self->outcomes[1] = PyUnicode_InternFromString("exception");
     self->outcomes[2] = PyUnicode_InternFromString("cancelled");
-    if (self->by_label == NULL || !self->outcomes[0] || !self->outcomes[1] || !self->outcomes[2]) {
+    if (self->by_label == NULL || self->by_name == NULL || !self->outcomes[0] || !self->outcomes[1] || !self->outcomes[2]) {
         Py_DECREF(self);
         return NULL;
     }
@@ -1004,6 +1023,7 @@ counts_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(op));
     Py_VISIT(self->label);
     Py_VISIT(self->by_label);
+    Py_VISIT(self->by_name);
     return 0;
 }
 
@@ -1013,6 +1033,7 @@ counts_clear(PyObject *op)
     CountsObject *self = (CountsObject *)op;
     Py_CLEAR(self->label);
     Py_CLEAR(self->by_label);
+    Py_CLEAR(self->by_name);
     Py_CLEAR(self->last_name);
     self->last = NULL;
     for (int i = 0; i < OUTCOMES; i++) {

@@ -344,11 +344,15 @@ class LeanDone:
         return True
 
 
+_NAMES_CACHED = 4096  # names beyond share "_other" anyway: not cached, asked each time
+
+
 class _CountsShard:
-    __slots__ = ("by_label", "last", "last_name")
+    __slots__ = ("by_label", "by_name", "last", "last_name")
 
     def __init__(self) -> None:
         self.by_label: dict[str, list[Any]] = {}  # label -> [created, counts[3], sums[3]]
+        self.by_name: dict[object, list[Any]] = {}  # operation name -> the same list
         self.last_name: object = _UNSET
         self.last: list[Any] = []
 
@@ -360,8 +364,9 @@ class Counts:
     ``started(metadata)`` counts a task created; ``finished(metadata, outcome, duration_ns)``
     puts its duration in the ``(label, outcome)`` histogram: the bucket is the first bound in
     ``bounds_ns`` not below it (``bisect_left``), the last one past every bound. The label is
-    ``label(metadata.operation_name)``, asked again only when the operation name (the str
-    object) changes. Each thread counts into a shard of its own; :meth:`fold` sums them:
+    ``label(metadata.operation_name)``, asked once per operation name (the first 4,096 names
+    are remembered; ``label`` must give a name the same label every time). Each thread counts
+    into a shard of its own; :meth:`fold` sums them:
     ``({label: created}, {(label, outcome): (counts, sum_ns)})`` (series with no task left out).
     """
 
@@ -396,11 +401,17 @@ class Counts:
         name = metadata.operation_name
         if name is shard.last_name:
             return shard.last
+        series = shard.by_name.get(name)
+        if series is not None:
+            shard.last_name, shard.last = name, series
+            return series
         label = self.label(name)
         series = shard.by_label.get(label)
         if series is None:
             size = len(self.bounds_ns) + 1
             series = shard.by_label[label] = [0, [[0] * size for _ in _OUTCOMES], [0, 0, 0]]
+        if len(shard.by_name) < _NAMES_CACHED:
+            shard.by_name[name] = series
         shard.last_name, shard.last = name, series
         return series
 

@@ -18,6 +18,7 @@ __all__ = [
     "LeanDone",
     "LeanFactory",
     "Tap",
+    "encode_task_span",
     "load",
 ]
 
@@ -45,4 +46,7 @@ IMPLEMENTATION: Final[str] = _module.IMPLEMENTATION
 Tap: Final = _module.Tap
 LeanFactory: Final = _module.LeanFactory
 LeanDone: Final = _module.LeanDone
+encode_task_span: Final = getattr(  # an extension built before the encoder: Python's
+    _module, "encode_task_span", importlib.import_module("asynctrace._speedups_py").encode_task_span
+)
 Counts: Final = _module.Counts

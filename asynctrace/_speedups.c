@@ -1325,6 +1325,262 @@ static PyType_Spec ld_spec = {
     .slots = ld_slots,
 };
 
+
+/* ---------------------------------------------------------------------------------------
+ * encode_task_span(span): one OTLP Span message for a task span tuple, as
+ * asynctrace/export/otlp_encode.py's encode_task_span writes it (its readable
+ * specification; tests/test_lane.py checks both give the same bytes). Spans with an exception
+ * event or a priority hint (rare, and more value types) return None: the Python encoder
+ * writes those.
+ * --------------------------------------------------------------------------------------- */
+
+typedef struct {
+    char *data;
+    Py_ssize_t len, cap;
+} Buf;
+
+static int
+buf_reserve(Buf *b, Py_ssize_t more)
+{
+    if (b->len + more <= b->cap) {
+        return 0;
+    }
+    Py_ssize_t cap = b->cap ? b->cap : 256;
+    while (cap < b->len + more) {
+        cap *= 2;
+    }
+    char *data = PyMem_Realloc(b->data, cap);
+    if (data == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+static int
+buf_put(Buf *b, const void *src, Py_ssize_t n)
+{
+    if (buf_reserve(b, n) < 0) {
+        return -1;
+    }
+    memcpy(b->data + b->len, src, n);
+    b->len += n;
+    return 0;
+}
+
+static int
+buf_byte(Buf *b, unsigned char c)
+{
+    return buf_put(b, &c, 1);
+}
+
+static int
+buf_varint(Buf *b, unsigned long long n)
+{
+    unsigned char tmp[10];
+    int i = 0;
+    while (n >= 0x80) {
+        tmp[i++] = (unsigned char)((n & 0x7F) | 0x80);
+        n >>= 7;
+    }
+    tmp[i++] = (unsigned char)n;
+    return buf_put(b, tmp, i);
+}
+
+static int
+varint_len(unsigned long long n)
+{
+    int i = 1;
+    while (n >= 0x80) {
+        n >>= 7;
+        i++;
+    }
+    return i;
+}
+
+static int
+buf_fixed64(Buf *b, unsigned long long v)
+{
+    unsigned char tmp[8];
+    for (int i = 0; i < 8; i++) {
+        tmp[i] = (unsigned char)(v >> (8 * i));
+    }
+    return buf_put(b, tmp, 8);
+}
+
+static int
+buf_be64(Buf *b, unsigned long long v)
+{
+    unsigned char tmp[8];
+    for (int i = 0; i < 8; i++) {
+        tmp[i] = (unsigned char)(v >> (8 * (7 - i)));
+    }
+    return buf_put(b, tmp, 8);
+}
+
+/* A Span attribute whose value is a string: 0x4a len KeyValue{key, AnyValue{string}}. */
+static int
+buf_str_attr(Buf *b, const char *key, Py_ssize_t keylen, PyObject *value)
+{
+    Py_ssize_t rawlen;
+    const char *raw = PyUnicode_AsUTF8AndSize(value, &rawlen);
+    if (raw == NULL) {
+        return -1;
+    }
+    Py_ssize_t any_len = 1 + varint_len(rawlen) + rawlen;
+    Py_ssize_t kv_len = 1 + varint_len(keylen) + keylen + 1 + varint_len(any_len) + any_len;
+    if (buf_byte(b, 0x4a) < 0 || buf_varint(b, kv_len) < 0 || buf_byte(b, 0x0a) < 0
+        || buf_varint(b, keylen) < 0 || buf_put(b, key, keylen) < 0 || buf_byte(b, 0x12) < 0
+        || buf_varint(b, any_len) < 0 || buf_byte(b, 0x0a) < 0 || buf_varint(b, rawlen) < 0
+        || buf_put(b, raw, rawlen) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
+static int
+buf_str_field(Buf *b, unsigned char tag, PyObject *value)
+{
+    Py_ssize_t n;
+    const char *raw = PyUnicode_AsUTF8AndSize(value, &n);
+    if (raw == NULL) {
+        return -1;
+    }
+    return (buf_byte(b, tag) < 0 || buf_varint(b, n) < 0 || buf_put(b, raw, n) < 0) ? -1 : 0;
+}
+
+#define KEY(s) s, (Py_ssize_t)(sizeof(s) - 1)
+
+static int
+encode_body(Buf *b, PyObject *span)
+{
+    PyObject **f = &PyTuple_GET_ITEM(span, 0);
+    /* trace id: 16 bytes, big-endian */
+    PyObject *sixty_four = PyLong_FromLong(64);
+    PyObject *high_obj = sixty_four == NULL ? NULL : PyNumber_Rshift(f[0], sixty_four);
+    Py_XDECREF(sixty_four);
+    if (high_obj == NULL) {
+        return -1;
+    }
+    unsigned long long high = PyLong_AsUnsignedLongLong(high_obj);
+    Py_DECREF(high_obj);
+    unsigned long long low = PyLong_AsUnsignedLongLongMask(f[0]);
+    unsigned long long span_id = PyLong_AsUnsignedLongLong(f[1]);
+    unsigned long long parent = PyLong_AsUnsignedLongLong(f[2]);
+    unsigned long long start = PyLong_AsUnsignedLongLong(f[6]);
+    unsigned long long end = PyLong_AsUnsignedLongLong(f[7]);
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    if (buf_put(b, "\x0a\x10", 2) < 0 || buf_be64(b, high) < 0 || buf_be64(b, low) < 0
+        || buf_put(b, "\x12\x08", 2) < 0 || buf_be64(b, span_id) < 0) {
+        return -1;
+    }
+    if (PyUnicode_GET_LENGTH(f[4]) > 0 && buf_str_field(b, 0x1a, f[4]) < 0) {
+        return -1;
+    }
+    if (parent != 0 && (buf_put(b, "\x22\x08", 2) < 0 || buf_be64(b, parent) < 0)) {
+        return -1;
+    }
+    if (buf_str_field(b, 0x2a, f[5]) < 0 || buf_put(b, "\x30\x01", 2) < 0
+        || buf_byte(b, 0x39) < 0 || buf_fixed64(b, start) < 0 || buf_byte(b, 0x41) < 0
+        || buf_fixed64(b, end) < 0) {
+        return -1;
+    }
+    if (buf_str_attr(b, KEY("asyncio.task.name"), f[8]) < 0
+        || buf_str_attr(b, KEY("asyncio.task.outcome"), f[9]) < 0) {
+        return -1;
+    }
+    if (f[10] != Py_None && buf_str_attr(b, KEY("asynctrace.operation"), f[10]) < 0) {
+        return -1;
+    }
+    if (f[11] != Py_None && buf_str_attr(b, KEY("asynctrace.correlation_id"), f[11]) < 0) {
+        return -1;
+    }
+    if (f[14] == Py_None) {
+        if (buf_put(b, "\x7a\x00", 2) < 0) {
+            return -1;
+        }
+    }
+    else {
+        Py_ssize_t n;
+        const char *raw = PyUnicode_AsUTF8AndSize(f[14], &n);
+        if (raw == NULL) {
+            return -1;
+        }
+        Py_ssize_t inner = 1 + varint_len(n) + n + 2;
+        if (buf_byte(b, 0x7a) < 0 || buf_varint(b, inner) < 0 || buf_byte(b, 0x12) < 0
+            || buf_varint(b, n) < 0 || buf_put(b, raw, n) < 0 || buf_put(b, "\x18\x02", 2) < 0) {
+            return -1;
+        }
+    }
+    int remote = PyObject_IsTrue(f[3]);
+    if (remote < 0) {
+        return -1;
+    }
+    unsigned int flags = 0x100 | ((remote && parent != 0) ? 0x200 : 0);
+    unsigned char tmp[5] = {0x85, 0x01, 0, 0, 0};
+    if (buf_put(b, tmp, 2) < 0) {
+        return -1;
+    }
+    for (int i = 0; i < 4; i++) {
+        if (buf_byte(b, (unsigned char)(flags >> (8 * i))) < 0) {
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *
+speedups_encode_task_span(PyObject *module, PyObject *span)
+{
+    if (!PyTuple_CheckExact(span) || PyTuple_GET_SIZE(span) != 15) {
+        PyErr_Format(PyExc_TypeError, "encode_task_span: expected a 15-tuple, got %R", span);
+        return NULL;
+    }
+    PyObject **f = &PyTuple_GET_ITEM(span, 0);
+    if (f[12] != Py_None || f[13] != Py_None) {
+        Py_RETURN_NONE; /* a priority hint or an exception event: the Python encoder's */
+    }
+    for (int i = 0; i < 15; i++) {
+        int is_int = (i <= 2 || i == 6 || i == 7);
+        int is_str = (i == 4 || i == 5 || i == 8 || i == 9);
+        int is_opt_str = (i == 10 || i == 11 || i == 14);
+        if ((is_int && !PyLong_CheckExact(f[i])) || (is_str && !PyUnicode_CheckExact(f[i]))
+            || (is_opt_str && f[i] != Py_None && !PyUnicode_CheckExact(f[i]))) {
+            Py_RETURN_NONE; /* an unusual value: the Python encoder decides */
+        }
+    }
+    Buf body = {NULL, 0, 0};
+    PyObject *out = NULL;
+    if (encode_body(&body, span) == 0) {
+        Py_ssize_t n = 1 + varint_len(body.len) + body.len;
+        out = PyBytes_FromStringAndSize(NULL, n);
+        if (out != NULL) {
+            char *p = PyBytes_AS_STRING(out);
+            Buf head = {NULL, 0, 0};
+            if (buf_byte(&head, 0x12) < 0 || buf_varint(&head, body.len) < 0) {
+                Py_CLEAR(out);
+            }
+            else {
+                memcpy(p, head.data, head.len);
+                memcpy(p + head.len, body.data, body.len);
+            }
+            PyMem_Free(head.data);
+        }
+    }
+    PyMem_Free(body.data);
+    return out;
+}
+
+static PyMethodDef speedups_methods[] = {
+    {"encode_task_span", speedups_encode_task_span, METH_O,
+     "encode_task_span(span) -> bytes, or None where the Python encoder must write it."},
+    {NULL},
+};
+
 static int
 speedups_exec(PyObject *module)
 {
@@ -1367,8 +1623,8 @@ speedups_exec(PyObject *module)
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[sssss]", "Counts", "IMPLEMENTATION", "LeanDone",
-                                  "LeanFactory", "Tap");
+    PyObject *all = Py_BuildValue("[ssssss]", "Counts", "IMPLEMENTATION", "LeanDone",
+                                  "LeanFactory", "Tap", "encode_task_span");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
         Py_XDECREF(all);
         return -1;
@@ -1427,6 +1683,7 @@ static struct PyModuleDef speedups_module = {
     .m_name = "asynctrace._speedups",
     .m_doc = "asynctrace's native accelerator (specification: asynctrace/_speedups_py.py).",
     .m_size = sizeof(speedups_state),
+    .m_methods = speedups_methods,
     .m_slots = speedups_slots,
     .m_traverse = speedups_traverse,
     .m_clear = speedups_clear,

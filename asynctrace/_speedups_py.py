@@ -24,7 +24,14 @@ from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any, final
 
-__all__ = ["IMPLEMENTATION", "Counts", "LeanDone", "LeanFactory", "Tap"]
+__all__ = [
+    "IMPLEMENTATION",
+    "Counts",
+    "LeanDone",
+    "LeanFactory",
+    "Tap",
+    "encode_task_span",
+]
 
 IMPLEMENTATION = "python"
 
@@ -451,3 +458,12 @@ class Counts:
                     else:
                         series[(label, outcome)] = (row, sums[o])
         return created, series
+
+
+def encode_task_span(span: object) -> None:  # noqa: ARG001 - the C version's signature
+    """None: the task span is for the Python encoder to write.
+
+    The C version writes the common span (no exception event, no priority hint) itself; its
+    specification is ``export.otlp_encode``'s Python encoder, which writes every span here.
+    """
+    return

@@ -28,6 +28,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from prometheus_client import CollectorRegistry
 
 import asynctrace
+from asynctrace import _native
 from asynctrace._state import STATE
 from asynctrace.export import otlp_encode
 from asynctrace.export.drops import SpanDrops
@@ -123,6 +124,20 @@ def test_encoding_matches_the_sdk(
     )
     sdk = encode_spans([_readable(s, resource, scope) for s in spans])
     assert ours == sdk
+
+
+@settings(max_examples=300, deadline=None)
+@given(span=task_spans)
+def test_c_encoder_writes_the_python_encoders_bytes(span: otlp_encode.TaskSpan) -> None:
+    """The C encoder (where built) gives the Python encoder's bytes, or leaves the span to it."""
+    c_encode = getattr(_native._module, "encode_task_span", None)
+    if _native.IMPLEMENTATION != "c" or c_encode is None:
+        pytest.skip("the C accelerator is not in use")
+    data = c_encode(span)
+    if span[12] is not None or span[13] is not None:
+        assert data is None  # an exception event or a priority hint: Python's to write
+    else:
+        assert data == otlp_encode.encode_task_span_python(span)
 
 
 def test_requests_concatenate() -> None:

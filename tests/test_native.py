@@ -67,7 +67,14 @@ class Marker:
 
 def test_implementation_names(impl: ModuleType) -> None:
     assert impl.IMPLEMENTATION in {"c", "python"}
-    assert sorted(impl.__all__) == ["Counts", "IMPLEMENTATION", "LeanDone", "LeanFactory", "Tap"]
+    assert sorted(impl.__all__) == [
+        "Counts",
+        "IMPLEMENTATION",
+        "LeanDone",
+        "LeanFactory",
+        "Tap",
+        "encode_task_span",
+    ]
 
 
 def test_other_calls_pass_through_unchanged(impl: ModuleType) -> None:

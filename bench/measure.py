@@ -143,20 +143,25 @@ async def _accuracy(mode: Mode, n: int) -> dict[str, float]:
     ``finished_ns`` is compared; on the lean path (no record) the duration the metrics got, added
     to the creation time asynctrace noted. Also the share of durations that land in another
     histogram bucket than the true duration's.
+
+    On the lean path a spy joins the ``task_finished`` hooks (called, like the metrics' own,
+    with the metadata and the duration, by the C or the Python ``LeanDone``); each probe task
+    gets a correlation id of its own, so its metadata object tells which task it was.
     """
-    from asynctrace import _factory  # noqa: PLC0415
+    import asynctrace  # noqa: PLC0415
+    from asynctrace._state import STATE  # noqa: PLC0415
     from asynctrace.sinks.task_metrics import DURATION_BUCKETS  # noqa: PLC0415
     from asynctrace.testing import record_of  # noqa: PLC0415
 
     perf_ns = time.perf_counter_ns
-    observed: dict[int, int] = {}  # id(task) -> duration the lean instruments got
-    lean_finish = _factory.lean_finish
+    observed: dict[int, int] = {}  # id(metadata) -> duration the lean instruments got
 
-    def spy(task: Any, metadata: Any, duration_ns: int) -> None:  # noqa: ANN401
-        observed[id(task)] = duration_ns
-        lean_finish(task, metadata, duration_ns)
+    def spy(metadata: Any, outcome: str, duration_ns: int) -> None:  # noqa: ANN401, ARG001
+        observed[id(metadata)] = duration_ns
 
-    _factory.lean_finish = spy  # type: ignore[assignment]
+    hooks = STATE.hooks
+    saved = hooks.finished
+    hooks.finished = (spy, *saved)
     ends = [0] * n
 
     async def leaf_acc(i: int) -> None:
@@ -165,24 +170,27 @@ async def _accuracy(mode: Mode, n: int) -> dict[str, float]:
 
     starts = getattr(asyncio.get_running_loop().get_task_factory(), "_asynctrace_starts", {})
     created = [0] * n
-    tasks, records = [], []
+    tasks, records, metas = [], [], []
     for i in range(n):
-        task = mode.spawn(leaf_acc(i), "leaf")
+        task = asynctrace.create_task(
+            leaf_acc(i), operation_name="leaf", correlation_id=f"acc-{i:06d}"
+        )
         tasks.append(task)
         records.append(record_of(task))  # found while the task runs
+        metas.append(asynctrace.task_metadata(task))
         created[i] = starts.get(id(task), 0)
     await asyncio.gather(*tasks)
     await asyncio.sleep(0)
     mode.flush()
-    _factory.lean_finish = lean_finish
+    hooks.finished = saved
     errors, wrong = [], 0
     bounds = [round(b * 1e9) for b in DURATION_BUCKETS]
-    for i, task in enumerate(tasks):
+    for i in range(len(tasks)):
         record = records[i]
         if record is not None and record.finished_ns:
             start, end = record.created_ns, record.finished_ns
-        elif id(task) in observed and created[i]:
-            start, end = created[i], created[i] + observed[id(task)]
+        elif id(metas[i]) in observed and created[i]:
+            start, end = created[i], created[i] + observed[id(metas[i])]
         else:
             continue
         errors.append((end - ends[i]) / 1e3)

@@ -15,8 +15,9 @@ import difflib
 import sys
 import threading
 from collections.abc import Coroutine
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
+from asynctrace import _native
 from asynctrace._metadata import _CORRELATION_ID, _METADATA, validate_metadata
 from asynctrace._state import STATE
 
@@ -43,6 +44,14 @@ FACTORY_MARK: Final = "_asynctrace_installation"
 ASYNCIO_KEYWORDS: Final = frozenset({"name", "context", "eager_start"})
 METADATA_KEYWORDS: Final = frozenset({"operation_name", "correlation_id", "priority_hint"})
 _HELPER_KEYWORDS: Final = tuple(sorted(ASYNCIO_KEYWORDS | METADATA_KEYWORDS | {"task_group"}))
+# The C factory, and the loops whose create_task only calls the factory with the keywords it
+# got (the running loop is never closed, so its closed-check passes). Not 3.13: its
+# create_task renames the factory's task "None" (cpython#130033); the helper keeps that too.
+_C_FACTORY: Final = _native.LeanFactory if _native.IMPLEMENTATION == "c" else None
+_PLAIN_CREATE_TASK: Final = (
+    asyncio.BaseEventLoop.create_task if sys.version_info[:2] != (3, 13) else None
+)
+_running_loop: Final = asyncio.events._get_running_loop
 
 Pending = tuple[str | None, str | None, int | None, str | None, bool | None]
 """(operation_name, correlation_id, priority_hint, name, eager_start)."""
@@ -130,6 +139,22 @@ def create_task(
 
     Since: 0.1.0
     """
+    plain = task_group is None and name is None and context is None and eager_start is None
+    here = _c_factory_here() if plain and not unknown else None
+    if here is not None:
+        loop, factory = here
+        # What loop.create_task would do; the factory validates the metadata (and closes
+        # the coroutine when it raises).
+        return cast(
+            "asyncio.Task[_T]",
+            factory(
+                loop,
+                coro,
+                operation_name=operation_name,
+                correlation_id=correlation_id,
+                priority_hint=priority_hint,
+            ),
+        )
     try:
         if unknown:
             raise TypeError(
@@ -168,6 +193,19 @@ def create_task(
         return _create_uncovered(coro, loop, task_group, name, context, eager_start, correlation_id)
     finally:
         PENDING.value = None
+
+
+def _c_factory_here() -> tuple[asyncio.AbstractEventLoop, Any] | None:
+    """The running loop and its factory, when that is the C one and create_task only calls it."""
+    if _C_FACTORY is None:
+        return None
+    loop = _running_loop()
+    if loop is None:
+        return None
+    factory = loop.get_task_factory()
+    if type(factory) is _C_FACTORY and type(loop).create_task is _PLAIN_CREATE_TASK:
+        return loop, factory
+    return None
 
 
 def _create_uncovered(  # noqa: PLR0917 - the helper's own arguments, passed on

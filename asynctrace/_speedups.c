@@ -254,6 +254,7 @@ typedef struct {
     PyObject *lean_finish;    /* for an eager task done in its first step */
     PyObject *last;           /* (correlation id, metadata) last made, or NULL */
     PyObject *named;          /* (operation, id, priority, metadata) last made, or NULL */
+    PyObject *validated_op;   /* the operation name last found valid (a str), or NULL */
     PyObject *dict;
     vectorcallfunc vectorcall;
 } LeanFactoryObject;
@@ -460,14 +461,31 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
         prio = PyTuple_GET_ITEM(pending, 2);
     }
     else if (metadata_keywords) {
-        PyObject *ok = PyObject_CallFunctionObjArgs(self->validate, op, cid, prio, NULL);
-        if (ok == NULL) {  /* the Python factory raises it again, and closes the coroutine */
-            PyErr_Clear();
-            Py_DECREF(hooks);
-            Py_DECREF(pending);
-            return lf_fallback(self, args, nargsf, kwnames);
+        /* An operation name found valid before (a str never changes), nothing else: valid. */
+        int known = (cid == Py_None && prio == Py_None);
+        if (known && op != Py_None) {
+            Py_BEGIN_CRITICAL_SECTION(self);
+            known = (op == self->validated_op);
+            Py_END_CRITICAL_SECTION();
         }
-        Py_DECREF(ok);
+        if (!known) {
+            PyObject *ok = PyObject_CallFunctionObjArgs(self->validate, op, cid, prio, NULL);
+            if (ok == NULL) {  /* the Python factory raises it again, and closes the coroutine */
+                PyErr_Clear();
+                Py_DECREF(hooks);
+                Py_DECREF(pending);
+                return lf_fallback(self, args, nargsf, kwnames);
+            }
+            Py_DECREF(ok);
+            if (PyUnicode_CheckExact(op)) {
+                PyObject *old;
+                Py_BEGIN_CRITICAL_SECTION(self);
+                old = self->validated_op;
+                self->validated_op = Py_NewRef(op);
+                Py_END_CRITICAL_SECTION();
+                Py_XDECREF(old);
+            }
+        }
     }
 
     PyObject *ctx = NULL, *inherited = NULL, *metadata = NULL, *task = NULL, *result = NULL;
@@ -646,7 +664,7 @@ lf_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 
 #define LF_FIELDS(X) X(fallback) X(state) X(slot) X(cid_var) X(metadata_var) X(make_metadata) \
     X(new_cid) X(validate) X(task_type) X(lean_done) X(starts) X(on_error) X(lean_finish)    \
-    X(last) X(named) X(dict)
+    X(last) X(named) X(validated_op) X(dict)
 
 static int
 lf_traverse(PyObject *op, visitproc visit, void *arg)

@@ -132,6 +132,7 @@ class LeanFactory:
         "__dict__",
         "_last",
         "_named",
+        "_validated_op",
         "cid_var",
         "fallback",
         "lean_done",
@@ -191,6 +192,7 @@ class LeanFactory:
         self.lean_finish = lean_finish
         self._last: tuple[Any, Any] | None = None
         self._named: tuple[Any, Any, Any, Any] | None = None
+        self._validated_op: object = None
 
     def __call__(self, loop: Any, coro: Any, /, **kwargs: Any) -> Any:  # noqa: ANN401, C901, PLR0912, PLR0915
         """Make the task (see the class docstring)."""
@@ -213,11 +215,15 @@ class LeanFactory:
             op = kwargs.get("operation_name")
             cid = kwargs.get("correlation_id")
             prio = kwargs.get("priority_hint")
-            if has_metadata:
+            # An operation name found valid before (a str never changes), nothing else: valid.
+            known = cid is None and prio is None and (op is None or op is self._validated_op)
+            if has_metadata and not known:
                 try:
                     self.validate(op, cid, prio)
                 except Exception:
                     return self.fallback(loop, coro, **kwargs)
+                if type(op) is str:
+                    self._validated_op = op
         context = contextvars.copy_context()
         inherited = self.cid_var.get(None)
         set_cid = False

@@ -698,3 +698,30 @@ def test_lean_done_records_each_outcome(impl: ModuleType) -> None:
         impl.LeanDone(
             metadata_var="x", no_metadata=none, state=None, on_error=print, on_cancelled=print
         )
+
+
+def test_helper_calls_the_c_factory_directly_with_the_same_results() -> None:
+    """asynctrace.create_task's common call goes straight to the C factory (3.11, 3.12, 3.14)."""
+    from asynctrace import _create_task  # noqa: PLC0415
+
+    async def main() -> tuple[object, object, str]:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        try:
+            here = _create_task._c_factory_here()
+            with asynctrace.correlation("req-9"):
+                task = asynctrace.create_task(asyncio.sleep(0, "ok"), operation_name="op")
+            meta = asynctrace.task_metadata(task)
+            result = await task
+            bad = asyncio.sleep(0)
+            with pytest.raises(ValueError, match="Invalid operation_name: ''"):
+                asynctrace.create_task(bad, operation_name="")
+            assert bad.cr_frame is None  # closed: no "never awaited" warning
+            return here, meta, result
+        finally:
+            asynctrace.uninstall()
+
+    here, meta, result = asyncio.run(main())
+    fast = _native.IMPLEMENTATION == "c" and sys.version_info[:2] != (3, 13)
+    assert (here is not None) == fast
+    assert result == "ok"
+    assert meta == asynctrace.TaskMetadata("op", "req-9", None)

@@ -34,6 +34,16 @@ def _no_drops() -> int:
     return 0
 
 
+def _by_operation(
+    name: str, documentation: str, counts: dict[str, int], operations: list[str]
+) -> CounterMetricFamily:
+    """A counter by operation, every operation served (from 0: increase() sees the first)."""
+    family = CounterMetricFamily(f"{PREFIX}{name}", documentation, labels=["operation"])
+    for op in operations:
+        family.add_metric([op], counts.get(op, 0))
+    return family
+
+
 def _le(bound: float) -> str:
     return repr(float(bound))
 
@@ -173,22 +183,18 @@ class PrometheusSink(Instrument, Collector):
 
     def _health(self, folded: Folded, operations: list[str]) -> Iterator[Metric]:
         """Never-retrieved exceptions, tasks pending at close, cancellations, stuck tasks."""
-        never_retrieved = CounterMetricFamily(
-            f"{PREFIX}task_exceptions_never_retrieved",
+        yield _by_operation(
+            "task_exceptions_never_retrieved",
             "Tasks that ended with an exception nobody retrieved, by operation.",
-            labels=["operation"],
+            folded.never_retrieved,
+            operations,
         )
-        for op in operations:
-            never_retrieved.add_metric([op], folded.never_retrieved.get(op, 0))
-        yield never_retrieved
-        pending = CounterMetricFamily(
-            f"{PREFIX}tasks_pending_at_close",
+        yield _by_operation(
+            "tasks_pending_at_close",
             "Tasks still pending when their loop closed or asyncio.run ended, by operation.",
-            labels=["operation"],
+            folded.pending_at_close,
+            operations,
         )
-        for op in operations:
-            pending.add_metric([op], folded.pending_at_close.get(op, 0))
-        yield pending
         cancellations = CounterMetricFamily(
             f"{PREFIX}task_cancellations",
             "Tasks that ended cancelled, by operation and reason (timeout, taskgroup, "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import time
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Final, cast, final
@@ -58,6 +59,7 @@ TaskFactory = Callable[..., "asyncio.Future[Any]"]
 _STARTS_ATTR: Final = "_asynctrace_starts"
 _NO_METADATA: Final = TaskMetadata()
 _UNSET: Final = object()
+_EAGER: Final[dict[str, Any]] = {"eager_start": True}  # a Task keyword of 3.12+
 _perf_ns: Final = time.perf_counter_ns
 
 
@@ -347,9 +349,12 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
     lean_done = new_lean_done()
     starts = lean_done.starts
     factory: Any = asynctrace_task_factory
-    if IMPLEMENTATION == "c" and inner is None:
+    eager = getattr(asyncio, "eager_task_factory", None)  # Python 3.12+
+    if IMPLEMENTATION == "c" and (inner is None or (eager is not None and inner is eager)):
         # The common path in C; the closure above takes every other call (and is the
         # pure-Python runtime's factory: _speedups_py.LeanFactory specifies the C one).
+        # asyncio's eager_task_factory chained is Task(..., eager_start=True): the same here.
+        constructor: Any = task_type if inner is None else functools.partial(task_type, **_EAGER)
         factory = LeanFactory(
             fallback=asynctrace_task_factory,
             state=state,
@@ -359,7 +364,7 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
             make_metadata=_make_metadata,
             new_cid=new_correlation_id,
             validate=validate_metadata,
-            task_type=task_type,
+            task_type=constructor,
             lean_done=lean_done,
             starts=starts,
             on_error=_hook_failed,

@@ -725,3 +725,38 @@ def test_helper_calls_the_c_factory_directly_with_the_same_results() -> None:
     assert (here is not None) == fast
     assert result == "ok"
     assert meta == asynctrace.TaskMetadata("op", "req-9", None)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks exist from Python 3.12")
+def test_eager_task_factory_chained_takes_the_c_path_and_stays_eager() -> None:
+    registry = CollectorRegistry()
+    first_step: list[object] = []
+
+    async def leaf() -> str:
+        first_step.append(asynctrace.task_metadata())  # runs inside create_task: eager
+        await asyncio.sleep(0)
+        return "done"
+
+    async def main() -> tuple[str, list[str]]:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+        asynctrace.install(registry=registry, loop_monitor=False)
+        try:
+            kind = type(loop.get_task_factory()).__name__
+            task = asynctrace.create_task(leaf(), operation_name="eager-op")
+            ran_at_once = len(first_step) == 1
+            results = [await task, str(ran_at_once)]
+            created = registry.get_sample_value(
+                "asynctrace_tasks_created_total", {"operation": "eager-op"}
+            )
+            return kind, [*results, str(int(created or 0))]
+        finally:
+            asynctrace.uninstall()
+            loop.set_task_factory(None)
+
+    kind, results = asyncio.run(main())
+    assert kind == ("LeanFactory" if _native.IMPLEMENTATION == "c" else "function")
+    assert results == ["done", "True", "1"]
+    (meta,) = first_step
+    assert meta is not None
+    assert meta.operation_name == "eager-op"  # type: ignore[attr-defined]

@@ -32,7 +32,7 @@ from asynctrace._factory import (
     new_correlation_id,
 )
 from asynctrace._hooks import Hooks, Instrument, call_each, source_of
-from asynctrace._introspect import task_metadata, task_record
+from asynctrace._introspect import creation_site, task_metadata, task_record
 from asynctrace._metadata import _CORRELATION_ID, _METADATA, TaskMetadata, _make_metadata
 from asynctrace._state import STATE
 from asynctrace._tap import tap, untap
@@ -283,7 +283,7 @@ def _chained_handler(installation: Installation) -> _ExceptionHandler:
         if isinstance(task, asyncio.Future) and not task.done():
             try:
                 context = _with_ids(context, task_metadata(task))
-                site = getattr(task_record(task), "site", None)
+                site = creation_site(task)
                 if site is not None:
                     context = {**context, "created_at": site}
                 _task_destroyed(installation, task)
@@ -356,7 +356,7 @@ def report_pending(
         by_operation[op] = by_operation.get(op, 0) + 1
     listed = "; ".join(
         f"{task.get_name()} (operation={m.operation_name}, correlation_id={m.correlation_id}"
-        f"{_site_part(task)})"
+        f"{_site_part(creation_site(task))})"
         for task, m in pending[:_PENDING_LISTED]
     )
     more = f"; and {len(pending) - _PENDING_LISTED} more" if len(pending) > _PENDING_LISTED else ""
@@ -373,9 +373,7 @@ def report_pending(
     call_each(STATE.hooks.pending_at_close, STATE.errors, loop, pending, when)
 
 
-def _site_part(task: asyncio.Future[Any]) -> str:
-    record = task_record(task)
-    site = getattr(record, "site", None)
+def _site_part(site: str | None) -> str:
     return f", created at {site}" if site else ""
 
 

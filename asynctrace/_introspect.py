@@ -14,7 +14,14 @@ from asynctrace._factory import LiveRecord
 from asynctrace._metadata import _CORRELATION_ID, _METADATA, TaskMetadata, _make_metadata
 from asynctrace._record import TaskRecord
 
-__all__ = ["SLICE", "loop_tasks", "task_metadata", "task_record", "walk_tasks"]
+__all__ = [
+    "SLICE",
+    "creation_site",
+    "loop_tasks",
+    "task_metadata",
+    "task_record",
+    "walk_tasks",
+]
 
 _EMPTY_CONTEXT: Final = contextvars.Context()
 SLICE: Final = 1000
@@ -32,6 +39,12 @@ def task_record(task: asyncio.Future[Any]) -> TaskRecord | None:
         if isinstance(fn, LiveRecord):
             return fn
     return None
+
+
+def creation_site(task: asyncio.Future[Any]) -> str | None:
+    """Where a running task was created (``install(creation_sites=True)``), else None."""
+    record = task_record(task)
+    return record.site if record is not None else None
 
 
 def task_metadata(task: asyncio.Future[Any] | None = None) -> TaskMetadata | None:

@@ -37,7 +37,6 @@ __all__ = [
     "StuckAfter",
     "StuckWatch",
     "await_stack",
-    "creation_site",
     "parse_stuck_after",
 ]
 
@@ -96,12 +95,6 @@ def _caller_site() -> str | None:
             return f"{filename}:{frame.f_lineno} in {frame.f_code.co_name}"
         frame = frame.f_back
     return None
-
-
-def creation_site(task: asyncio.Future[Any]) -> str | None:
-    """Where ``task`` was created, when :class:`CreationSites` noted it (and it still runs)."""
-    record = task_record(task)
-    return record.site if record is not None else None
 
 
 @final

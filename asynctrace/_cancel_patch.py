@@ -27,6 +27,7 @@ from typing import Any, Final
 
 from asynctrace._cancel import Cancellation, mark
 from asynctrace._introspect import task_metadata
+from asynctrace._state import STATE
 
 __all__ = ["patch", "unpatch", "waited_on"]
 
@@ -63,8 +64,6 @@ def _guard(note: Callable[..., None]) -> Callable[..., None]:
         try:
             note(*args)
         except Exception as exc:
-            from asynctrace._state import STATE  # noqa: PLC0415
-
             STATE.errors.count("cancellation reasons", exc)
 
     return guarded

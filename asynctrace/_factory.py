@@ -136,11 +136,10 @@ def _cancelled(task: asyncio.Future[Any], metadata: TaskMetadata) -> None:
 
 def lean_finish(task: asyncio.Future[Any], metadata: TaskMetadata, duration_ns: int) -> None:
     """Call the lean instruments' ``task_finished`` for a task that ended."""
-    hooks = STATE.hooks
     outcome = outcome_of(task)
-    call_each(hooks.finished, STATE.errors, metadata, outcome, duration_ns)
-    if outcome == CANCELLED and hooks.cancelled:
-        call_each(hooks.cancelled, STATE.errors, metadata, cancellation_of(task))
+    call_each(STATE.hooks.finished, STATE.errors, metadata, outcome, duration_ns)
+    if outcome == CANCELLED:
+        _cancelled(task, metadata)
 
 
 @final
@@ -377,7 +376,11 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
 
 
 def _hook_failed(hook: Callable[..., object], exc: BaseException) -> None:
-    """A started hook raised in the C factory: what call_each does (counted, or re-raised)."""
+    """A lean hook raised in a C or Python ``LeanDone``/``LeanFactory``: what call_each does.
+
+    Counted and logged under the hook's instrument; what must not be swallowed
+    (KeyboardInterrupt, SystemExit) is raised again.
+    """
     if not isinstance(exc, Exception | asyncio.CancelledError):
         raise exc
     STATE.errors.count(source_of(hook), exc)

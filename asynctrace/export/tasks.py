@@ -273,39 +273,34 @@ def snapshot(query: TaskQuery, timeout_s: float = READ_TIMEOUT_S) -> dict[str, A
 _WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], list[bytes]]
 
 
+def _respond(
+    start_response: Callable[..., Any], status: str, content_type: str, body: bytes
+) -> list[bytes]:
+    # Vary: /tasks answers a browser with the page and anyone else with JSON.
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Vary", "Accept"),
+    ]
+    start_response(status, headers)
+    return [body]
+
+
 def tasks_app(metrics_app: _WSGIApp) -> _WSGIApp:
-    """A WSGI app serving ``/tasks`` (JSON) and passing every other path to ``metrics_app``."""
+    """Serve ``/tasks`` (JSON, or the page to a browser) and ``/tasks.html``; the rest: metrics."""
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         path = environ.get("PATH_INFO")
         if path not in ("/tasks", "/tasks.html"):
             return metrics_app(environ, start_response)
         if path == "/tasks.html" or wants_html(environ.get("HTTP_ACCEPT", "")):
-            page = PAGE.encode()
-            start_response(
-                "200 OK",
-                [
-                    ("Content-Type", "text/html; charset=utf-8"),
-                    ("Content-Length", str(len(page))),
-                    ("Vary", "Accept"),
-                ],
-            )
-            return [page]
+            return _respond(start_response, "200 OK", "text/html; charset=utf-8", PAGE.encode())
         try:
             query = TaskQuery.from_query_string(environ.get("QUERY_STRING", ""))
         except ValueError as exc:
             body = json.dumps({"error": str(exc)}).encode()
-            start_response("400 Bad Request", [("Content-Type", "application/json")])
-            return [body]
+            return _respond(start_response, "400 Bad Request", "application/json", body)
         body = json.dumps(snapshot(query)).encode()
-        start_response(
-            "200 OK",
-            [
-                ("Content-Type", "application/json"),
-                ("Content-Length", str(len(body))),
-                ("Vary", "Accept"),
-            ],
-        )
-        return [body]
+        return _respond(start_response, "200 OK", "application/json", body)
 
     return app

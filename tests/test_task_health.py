@@ -267,3 +267,54 @@ async def test_destroyed_pending_task_is_logged_with_its_creation_site(
     assert "operation: 'orphan'" in text
     assert "created_at: '" in text
     assert "test_task_health.py" in text
+
+
+@pytest.mark.asyncio
+async def test_stuck_watch_stops_after_fork(caplog: pytest.LogCaptureFixture) -> None:
+    """A forked child inherits the loop and its scheduled walks: they end, nothing is logged."""
+    from asynctrace.sinks.health import StuckWatch  # noqa: PLC0415
+
+    watch = StuckWatch((("*", 0.05),))
+    watch.loop_attached(asyncio.get_running_loop())
+    asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+    caplog.set_level(logging.WARNING, logger="asynctrace")
+    try:
+        task = asynctrace.create_task(forever(), operation_name="in-child")
+        watch.after_fork()  # what a forked child's installation calls
+        await asyncio.sleep(0.3)
+        task.cancel()
+    finally:
+        asynctrace.uninstall()
+    assert watch.stuck_now() == {}
+    assert not [r for r in caplog.records if "stuck" in r.getMessage()]
+
+
+@pytest.mark.asyncio
+async def test_stuck_event_of_a_task_destroyed_pending_is_dropped() -> None:
+    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+
+    from asynctrace.sinks.tracing import SpanSink  # noqa: PLC0415
+
+    asynctrace.install(
+        registry=CollectorRegistry(),
+        tracer_provider=TracerProvider(),
+        loop_monitor=False,
+        stuck_after=0.05,
+    )
+    try:
+        (sink,) = [i for i in STATE.hooks.instruments if isinstance(i, SpanSink)]
+
+        async def waits_on(future: asyncio.Future[None]) -> None:
+            await future
+
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        asynctrace.create_task(waits_on(future), operation_name="orphan")
+        await asyncio.sleep(0.3)  # stuck: an event noted for its span
+        noted = len(sink._late_events)
+        del future  # destroyed pending: its span never ends
+        gc.collect()
+        await asyncio.sleep(0)
+        left = len(sink._late_events)
+    finally:
+        asynctrace.uninstall()
+    assert (noted, left) == (1, 0)

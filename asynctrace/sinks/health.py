@@ -262,3 +262,7 @@ class StuckWatch(Instrument):
     def close(self) -> None:
         """Stop walking (each loop's next turn ends its watch)."""
         self._closed = True
+
+    def after_fork(self) -> None:
+        """In a forked child: stop walking the loops it inherited (nothing is installed there)."""
+        self._closed = True

@@ -605,6 +605,16 @@ class SpanSink(Instrument):
         elif isinstance(data, trace.Span):
             self._end_full(task, record, data, attributes, end)
 
+    def task_destroyed(self, task: asyncio.Future[Any], metadata: TaskMetadata) -> None:  # noqa: ARG002
+        """A task destroyed while pending never ends: drop a stuck event noted for its span.
+
+        Its handle's id could otherwise be reused by a later span, which would get the event.
+        """
+        if self._late_events:
+            record = task_record(task)
+            if record is not None:
+                self._late_events.pop(id(record._span), None)
+
     def task_stuck(self, task: asyncio.Task[Any], metadata: TaskMetadata, age_s: float) -> None:  # noqa: ARG002
         """Add an ``asynctrace.stuck`` event to the task's span (exported when it ends)."""
         record = task_record(task)

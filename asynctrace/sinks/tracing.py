@@ -35,10 +35,12 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from typing import Any, Final, final
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
@@ -59,6 +61,7 @@ from asynctrace._hooks import Instrument
 from asynctrace._introspect import task_record
 from asynctrace._metadata import TaskMetadata
 from asynctrace._record import CANCELLED, EXCEPTION, TaskRecord
+from asynctrace_context import TASK_SPAN, TaskSpanRuntimeContext
 
 __all__ = [
     "ATTR_CANCELLED_BY_CORRELATION_ID",
@@ -156,7 +159,9 @@ class _TaskSpan(NonRecordingSpan):
 
     __slots__ = (
         "_context",
+        "_current",
         "correlation_id",
+        "inherited",
         "links",
         "parent",
         "sampler_attributes",
@@ -187,6 +192,18 @@ class _TaskSpan(NonRecordingSpan):
         self.sampler_attributes = sampler_attributes
         self.correlation_id = correlation_id
         self.links = links
+        # The lazy current span (asynctrace_context): the OpenTelemetry context the task
+        # inherited, and that context with this span in it, made when first asked for.
+        self.inherited: otel_context.Context | None = None
+        self._current: otel_context.Context | None = None
+
+    def current_context(self) -> otel_context.Context:
+        """The task's current context while it attached none: ``inherited`` with this span."""
+        current = self._current
+        if current is None:
+            assert self.inherited is not None  # noqa: S101 - only a task's handle is asked
+            current = self._current = trace.set_span_in_context(self, self.inherited)
+        return current
 
     def get_span_context(self) -> SpanContext:
         context = self._context
@@ -202,6 +219,57 @@ class _TaskSpan(NonRecordingSpan):
 
     def __repr__(self) -> str:
         return f"_TaskSpan({self.get_span_context()!r})"
+
+
+@final
+class _LazyContext:
+    """Puts :class:`TaskSpanRuntimeContext` in place of OpenTelemetry's default runtime context.
+
+    OpenTelemetry selects its runtime context once, when ``opentelemetry.context`` is imported
+    (``OTEL_PYTHON_CONTEXT``, an entry point); asynctrace is usually installed later. Where
+    the runtime context in use is exactly OpenTelemetry's ``ContextVarsRuntimeContext``, ours
+    takes its place, keeping its ``ContextVar`` (so tokens handed out before stay valid), and
+    the last :meth:`release` puts it back. That module attribute, ``_RUNTIME_CONTEXT``, is
+    private: it has had this name and role since opentelemetry-api 1.0; anything else there
+    (another runtime context) leaves the task spans on the path that attaches a context per
+    task. Tests: tests/test_lazy_context.py.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._replaced: tuple[ContextVarsRuntimeContext, TaskSpanRuntimeContext] | None = None
+
+    def acquire(self) -> TaskSpanRuntimeContext | None:
+        """The runtime context in use if it is (or now is) ours, counted; None if it cannot be."""
+        with self._lock:
+            runtime = getattr(otel_context, "_RUNTIME_CONTEXT", None)
+            if not isinstance(runtime, TaskSpanRuntimeContext):
+                var = getattr(runtime, "_current_context", None)
+                plain = type(runtime) is ContextVarsRuntimeContext
+                if not plain or not isinstance(var, ContextVar):
+                    return None
+                assert isinstance(runtime, ContextVarsRuntimeContext)  # noqa: S101 - for mypy
+                ours = TaskSpanRuntimeContext(var)
+                otel_context._RUNTIME_CONTEXT = ours
+                self._replaced = (runtime, ours)
+                runtime = ours
+            self._users += 1
+            return runtime
+
+    def release(self) -> None:
+        """One user fewer; the last puts back the runtime context ours replaced, if still ours."""
+        with self._lock:
+            self._users -= 1
+            if self._users or self._replaced is None:
+                return
+            original, ours = self._replaced
+            self._replaced = None
+            if getattr(otel_context, "_RUNTIME_CONTEXT", None) is ours:
+                otel_context._RUNTIME_CONTEXT = original
+
+
+LAZY_CONTEXT: Final = _LazyContext()
 
 
 @final
@@ -326,6 +394,10 @@ class SpanSink(Instrument):
         self._default_sampler = False
         # Events noted while a fast-path span runs (stuck tasks), by id(handle); rare.
         self._late_events: dict[int, list[sdk_trace.Event]] = {}
+        # The lazy current span: the runtime context that makes it, while it is in use.
+        self._runtime: TaskSpanRuntimeContext | None = None
+        if isinstance(self._tracer, sdk_trace.Tracer):
+            self._runtime = LAZY_CONTEXT.acquire()
         self._recheck()
 
     def _recheck(self) -> None:
@@ -384,15 +456,21 @@ class SpanSink(Instrument):
         )
         return started, otel_context.attach(trace.set_span_in_context(started, current))
 
-    def _start_fast(
+    def _start_fast(  # noqa: PLR0917 - the hot path: positional arguments
         self,
         tracer: sdk_trace.Tracer,
         name: str,
         correlation_id: str | None,
         current: otel_context.Context,
         links: tuple[Link, ...],
+        here: trace.Span | None = None,
     ) -> _TaskSpan:
-        parent: SpanContext | None = trace.get_current_span(current).get_span_context()
+        """A span handle whose parent is ``here``, else the current span of ``current``."""
+        if here is None:
+            here = trace.get_current_span(current)
+        elif not self._default_sampler:  # the sampler sees the parent in its context
+            current = trace.set_span_in_context(here, current)
+        parent: SpanContext | None = here.get_span_context()
         if parent is not None and parent.is_valid:
             trace_id = parent.trace_id
         else:
@@ -427,10 +505,15 @@ class SpanSink(Instrument):
         meta = record.metadata
         if self._filter is not None and not self._filter(meta):
             return
-        # In the task's own context, which ends with the task: nothing to detach.
-        started, _ = self._start(
-            meta.operation_name or _PROVISIONAL_NAME, meta.correlation_id, record.created_ns
-        )
+        runtime = self._runtime
+        started: _Started
+        if runtime is not None and otel_context._RUNTIME_CONTEXT is runtime and self._fast:
+            started = self._start_lazy(runtime, record)
+        else:
+            # In the task's own context, which ends with the task: nothing to detach.
+            started, _ = self._start(
+                meta.operation_name or _PROVISIONAL_NAME, meta.correlation_id, record.created_ns
+            )
         if isinstance(started, _TaskSpan):  # its SpanContext is built only when asked for
             if started.trace_flags.sampled:
                 record._span = started
@@ -447,6 +530,44 @@ class SpanSink(Instrument):
         if span_context.trace_flags.sampled:
             record.trace_id, record.span_id = span_context.trace_id, span_context.span_id
 
+    def _start_lazy(self, runtime: TaskSpanRuntimeContext, record: TaskRecord) -> _Started:
+        """The fast path's start, with no context attached: the span is current lazily.
+
+        The task's span handle goes in ``TASK_SPAN``, with the OpenTelemetry context the task
+        inherited; ``runtime`` makes the context holding the span when code asks for it.
+        """
+        meta = record.metadata
+        tracer = self._tracer
+        if _sdk_processors(tracer) is not self._checked_processors:  # type: ignore[arg-type]
+            self._recheck()  # a processor was added since
+            if not self._fast:
+                name = meta.operation_name or _PROVISIONAL_NAME
+                return self._start(name, meta.correlation_id, record.created_ns)[0]
+        current = runtime._current_context.get()
+        creator = TASK_SPAN.get()
+        here: trace.Span
+        if creator is not None and creator.inherited is current:
+            here = creator  # created by a traced task, where its own span is current
+        else:
+            here = trace.get_current_span(current)
+        links: tuple[Link, ...] = ()
+        correlation_id = meta.correlation_id
+        owner = _correlation_of(here)
+        if owner is not _NOT_OURS and owner != correlation_id:
+            links = (Link(here.get_span_context()),)
+            here = INVALID_SPAN
+        started = self._start_fast(
+            tracer,  # type: ignore[arg-type]
+            meta.operation_name or _PROVISIONAL_NAME,
+            correlation_id,
+            current,
+            links,
+            here,
+        )
+        started.inherited = current
+        TASK_SPAN.set(started)
+        return started
+
     def _thread_counts(self) -> _Counts:
         """This thread's counts of sampled task spans."""
         try:
@@ -459,6 +580,9 @@ class SpanSink(Instrument):
 
     def close(self) -> None:
         """Count the task spans that never ended (their tasks outlived the installation)."""
+        if self._runtime is not None:
+            self._runtime = None
+            LAZY_CONTEXT.release()
         self._closed = True
         with self._counts_lock:
             threads = list(self._counts)

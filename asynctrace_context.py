@@ -1,0 +1,64 @@
+"""OpenTelemetry's runtime context, where a traced task's current span is made only when asked.
+
+A module of its own, outside the ``asynctrace`` package, because OpenTelemetry loads its
+runtime context while ``opentelemetry.context`` is still being imported: this module may import
+nothing that imports ``opentelemetry.context`` back (``asynctrace`` itself does).
+
+Select it before OpenTelemetry is imported with ``OTEL_PYTHON_CONTEXT=asynctrace`` (the entry
+point in asynctrace's ``pyproject.toml``), or let ``asynctrace.install()`` put it in place of
+OpenTelemetry's default one (see :func:`asynctrace.sinks.tracing` for when).
+
+How it works: asynctrace's task factory does not attach a new OpenTelemetry ``Context`` to
+each traced task. It sets :data:`TASK_SPAN` in the task's context to the task's span handle,
+which remembers the OpenTelemetry context the task inherited. :meth:`get_current` returns that
+context with the task's span in it, built on the first call, while the task's current context
+is still the one it inherited. Once code in the task attaches a context of its own (a span of
+another instrumentation made current), that context is current, as it would be anyway; when it
+is detached, the task's span is current again.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any, Final, Protocol
+
+from opentelemetry.context.context import Context
+from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
+
+__all__ = ["TASK_SPAN", "LazySpan", "TaskSpanRuntimeContext"]
+
+
+class LazySpan(Protocol):
+    """What :data:`TASK_SPAN` holds: a task's span and the context the task inherited."""
+
+    inherited: Context | None
+
+    def current_context(self) -> Context:
+        """``inherited`` with this span as its current span (built once)."""
+        ...
+
+
+TASK_SPAN: Final[ContextVar[Any]] = ContextVar("asynctrace_task_span", default=None)
+"""The traced task's span handle (a :class:`LazySpan`), in the task's own context."""
+
+
+class TaskSpanRuntimeContext(ContextVarsRuntimeContext):
+    """OpenTelemetry's contextvars runtime context, plus the lazily made current span of a task.
+
+    ``current_context`` is the ``ContextVar`` to keep using, when this one takes the place of
+    a ``ContextVarsRuntimeContext`` already in use: tokens it handed out stay valid.
+    """
+
+    def __init__(self, current_context: ContextVar[Context] | None = None) -> None:
+        """Use ``current_context`` (the default: a new one, as OpenTelemetry's own does)."""
+        super().__init__()
+        if current_context is not None:
+            self._current_context = current_context
+
+    def get_current(self) -> Context:
+        """The current context; in a traced task that attached none, one holding its span."""
+        context = self._current_context.get()
+        span = TASK_SPAN.get()
+        if span is None or span.inherited is not context:
+            return context
+        return span.current_context()  # type: ignore[no-any-return]

@@ -57,10 +57,13 @@ bench: .venv-bench/bin/.installed .venv314-bench/bin/.installed
 	.venv-bench/bin/python bench/plot.py
 	$(MAKE) bench-profile
 
-# Where the time goes: py-spy (native frames) on the fan-out, bare / metrics / tracing.
+# Where the time goes: py-spy (native frames) on the fan-out, bare / metrics / tracing with
+# OTLP export; and the collector's share alone, with no profiler attached (gc-*.md).
 bench-profile: .venv-bench/bin/.installed .venv314-bench/bin/.installed
 	.venv-bench/bin/python bench/profile.py --out docs/performance/profile-py3.11.md
 	.venv314-bench/bin/python bench/profile.py --out docs/performance/profile-py3.14.md
+	.venv-bench/bin/python bench/profile.py --no-spy --seconds 10 --out docs/performance/gc-py3.11.md
+	.venv314-bench/bin/python bench/profile.py --no-spy --seconds 10 --out docs/performance/gc-py3.14.md
 
 # CI's coarse guard: asynctrace against bare only, small sizes; fails on gross regressions.
 bench-guard: $(BIN)/.installed

@@ -1,6 +1,6 @@
 """Where the time goes: a py-spy profile, native frames included, of one workload per mode.
 
-    python bench/profile.py [--modes bare asynctrace-metrics asynctrace-tracing]
+    python bench/profile.py [--modes bare asynctrace-metrics asynctrace-tracing-otlp]
                             [--workload fanout] [--tasks 20000] [--seconds 8] [--out FILE]
 
 Each mode runs in a child process that sets the mode up, warms up, and then waits. py-spy
@@ -42,6 +42,7 @@ from typing import Any
 
 from measure import run_once
 from modes import Mode
+from run import _start_receiver
 from workloads import WORKLOAD_FUNCS
 
 HERE = Path(__file__).resolve().parent
@@ -119,7 +120,9 @@ def child(args: argparse.Namespace) -> None:
 # -- the parent: attach py-spy, group the stacks --------------------------------------------
 
 
-def _profile(mode: str, args: argparse.Namespace, py_spy: str) -> tuple[dict[str, Any], Path]:
+def _profile(
+    mode: str, args: argparse.Namespace, py_spy: str | None
+) -> tuple[dict[str, Any], Path]:
     raw = Path(tempfile.mkstemp(prefix=f"profile-{mode}-", suffix=".txt")[1])
     cmd = [sys.executable, __file__, "--child", "--mode", mode, "--workload", args.workload,
            "--tasks", str(args.tasks), "--seconds", str(args.seconds)]  # fmt: skip
@@ -129,6 +132,12 @@ def _profile(mode: str, args: argparse.Namespace, py_spy: str) -> tuple[dict[str
         try:
             if proc.stdout.readline().strip() != "ready":
                 raise SystemExit(f"[{mode}] the child did not start")
+            if args.no_spy:  # the collector's timing alone, nothing attached to the child
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                result = json.loads(proc.stdout.readline())
+                return result, raw
+            assert py_spy is not None  # noqa: S101 - main() checked it
             spy = subprocess.Popen(
                 [
                     py_spy,
@@ -226,6 +235,35 @@ def _summarize(raw: Path) -> tuple[collections.Counter[str], collections.Counter
     return groups, leaves, sum(groups.values())
 
 
+def _render_gc(results: dict[str, tuple[dict[str, Any], Path]], args: argparse.Namespace) -> str:
+    """``--no-spy``: CPU per task and the collector's share of it, timed by ``gc.callbacks``."""
+    modes = list(results)
+    lines = [
+        (
+            f"**Python {platform.python_version()}**, `{args.workload}` of {args.tasks} tasks "
+            f"for {args.seconds} s per mode, no profiler attached. CPU µs per task"
+        ),
+        "",
+        "| | " + " | ".join(modes) + " |",
+        "|---|" + "---|" * len(modes),
+        "| **CPU per task** | "
+        + " | ".join(f"**{results[m][0]['cpu_us']:.1f}**" for m in modes)
+        + " |",
+    ]
+    lines.extend(
+        f"| collections of generation {gen} | "
+        + " | ".join(f"{results[m][0]['gc_us'][gen]:.1f}" for m in modes)
+        + " |"
+        for gen in range(3)
+    )
+    cells = []
+    for m in modes:
+        in_gc, cpu = sum(results[m][0]["gc_us"]), results[m][0]["cpu_us"]
+        cells.append(f"{in_gc:.1f} ({in_gc / cpu:.0%})")
+    lines.append("| the collector, all generations (share) | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _render(results: dict[str, tuple[dict[str, Any], Path]], args: argparse.Namespace) -> str:
     modes = list(results)
     summaries = {m: _summarize(raw) for m, (_, raw) in results.items()}
@@ -276,14 +314,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="bare", help=argparse.SUPPRESS)
-    parser.add_argument("--modes", nargs="+",
-                        default=["bare", "asynctrace-metrics", "asynctrace-tracing"])  # fmt: skip
+    parser.add_argument(
+        "--modes", nargs="+", default=["bare", "asynctrace-metrics", "asynctrace-tracing-otlp"]
+    )
     parser.add_argument("--workload", default="fanout", choices=list(WORKLOAD_FUNCS))
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rate", type=int, default=500, help="py-spy samples per second")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--out", type=Path, default=None, help="also write the tables here")
+    parser.add_argument(
+        "--no-spy", action="store_true", help="no py-spy: CPU and the collector's time only"
+    )
     parser.add_argument(
         "--keep-raw", type=Path, default=None, help="keep py-spy's raw stacks in this folder"
     )
@@ -293,12 +335,22 @@ def main() -> int:
         return 0
     py_spy = shutil.which("py-spy", path=os.pathsep.join([str(Path(sys.executable).parent),
                                                           os.environ.get("PATH", "")]))  # fmt: skip
-    if py_spy is None:
+    if py_spy is None and not args.no_spy:
         raise SystemExit("py-spy not found: pip install py-spy (the 'bench' extra has it)")
-    results = {m: _profile(m, args, py_spy) for m in args.modes}
-    text = _render(results, args)
+    # The "-otlp" modes export to the real receiver, as in bench/run.py.
+    receiver = _start_receiver() if any(m.endswith("-otlp") for m in args.modes) else None
+    try:
+        results = {m: _profile(m, args, py_spy) for m in args.modes}
+    finally:
+        if receiver is not None:
+            receiver.kill()
+            receiver.wait(10)
+    text = _render_gc(results, args) if args.no_spy else _render(results, args)
     print(text)
     for m, (_, raw) in results.items():
+        if args.no_spy:
+            raw.unlink()
+            continue
         if args.keep_raw:
             args.keep_raw.mkdir(parents=True, exist_ok=True)
             shutil.copy(raw, args.keep_raw / f"profile-{m}-py{platform.python_version()}.txt")

@@ -235,14 +235,14 @@ def _summarize(raw: Path) -> tuple[collections.Counter[str], collections.Counter
     return groups, leaves, sum(groups.values())
 
 
-def _render_gc(results: dict[str, tuple[dict[str, Any], Path]], args: argparse.Namespace) -> str:
-    """``--no-spy``: CPU per task and the collector's share of it, timed by ``gc.callbacks``."""
+Results = dict[str, tuple[dict[str, Any], Path]]
+
+
+def _head(results: Results, title: str) -> list[str]:
+    """The title, the table's header and its first row: CPU per task of each mode."""
     modes = list(results)
-    lines = [
-        (
-            f"**Python {platform.python_version()}**, `{args.workload}` of {args.tasks} tasks "
-            f"for {args.seconds} s per mode, no profiler attached. CPU µs per task"
-        ),
+    return [
+        f"**Python {platform.python_version()}**, {title}",
         "",
         "| | " + " | ".join(modes) + " |",
         "|---|" + "---|" * len(modes),
@@ -250,12 +250,26 @@ def _render_gc(results: dict[str, tuple[dict[str, Any], Path]], args: argparse.N
         + " | ".join(f"**{results[m][0]['cpu_us']:.1f}**" for m in modes)
         + " |",
     ]
-    lines.extend(
-        f"| collections of generation {gen} | "
-        + " | ".join(f"{results[m][0]['gc_us'][gen]:.1f}" for m in modes)
+
+
+def _gc_rows(results: Results, label: str) -> list[str]:
+    """One row per generation: the collector's CPU per task, timed by ``gc.callbacks``."""
+    return [
+        f"| collections of generation {gen}{label} | "
+        + " | ".join(f"{result['gc_us'][gen]:.1f}" for result, _ in results.values())
         + " |"
         for gen in range(3)
+    ]
+
+
+def _render_gc(results: Results, args: argparse.Namespace) -> str:
+    """``--no-spy``: CPU per task and the collector's share of it, timed by ``gc.callbacks``."""
+    modes = list(results)
+    title = (
+        f"`{args.workload}` of {args.tasks} tasks for {args.seconds} s per mode, "
+        "no profiler attached. CPU µs per task"
     )
+    lines = _head(results, title) + _gc_rows(results, "")
     cells = []
     for m in modes:
         in_gc, cpu = sum(results[m][0]["gc_us"]), results[m][0]["cpu_us"]
@@ -264,22 +278,14 @@ def _render_gc(results: dict[str, tuple[dict[str, Any], Path]], args: argparse.N
     return "\n".join(lines) + "\n"
 
 
-def _render(results: dict[str, tuple[dict[str, Any], Path]], args: argparse.Namespace) -> str:
+def _render(results: Results, args: argparse.Namespace) -> str:
     modes = list(results)
     summaries = {m: _summarize(raw) for m, (_, raw) in results.items()}
-    lines = [
-        (
-            f"**Python {platform.python_version()}**, `{args.workload}` of {args.tasks} tasks, "
-            f"py-spy --native at {args.rate} Hz for {args.seconds} s per mode. CPU µs per task "
-            "(share of the samples)"
-        ),
-        "",
-        "| | " + " | ".join(modes) + " |",
-        "|---|" + "---|" * len(modes),
-        "| **CPU per task** | "
-        + " | ".join(f"**{results[m][0]['cpu_us']:.1f}**" for m in modes)
-        + " |",
-    ]
+    title = (
+        f"`{args.workload}` of {args.tasks} tasks, py-spy --native at {args.rate} Hz for "
+        f"{args.seconds} s per mode. CPU µs per task (share of the samples)"
+    )
+    lines = _head(results, title)
     for group in GROUPS:
         cells = []
         for m in modes:
@@ -288,12 +294,7 @@ def _render(results: dict[str, tuple[dict[str, Any], Path]], args: argparse.Name
             cells.append(f"{share * results[m][0]['cpu_us']:.1f} ({share:.0%})" if share else "")
         if any(cells):
             lines.append(f"| {group} | " + " | ".join(cells) + " |")
-    lines.extend(
-        f"| collections of generation {gen}, timed by `gc.callbacks` | "
-        + " | ".join(f"{results[m][0]['gc_us'][gen]:.1f}" for m in modes)
-        + " |"
-        for gen in range(3)
-    )
+    lines += _gc_rows(results, ", timed by `gc.callbacks`")
     lines.append("| samples | " + " | ".join(str(summaries[m][2]) for m in modes) + " |")
     if not any(summaries[m][0][GROUPS[0]] for m in modes):
         lines += [

@@ -305,6 +305,20 @@ def _correlation_of(span: trace.Span) -> object:
     return _NOT_OURS
 
 
+def _parent_for(
+    here: trace.Span, correlation_id: str | None
+) -> tuple[trace.Span, tuple[Link, ...]]:
+    """A new span's parent, given the current span ``here``, and its links.
+
+    ``here`` itself, unless it is one of asynctrace's spans of another correlation id: then no
+    parent (``INVALID_SPAN``: the root of a new trace) and a link to ``here``.
+    """
+    owner = _correlation_of(here)
+    if owner is not _NOT_OURS and owner != correlation_id:
+        return INVALID_SPAN, (Link(here.get_span_context()),)
+    return here, ()
+
+
 def _attributes(task: asyncio.Task[Any], record: TaskRecord) -> dict[str, Any]:
     meta = record.metadata
     attributes: dict[str, Any] = {
@@ -432,12 +446,9 @@ class SpanSink(Instrument):
         correlation id: then it is the root of a new trace, linked to that span.
         """
         current = otel_context.get_current()
-        here = trace.get_current_span(current)
-        links: tuple[Link, ...] = ()
-        owner = _correlation_of(here)
-        if owner is not _NOT_OURS and owner != correlation_id:
-            links = (Link(here.get_span_context()),)
-            current = trace.set_span_in_context(INVALID_SPAN, current)
+        parent, links = _parent_for(trace.get_current_span(current), correlation_id)
+        if links:  # no parent in the span's context: the root of a new trace
+            current = trace.set_span_in_context(parent, current)
         tracer = self._tracer
         started: _Started
         if isinstance(tracer, sdk_trace.Tracer):
@@ -550,12 +561,8 @@ class SpanSink(Instrument):
             here = creator  # created by a traced task, where its own span is current
         else:
             here = trace.get_current_span(current)
-        links: tuple[Link, ...] = ()
         correlation_id = meta.correlation_id
-        owner = _correlation_of(here)
-        if owner is not _NOT_OURS and owner != correlation_id:
-            links = (Link(here.get_span_context()),)
-            here = INVALID_SPAN
+        here, links = _parent_for(here, correlation_id)
         started = self._start_fast(
             tracer,  # type: ignore[arg-type]
             meta.operation_name or _PROVISIONAL_NAME,

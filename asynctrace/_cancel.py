@@ -86,9 +86,12 @@ def _message(task: asyncio.Future[Any]) -> str | None:
 
 
 def cancellation_of(task: asyncio.Future[Any]) -> Cancellation:
-    """Why ``task``, which ended cancelled, was: its note, else ``"explicit"``."""
+    """Why ``task``, which ended cancelled, was: its note, else ``"explicit"``.
+
+    The note stays (it goes with the task): the metrics and the span each ask.
+    """
     with _lock:
-        note = _notes.pop(task, None)
+        note = _notes.get(task)
     message = _message(task)
     if note is None:
         return Cancellation("explicit", message)

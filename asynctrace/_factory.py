@@ -43,6 +43,7 @@ from asynctrace._state import STATE
 
 __all__ = [
     "MARKERS",
+    "STARTS_ATTR",
     "LeanDone",
     "LiveRecord",
     "TapProbe",
@@ -56,7 +57,8 @@ __all__ = [
 
 TaskFactory = Callable[..., "asyncio.Future[Any]"]
 
-_STARTS_ATTR: Final = "_asynctrace_starts"
+STARTS_ATTR: Final = "_asynctrace_starts"
+"""The attribute of asynctrace's factory holding its lean path's ``starts`` table."""
 _NO_METADATA: Final = TaskMetadata()
 _UNSET: Final = object()
 _EAGER: Final[dict[str, Any]] = {"eager_start": True}  # a Task keyword of 3.12+
@@ -134,12 +136,24 @@ def _cancelled(task: asyncio.Future[Any], metadata: TaskMetadata) -> None:
         call_each(hooks.cancelled, STATE.errors, metadata, cancellation_of(task))
 
 
-def lean_finish(task: asyncio.Future[Any], metadata: TaskMetadata, duration_ns: int) -> None:
-    """Call the lean instruments' ``task_finished`` for a task that ended."""
+def lean_finish(
+    task: asyncio.Future[Any],
+    metadata: TaskMetadata,
+    duration_ns: int,
+    entry: Any = None,  # noqa: ANN401
+) -> None:
+    """Call the lean instruments' ``task_finished`` for a task that ended (in its first step).
+
+    ``entry`` is what ``hooks.begin`` gave for it (None: nothing), handed to ``hooks.end``.
+    """
     outcome = outcome_of(task)
-    call_each(STATE.hooks.finished, STATE.errors, metadata, outcome, duration_ns)
+    hooks = STATE.hooks
+    call_each(hooks.finished, STATE.errors, metadata, outcome, duration_ns)
     if outcome == CANCELLED:
         _cancelled(task, metadata)
+    if entry is not None and hooks.end is not None:
+        finished_ns = entry.created_ns + duration_ns
+        call_each((hooks.end,), STATE.errors, task, entry, metadata, outcome, finished_ns)
 
 
 @final
@@ -300,6 +314,13 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
         if hooks.lean:
             # Only lean instruments observe tasks: no record, one shared done callback.
             created_ns = perf_ns()
+            kept = None
+            begin = hooks.begin
+            if begin is not None:  # the span sink: its span, started in the task's context
+                try:
+                    kept = context.run(begin, metadata, created_ns)
+                except (Exception, asyncio.CancelledError) as exc:
+                    errors.count(source_of(begin), exc)
             if inner is None:  # _build, inlined
                 task = task_type(coro, loop=loop, **kwargs)
             else:
@@ -310,9 +331,9 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
                 except (Exception, asyncio.CancelledError) as exc:
                     errors.count(source_of(hook), exc)
             if task.done():  # an eager task that finished in its first step
-                lean_finish(task, metadata, perf_ns() - created_ns)
+                lean_finish(task, metadata, perf_ns() - created_ns, kept)
             else:
-                starts[id(task)] = created_ns
+                starts[id(task)] = created_ns if kept is None else kept
                 # Not an asyncio.Task (a chained factory's): it may end outside its own
                 # context, so the tap must not run the marker there; a Handle runs it in it.
                 done = lean_done if type(task) is task_type else lean_done.__call__
@@ -370,7 +391,7 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
             lean_finish=lean_finish,
         )
     setattr(factory, FACTORY_MARK, installation)
-    setattr(factory, _STARTS_ATTR, starts)
+    setattr(factory, STARTS_ATTR, starts)
     factory.__wrapped__ = inner
     return cast("TaskFactory", factory)
 
@@ -388,7 +409,7 @@ def _hook_failed(hook: Callable[..., object], exc: BaseException) -> None:
 
 def forget_task(factory: object, task: asyncio.Future[Any]) -> bool:
     """Forget a lean-path task that was destroyed while pending; False if none was noted."""
-    starts: dict[int, int] | None = getattr(factory, _STARTS_ATTR, None)
+    starts: dict[int, object] | None = getattr(factory, STARTS_ATTR, None)
     return starts is not None and starts.pop(id(task), None) is not None
 
 
@@ -398,6 +419,6 @@ def forget_running(factory: object) -> None:
     Their creation was counted by instruments that are closed now; counting their end in
     the next installation's would drive its in-flight gauge below zero.
     """
-    starts: dict[int, int] | None = getattr(factory, _STARTS_ATTR, None)
+    starts: dict[int, object] | None = getattr(factory, STARTS_ATTR, None)
     if starts is not None:
         starts.clear()

@@ -45,6 +45,9 @@ class Instrument:
     # is done (the loop's tap, see _speedups_py.Tap), rather than from a Handle. Only
     # asynctrace's own sinks say so: yours keep asyncio's usual callback turn.
     _instant: ClassVar[bool] = False
+    # Whether this instrument also has task_begin/task_end, the lean path's per-task pair
+    # (see Hooks.begin): asynctrace's span sink. The factory then keeps no record for it.
+    _lean_span: ClassVar[bool] = False
 
     def task_context(self, record: TaskRecord) -> None:
         """Called inside the new task's context before the task is built.
@@ -143,15 +146,27 @@ class LeanInstrument(Instrument):
     def task_cancelled(self, metadata: TaskMetadata, cancellation: Cancellation) -> None:
         """Called after :meth:`task_finished` for a task that ended cancelled: why it was."""
 
+    def task_exemplar(
+        self,
+        metadata: TaskMetadata,
+        outcome: Outcome,
+        duration_ns: int,
+        trace_id: int,
+        span_id: int,
+    ) -> None:
+        """Called after :meth:`task_finished` for a task whose span was sampled: its ids."""
+
     def task_created(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
         """Forward to :meth:`task_started` (the path with records)."""
         self.task_started(record.metadata)
 
     def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
         """Forward to :meth:`task_finished` (the path with records)."""
-        self.task_finished(
-            record.metadata, record.outcome or FINISHED, record.finished_ns - record.created_ns
-        )
+        outcome = record.outcome or FINISHED
+        duration = record.finished_ns - record.created_ns
+        self.task_finished(record.metadata, outcome, duration)
+        if record.trace_id:
+            self.task_exemplar(record.metadata, outcome, duration, record.trace_id, record.span_id)
         if record.cancellation is not None:
             self.task_cancelled(record.metadata, record.cancellation)
 
@@ -201,11 +216,18 @@ class Hooks:
         destroyed: ``task_destroyed`` likewise.
         never_retrieved: ``task_never_retrieved`` likewise.
         scope: ``correlation_scope`` likewise.
-        lean: True when every task-observing instrument is a :class:`LeanInstrument`: the
-            factory then keeps no record and calls ``started`` and ``finished`` instead.
+        lean: True when every task-observing instrument is a :class:`LeanInstrument`, but
+            for at most one with ``task_begin``/``task_end`` (the span sink): the factory then
+            keeps no record and calls ``started``, ``begin``, ``finished`` and ``end``.
         instant: True when every ``task_done`` may run inside the task's last step (all are
             asynctrace's own); else the done hooks run from a ``Handle``.
         started: ``task_started`` of the lean instruments (on the lean path).
+        begin: On the lean path, the span sink's ``task_begin(metadata, created_ns)``, or
+            None. Called in the new task's context; what it returns (None: nothing) is kept
+            for the task in place of its creation time, and has a ``created_ns``.
+        end: The same instrument's ``task_end(task, entry, metadata, outcome,
+            finished_ns)``, called with that entry once the task is done.
+        exemplars: ``task_exemplar`` of the lean instruments that override it.
         finished: ``task_finished`` of the lean instruments.
         cancelled: ``task_cancelled`` of the lean instruments that override it.
         stuck: ``task_stuck`` likewise (of every instrument).
@@ -214,11 +236,14 @@ class Hooks:
 
     __slots__ = (
         "attached",
+        "begin",
         "cancelled",
         "context",
         "created",
         "destroyed",
         "done",
+        "end",
+        "exemplars",
         "finished",
         "instant",
         "instruments",
@@ -247,7 +272,19 @@ class Hooks:
         )
         observers = [i for i in instruments if any(overrides(i, h) for h in TASK_HOOKS)]
         lean = [i for i in observers if isinstance(i, LeanInstrument)]
-        self.lean = bool(lean) and len(lean) == len(observers)
+        paired = [i for i in observers if type(i)._lean_span and i not in lean]
+        self.lean = bool(observers) and len(lean) + len(paired) == len(observers)
+        self.lean = self.lean and len(paired) <= 1
+        self.begin: _Hook | None = None
+        self.end: _Hook | None = None
+        if self.lean and paired:
+            self.begin = paired[0].task_begin  # type: ignore[attr-defined]
+            self.end = paired[0].task_end  # type: ignore[attr-defined]
+        self.exemplars: tuple[_Hook, ...] = tuple(
+            i.task_exemplar
+            for i in lean
+            if type(i).task_exemplar is not LeanInstrument.task_exemplar
+        )
         self.started: tuple[_Hook, ...] = tuple(i.task_started for i in lean)
         self.finished: tuple[_Hook, ...] = tuple(i.task_finished for i in lean)
         self.cancelled: tuple[_Hook, ...] = tuple(

@@ -10,14 +10,16 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final, cast
 
-from asynctrace._factory import LiveRecord
+from asynctrace._factory import STARTS_ATTR, LiveRecord
 from asynctrace._metadata import _CORRELATION_ID, _METADATA, TaskMetadata, _make_metadata
 from asynctrace._record import TaskRecord
 
 __all__ = [
     "SLICE",
     "creation_site",
+    "lean_entry",
     "loop_tasks",
+    "started_of",
     "task_metadata",
     "task_record",
     "walk_tasks",
@@ -39,6 +41,36 @@ def task_record(task: asyncio.Future[Any]) -> TaskRecord | None:
         if isinstance(fn, LiveRecord):
             return fn
     return None
+
+
+def lean_entry(task: asyncio.Future[Any]) -> object:
+    """What the lean path keeps for a running task; None when it keeps nothing for it.
+
+    The task's creation time, or an instrument's entry (a span handle, see ``Hooks.begin``).
+    """
+    try:
+        factory = task.get_loop().get_task_factory()
+    except (AttributeError, RuntimeError):
+        return None
+    starts: dict[int, object] | None = getattr(factory, STARTS_ATTR, None)
+    return starts.get(id(task)) if starts is not None else None
+
+
+def started_of(
+    task: asyncio.Future[Any], record: TaskRecord | None, starts: dict[int, Any] | None
+) -> tuple[int | None, int]:
+    """When a running task was created (``perf_counter_ns``; None: unknown) and its trace id.
+
+    From its record, else from what the lean path keeps in ``starts`` (the factory's table):
+    the creation time itself, or an instrument's entry with ``created_ns`` (a span handle,
+    with ``trace_id`` too). The trace id is 0 when the task has no sampled span.
+    """
+    if record is not None:
+        return record.created_ns, record.trace_id
+    entry = starts.get(id(task)) if starts is not None else None
+    if entry is None or type(entry) is int:
+        return entry, 0
+    return getattr(entry, "created_ns", None), getattr(entry, "trace_id", 0)
 
 
 def creation_site(task: asyncio.Future[Any]) -> str | None:

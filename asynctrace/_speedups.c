@@ -18,7 +18,7 @@
 
 #define STATE_STRINGS(X) X(hooks) X(lean) X(started) X(value) X(operation_name) \
     X(correlation_id) X(priority_hint) X(name) X(context) X(eager_start) X(done)     \
-    X(add_done_callback) X(cancelled) X(_exception) X(finished)
+    X(add_done_callback) X(cancelled) X(_exception) X(finished) X(begin) X(end) X(created_ns)
 
 typedef struct {
     PyTypeObject *tap_type;
@@ -385,6 +385,50 @@ lf_call_started(LeanFactoryObject *self, PyObject *hooks, PyObject *metadata, sp
     return 0;
 }
 
+/* hooks.begin(metadata, created_ns) inside the task's context (see _speedups_py.LeanFactory):
+   a new reference to what it returned, Py_None when there is no hook, it returned None or
+   raised (counted by on_error); NULL when on_error re-raised. */
+static PyObject *
+lf_begin(LeanFactoryObject *self, PyObject *hooks, PyObject *ctx, PyObject *metadata,
+         long long created_ns, speedups_state *st)
+{
+    PyObject *begin = PyObject_GetAttr(hooks, st->s_begin);
+    if (begin == NULL) {
+        return NULL;
+    }
+    if (begin == Py_None) {
+        return begin;
+    }
+    PyObject *created = PyLong_FromLongLong(created_ns);
+    if (created == NULL || PyContext_Enter(ctx) < 0) {
+        Py_XDECREF(created);
+        Py_DECREF(begin);
+        return NULL;
+    }
+    PyObject *call_args[2] = {metadata, created};
+    PyObject *entry = PyObject_Vectorcall(begin, call_args, 2, NULL);
+    PyObject *exc = entry == NULL ? PyErr_GetRaisedException() : NULL;
+    Py_DECREF(created);
+    if (PyContext_Exit(ctx) < 0) {
+        Py_XDECREF(exc);
+        Py_XDECREF(entry);
+        Py_DECREF(begin);
+        return NULL;
+    }
+    if (exc != NULL) {  /* call_each's rule, as for the started hooks */
+        PyObject *res = PyObject_CallFunctionObjArgs(self->on_error, begin, exc, NULL);
+        Py_DECREF(exc);
+        Py_DECREF(begin);
+        if (res == NULL) {
+            return NULL;
+        }
+        Py_DECREF(res);
+        return Py_NewRef(Py_None);
+    }
+    Py_DECREF(begin);
+    return entry;
+}
+
 static PyObject *
 lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -489,7 +533,7 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     }
 
     PyObject *ctx = NULL, *inherited = NULL, *metadata = NULL, *task = NULL, *result = NULL;
-    PyObject *own_cid = NULL;
+    PyObject *own_cid = NULL, *entry = NULL;
     ctx = PyContext_CopyCurrent();
     if (ctx == NULL || PyContextVar_Get(self->cid_var, NULL, &inherited) < 0) {
         goto done;
@@ -561,6 +605,10 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     }
 
     long long created_ns = perf_counter_ns();
+    entry = lf_begin(self, hooks, ctx, metadata, created_ns, st);
+    if (entry == NULL) {
+        goto done;
+    }
     PyObject *call_args[4] = {NULL, coro, loop, ctx};
     if (name != Py_None) {
         PyObject *with_name[5] = {NULL, coro, loop, ctx, name};
@@ -586,7 +634,7 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     if (finished) {  /* an eager task that finished in its first step */
         PyObject *duration = PyLong_FromLongLong(perf_counter_ns() - created_ns);
         PyObject *r = duration == NULL ? NULL : PyObject_CallFunctionObjArgs(
-            self->lean_finish, task, metadata, duration, NULL);
+            self->lean_finish, task, metadata, duration, entry, NULL);
         Py_XDECREF(duration);
         if (r == NULL) {
             goto done;
@@ -595,7 +643,8 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     }
     else {
         PyObject *key = PyLong_FromVoidPtr(task);
-        PyObject *value = key == NULL ? NULL : PyLong_FromLongLong(created_ns);
+        PyObject *value = key == NULL ? NULL
+                          : entry != Py_None ? Py_NewRef(entry) : PyLong_FromLongLong(created_ns);
         int bad = (value == NULL) || PyDict_SetItem(self->starts, key, value) < 0;
         Py_XDECREF(key);
         Py_XDECREF(value);
@@ -614,6 +663,7 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     result = Py_NewRef(task);
 done:
     Py_XDECREF(task);
+    Py_XDECREF(entry);
     Py_XDECREF(metadata);
     Py_XDECREF(inherited);
     Py_XDECREF(own_cid);
@@ -1118,6 +1168,40 @@ typedef struct {
     PyObject *outcomes[OUTCOMES];
 } LeanDoneObject;
 
+/* hooks.end(task, entry, metadata, outcome, finished_ns): what hooks.begin started ends. */
+static int
+ld_end(LeanDoneObject *self, PyObject *hooks, PyObject *task, PyObject *entry,
+       PyObject *metadata, int outcome, long long finished_ns, speedups_state *st)
+{
+    PyObject *end = PyObject_GetAttr(hooks, st->s_end);
+    if (end == NULL) {
+        return -1;
+    }
+    if (end == Py_None) {
+        Py_DECREF(end);
+        return 0;
+    }
+    PyObject *fin = PyLong_FromLongLong(finished_ns);
+    if (fin == NULL) {
+        Py_DECREF(end);
+        return -1;
+    }
+    PyObject *call_args[5] = {task, entry, metadata, self->outcomes[outcome], fin};
+    PyObject *res = PyObject_Vectorcall(end, call_args, 5, NULL);
+    Py_DECREF(fin);
+    if (res == NULL) {
+        PyObject *exc = PyErr_GetRaisedException();
+        res = PyObject_CallFunctionObjArgs(self->on_error, end, exc, NULL);
+        Py_DECREF(exc);
+    }
+    Py_DECREF(end);
+    if (res == NULL) {
+        return -1;
+    }
+    Py_DECREF(res);
+    return 0;
+}
+
 static int
 ld_finish(LeanDoneObject *self, PyObject *task)
 {
@@ -1127,20 +1211,30 @@ ld_finish(LeanDoneObject *self, PyObject *task)
     if (key == NULL) {
         return -1;
     }
-    PyObject *created = NULL;
+    PyObject *created = NULL, *entry = NULL;
     int found = PyDict_Pop(self->starts, key, &created);
     Py_DECREF(key);
     if (found <= 0) {
         return found; /* not noted (forgotten at uninstall), or an error */
     }
+    if (!PyLong_CheckExact(created)) {  /* hooks.begin's entry: it has created_ns */
+        entry = created;
+        created = PyObject_GetAttr(entry, st->s_created_ns);
+        if (created == NULL) {
+            Py_DECREF(entry);
+            return -1;
+        }
+    }
     long long created_ns = PyLong_AsLongLong(created);
     Py_DECREF(created);
     if (created_ns == -1 && PyErr_Occurred()) {
+        Py_XDECREF(entry);
         return -1;
     }
     PyObject *metadata = NULL, *hooks = NULL, *finished = NULL, *duration = NULL;
     int rc = -1;
     if (PyContextVar_Get(self->metadata_var, NULL, &metadata) < 0) {
+        Py_XDECREF(entry);
         return -1;
     }
     if (metadata == NULL || metadata == Py_None) {
@@ -1199,8 +1293,12 @@ ld_finish(LeanDoneObject *self, PyObject *task)
         }
         Py_DECREF(res);
     }
+    if (entry != NULL && ld_end(self, hooks, task, entry, metadata, outcome, finished_ns, st) < 0) {
+        goto done;
+    }
     rc = 0;
 done:
+    Py_XDECREF(entry);
     Py_XDECREF(duration);
     Py_XDECREF(finished);
     Py_XDECREF(hooks);

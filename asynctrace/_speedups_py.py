@@ -115,11 +115,15 @@ class LeanFactory:
     2. the metadata: the creator's own when it says the same (no operation, same id), else
        ``make_metadata(operation, id, priority)``, the last one made reused for the same
        fields; set in that context;
-    3. ``task_type(coro, loop=loop, context=context[, name=name])``;
-    4. each ``state.hooks.started`` hook called with the metadata (a hook that raises goes to
+    3. ``created_ns``, and when ``state.hooks.begin`` is set (the span sink), ``entry =
+       begin(metadata, created_ns)`` run inside that context (one that raises goes to
+       ``on_error(begin, exception)``: no entry);
+    4. ``task_type(coro, loop=loop, context=context[, name=name])``;
+    5. each ``state.hooks.started`` hook called with the metadata (a hook that raises goes to
        ``on_error(hook, exception)``, which counts it, or re-raises what must not be swallowed);
-    5. an eager task done already: ``lean_finish(task, metadata, duration_ns)``; else
-       ``starts[id(task)] = created_ns`` and ``task.add_done_callback(lean_done, context=...)``.
+    6. an eager task done already: ``lean_finish(task, metadata, duration_ns, entry)``; else
+       ``starts[id(task)] = entry`` (``created_ns`` when there is none) and
+       ``task.add_done_callback(lean_done, context=...)``.
 
     Every other call goes to ``fallback`` unchanged (metadata keywords that fail
     ``validate`` too: the fallback raises, and closes the coroutine). The C version
@@ -187,7 +191,7 @@ class LeanFactory:
         self.validate = validate
         self.task_type = task_type
         self.lean_done = lean_done
-        self.starts: dict[int, int] = starts
+        self.starts: dict[int, Any] = starts
         self.on_error = on_error
         self.lean_finish = lean_finish
         self._last: tuple[Any, Any] | None = None
@@ -250,6 +254,13 @@ class LeanFactory:
         if set_cid or not inherit:
             context.run(self._set, cid if set_cid else _UNSET, None if inherit else metadata)
         created_ns = time.perf_counter_ns()
+        entry = None
+        begin = hooks.begin
+        if begin is not None:
+            try:
+                entry = context.run(begin, metadata, created_ns)
+            except BaseException as exc:
+                self.on_error(begin, exc)
         name = kwargs.get("name")
         if name is not None:
             task = self.task_type(coro, loop=loop, context=context, name=name)
@@ -261,9 +272,9 @@ class LeanFactory:
             except BaseException as exc:
                 self.on_error(hook, exc)
         if task.done():
-            self.lean_finish(task, metadata, time.perf_counter_ns() - created_ns)
+            self.lean_finish(task, metadata, time.perf_counter_ns() - created_ns, entry)
         else:
-            self.starts[id(task)] = created_ns
+            self.starts[id(task)] = created_ns if entry is None else entry
             task.add_done_callback(self.lean_done, context=context)
         return task
 
@@ -299,14 +310,16 @@ _OUTCOMES = ("finished", "exception", "cancelled")
 class LeanDone:
     """The done callback of every task on one factory's lean path (no record per task).
 
-    ``starts`` maps ``id(task)`` to ``perf_counter_ns()`` at the task's creation, while the
-    task runs (keyed by id, not by task, so a task destroyed while pending is still collected).
-    At the end (:meth:`mark` inside the task's last step, through the loop's tap, or a call
-    from a ``Handle``): the entry is popped (none: forgotten at uninstall, nothing recorded),
-    the metadata read from the context it runs in (the task's; ``no_metadata`` when empty),
-    and each ``state.hooks.finished`` hook called with ``(metadata, outcome, duration_ns)``;
-    one that raises goes to ``on_error(hook, exception)``. A cancelled task then goes to
-    ``on_cancelled(task, metadata)``.
+    ``starts`` maps ``id(task)`` to ``perf_counter_ns()`` at the task's creation, or to the
+    entry ``state.hooks.begin`` gave (it has ``created_ns``), while the task runs (keyed by
+    id, not by task, so a task destroyed while pending is still collected). At the end
+    (:meth:`mark` inside the task's last step, through the loop's tap, or a call from a
+    ``Handle``): the entry is popped (none: forgotten at uninstall, nothing recorded), the
+    metadata read from the context it runs in (the task's; ``no_metadata`` when empty), and
+    each ``state.hooks.finished`` hook called with ``(metadata, outcome, duration_ns)``; one
+    that raises goes to ``on_error(hook, exception)``. A cancelled task then goes to
+    ``on_cancelled(task, metadata)``. An entry then goes to ``state.hooks.end(task, entry,
+    metadata, outcome, finished_ns)`` (when set; one that raises goes to ``on_error``).
     """
 
     __slots__ = ("metadata_var", "no_metadata", "on_cancelled", "on_error", "starts", "state")
@@ -324,7 +337,7 @@ class LeanDone:
         if not isinstance(metadata_var, contextvars.ContextVar):
             msg = f"LeanDone: metadata_var must be a ContextVar, got {metadata_var!r}"
             raise TypeError(msg)
-        self.starts: dict[int, int] = {}
+        self.starts: dict[int, Any] = {}
         self.metadata_var: contextvars.ContextVar[Any] = metadata_var
         self.no_metadata = no_metadata
         self.state: Any = state
@@ -338,22 +351,33 @@ class LeanDone:
     def mark(self, task: Any) -> bool:  # noqa: ANN401
         """Record the task's end now; True (the tap schedules nothing)."""
         finished_ns = time.perf_counter_ns()
-        created_ns = self.starts.pop(id(task), None)
-        if created_ns is None:
+        entry = self.starts.pop(id(task), None)
+        if entry is None:
             return True
+        if type(entry) is int:
+            created_ns, entry = entry, None
+        else:
+            created_ns = entry.created_ns
         metadata = self.metadata_var.get(None) or self.no_metadata
         cancelled = task.cancelled()
         if cancelled:
             outcome = "cancelled"
         else:
             outcome = "finished" if task._exception is None else "exception"
-        for hook in self.state.hooks.finished:
+        hooks = self.state.hooks
+        for hook in hooks.finished:
             try:
                 hook(metadata, outcome, finished_ns - created_ns)
             except BaseException as exc:
                 self.on_error(hook, exc)
         if cancelled:
             self.on_cancelled(task, metadata)
+        end = hooks.end
+        if entry is not None and end is not None:
+            try:
+                end(task, entry, metadata, outcome, finished_ns)
+            except BaseException as exc:
+                self.on_error(end, exc)
         return True
 
 

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 
 import asynctrace
+from asynctrace._state import STATE
 
 
 async def ok(delay: float = 0) -> None:
@@ -101,14 +102,24 @@ def test_operation_label_is_capped() -> None:
     assert "correlation" not in text  # ids never become labels
 
 
-def test_exemplars_carry_trace_ids() -> None:
-    """Sampled tasks put their trace id on the duration bucket as an OpenMetrics exemplar."""
+@pytest.mark.parametrize("sites", [False, True], ids=["lean", "records"])
+def test_exemplars_carry_trace_ids(sites: bool) -> None:
+    """Sampled tasks put their trace id on the duration bucket as an OpenMetrics exemplar.
+
+    On the lean path (no record per task) and with records (``creation_sites=True``).
+    """
     registry = CollectorRegistry()
     provider = TracerProvider()
     tracer = provider.get_tracer("t")
 
     async def main() -> int:
-        asynctrace.install(registry=registry, tracer_provider=provider, loop_monitor=False)
+        asynctrace.install(
+            registry=registry,
+            tracer_provider=provider,
+            loop_monitor=False,
+            creation_sites=sites,
+        )
+        assert STATE.hooks.lean is not sites
         with tracer.start_as_current_span("request") as span:
             await asynctrace.create_task(ok(), operation_name="traced")
         return span.get_span_context().trace_id

@@ -414,7 +414,9 @@ class LeanParts:
         self.finished: list[object] = []
         self.done: list[object] = []
         self.made = 0
-        self.hooks = types.SimpleNamespace(lean=lean, started=(self.started.append,))
+        self.hooks = types.SimpleNamespace(
+            lean=lean, started=(self.started.append,), begin=None, end=None
+        )
         self.state = types.SimpleNamespace(hooks=self.hooks)
         self.slot = types.SimpleNamespace(value=None)
         self.cid_var: contextvars.ContextVar[str] = contextvars.ContextVar("cid")
@@ -439,7 +441,7 @@ class LeanParts:
             metadata_var=self.meta_var, make_metadata=make, new_cid=lambda: "fresh",
             validate=validate, task_type=asyncio.Task, lean_done=self.done.append,
             starts=self.starts, on_error=lambda hook, exc: parts.errors.append((hook, exc)),
-            lean_finish=lambda task, meta, ns: parts.finished.append((task, meta, ns)),
+            lean_finish=lambda task, meta, ns, _entry: parts.finished.append((task, meta, ns)),
         )  # fmt: skip
 
 
@@ -545,7 +547,7 @@ def test_lean_factory_hook_errors_and_eager_tasks(impl: ModuleType) -> None:
             new_cid=lambda: None, validate=lambda *_: None, task_type=Done,
             lean_done=eager.done.append, starts=eager.starts,
             on_error=lambda *_: None,
-            lean_finish=lambda task, meta, ns: eager.finished.append((task, meta, ns)),
+            lean_finish=lambda task, meta, ns, _entry: eager.finished.append((task, meta, ns)),
         )  # fmt: skip
         made = eager_factory(loop, asyncio.sleep(0))
         ((task2, meta, ns),) = eager.finished
@@ -654,6 +656,119 @@ class DoneTask:
         return self._cancelled
 
 
+class Entry:
+    """What a begin hook returns: the factory keeps it in place of the creation time."""
+
+    def __init__(self, created_ns: int, cid: object) -> None:
+        self.created_ns, self.cid = created_ns, cid
+
+
+def test_lean_factory_begin_runs_in_the_task_context_and_its_entry_is_kept(
+    impl: ModuleType,
+) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        parts = LeanParts(impl)
+        asked: list[object] = []
+
+        def begin(meta: Meta, created_ns: int) -> Entry | None:
+            asked.append(meta)
+            if meta.operation_name == "skip":
+                return None  # nothing to end: the creation time is kept
+            if meta.operation_name == "broken":
+                raise ValueError("begin")
+            # inside the new task's context: its id is set there, not in the creator's
+            return Entry(created_ns, parts.cid_var.get(None))
+
+        parts.hooks.begin = begin
+        parts.slot.value = ("op", "req-7", None, None, None)
+        before = time.perf_counter_ns()
+        task = parts.factory(loop, asyncio.sleep(0))
+        entry = parts.starts[id(task)]
+        assert isinstance(entry, Entry)
+        assert entry.cid == "req-7"
+        assert parts.cid_var.get(None) is None  # the creator's context is untouched
+        assert before <= entry.created_ns <= time.perf_counter_ns()
+        assert asked == parts.started  # the same metadata, begun then started
+        parts.slot.value = ("skip", None, None, None, None)
+        skipped = parts.factory(loop, asyncio.sleep(0))
+        assert type(parts.starts[id(skipped)]) is int
+        parts.slot.value = ("broken", None, None, None, None)
+        broken = parts.factory(loop, asyncio.sleep(0))  # counted, the task made anyway
+        assert type(parts.starts[id(broken)]) is int
+        ((hook, exc),) = parts.errors
+        assert hook is begin
+        assert isinstance(exc, ValueError)
+        await asyncio.gather(task, skipped, broken)
+
+        class Done:  # done at once (an eager task's first step): the entry goes to lean_finish
+            def __init__(self, coro: Any, **_: Any) -> None:
+                coro.close()
+
+            def done(self) -> bool:
+                return True
+
+        finished: list[tuple[object, ...]] = []
+        eager = LeanParts(impl)
+        eager.hooks.begin = lambda _meta, ns: Entry(ns, None)
+        eager_factory = type(eager.factory)(
+            fallback=eager.factory.fallback, state=eager.state, slot=eager.slot,
+            cid_var=eager.cid_var, metadata_var=eager.meta_var, make_metadata=Meta,
+            new_cid=lambda: None, validate=lambda *_: None, task_type=Done,
+            lean_done=eager.done.append, starts=eager.starts, on_error=lambda *_: None,
+            lean_finish=lambda *args: finished.append(args),
+        )  # fmt: skip
+        made = eager_factory(loop, asyncio.sleep(0))
+        ((task2, _, ns, entry2),) = finished
+        assert task2 is made
+        assert isinstance(entry2, Entry)
+        assert ns >= 0
+        assert eager.starts == {}
+
+    asyncio.run(main())
+
+
+def test_lean_done_hands_an_entry_to_the_end_hook(impl: ModuleType) -> None:
+    import contextvars  # noqa: PLC0415
+    import types  # noqa: PLC0415
+
+    ended: list[tuple[object, ...]] = []
+    seen: list[tuple[object, ...]] = []
+    errors: list[tuple[object, BaseException]] = []
+    meta_var: contextvars.ContextVar[object] = contextvars.ContextVar("meta")
+    none = Meta(None, None, None)
+
+    def end(*args: object) -> None:
+        ended.append(args)
+        if len(ended) == 2:
+            raise RuntimeError("end")
+
+    hooks = types.SimpleNamespace(finished=(lambda *a: seen.append(a),), end=end)
+    done = impl.LeanDone(
+        metadata_var=meta_var, no_metadata=none, state=types.SimpleNamespace(hooks=hooks),
+        on_error=lambda hook, exc: errors.append((hook, exc)), on_cancelled=lambda *_: None,
+    )  # fmt: skip
+    ok, failed, plain = DoneTask(), DoneTask(exception=ValueError()), DoneTask()
+    start = time.perf_counter_ns()
+    entry_ok, entry_failed = Entry(start, "a"), Entry(start, "b")
+    done.starts[id(ok)] = entry_ok
+    done.starts[id(failed)] = entry_failed
+    done.starts[id(plain)] = start  # a creation time: no end hook
+    assert done.mark(ok) is True
+    assert done(failed) is None
+    assert done.mark(plain) is True
+    assert [(t, e, m, o) for t, e, m, o, _ in ended] == [
+        (ok, entry_ok, none, "finished"), (failed, entry_failed, none, "exception")
+    ]  # fmt: skip
+    for (*_, finished_ns), (_, _, duration) in zip(ended, seen, strict=False):
+        assert finished_ns - start == duration  # the one end time, for both
+    assert len(seen) == 3
+    ((hook, exc),) = errors
+    assert hook is end
+    assert isinstance(exc, RuntimeError)
+    assert done.starts == {}
+
+
 def test_lean_done_records_each_outcome(impl: ModuleType) -> None:
     import contextvars  # noqa: PLC0415
     import types  # noqa: PLC0415
@@ -667,7 +782,7 @@ def test_lean_done_records_each_outcome(impl: ModuleType) -> None:
     def broken(*_: object) -> None:
         raise RuntimeError("hook")
 
-    hooks = types.SimpleNamespace(finished=(broken, lambda *a: seen.append(a)))
+    hooks = types.SimpleNamespace(finished=(broken, lambda *a: seen.append(a)), end=None)
     done = impl.LeanDone(
         metadata_var=meta_var, no_metadata=none, state=types.SimpleNamespace(hooks=hooks),
         on_error=lambda hook, exc: errors.append((hook, exc)),

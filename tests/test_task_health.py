@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import weakref
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 import asynctrace
+from asynctrace._introspect import lean_entry
 from asynctrace._state import STATE
 
 
@@ -97,9 +99,11 @@ def stuck_gauge(registry: CollectorRegistry, operation: str) -> float | None:
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("sites", [True, False], ids=["records", "lean"])
 async def test_stuck_tasks_are_counted_logged_once_and_get_a_span_event(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, sites: bool
 ) -> None:
+    """With creation sites the factory keeps records; without, the lean path (no record)."""
     from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: PLC0415
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
@@ -115,9 +119,10 @@ async def test_stuck_tasks_are_counted_logged_once_and_get_a_span_event(
         tracer_provider=provider,
         loop_monitor=False,
         stuck_after={"slow": 0.1, "*": 30},
-        creation_sites=True,
+        creation_sites=sites,
     )
     caplog.set_level(logging.WARNING, logger="asynctrace")
+    assert STATE.hooks.lean is not sites
     try:
         with asynctrace.correlation("req-stuck"):
             slow = asynctrace.create_task(forever(), operation_name="slow")
@@ -137,10 +142,11 @@ async def test_stuck_tasks_are_counted_logged_once_and_get_a_span_event(
     text = record.getMessage()
     assert "operation=slow" in text
     assert "correlation_id=req-stuck" in text
-    assert "created at " in text
-    assert "test_task_health.py" in text  # where it was created, and where it waits
+    assert ("created at " in text) is sites
+    assert "test_task_health.py" in text  # where it was created (or is), and where it waits
     assert "forever" in text
     (span,) = [s for s in exporter.get_finished_spans() if s.name == "slow"]
+    assert f"trace_id={span.context.trace_id:032x}" in text
     (event,) = [e for e in span.events if e.name == "asynctrace.stuck"]
     assert event.attributes is not None
     assert event.attributes["asynctrace.age_s"] >= 0.1
@@ -308,13 +314,16 @@ async def test_stuck_event_of_a_task_destroyed_pending_is_dropped() -> None:
             await future
 
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        asynctrace.create_task(waits_on(future), operation_name="orphan")
-        await asyncio.sleep(0.3)  # stuck: an event noted for its span
-        noted = len(sink._late_events)
-        del future  # destroyed pending: its span never ends
+        task = asynctrace.create_task(waits_on(future), operation_name="orphan")
+        await asyncio.sleep(0.3)  # stuck: an event noted for its span, on its handle
+        handle = lean_entry(task)
+        noted = [e.name for e in handle.late]  # type: ignore[attr-defined]
+        gone = weakref.ref(handle)
+        del future, task, handle  # destroyed pending: its span never ends
         gc.collect()
         await asyncio.sleep(0)
-        left = len(sink._late_events)
     finally:
         asynctrace.uninstall()
-    assert (noted, left) == (1, 0)
+    assert noted == ["asynctrace.stuck"]
+    assert gone() is None  # the event went with the task: the sink keeps nothing for it
+    assert not hasattr(sink, "_late_events")

@@ -23,7 +23,7 @@ from typing import Any, Final
 from urllib.parse import parse_qs
 
 from asynctrace._install import instrumented_loops
-from asynctrace._introspect import SLICE, task_metadata, task_record, walk_tasks
+from asynctrace._introspect import SLICE, started_of, task_metadata, task_record, walk_tasks
 from asynctrace.export.tasks_page import PAGE, wants_html
 
 __all__ = ["MAX_LIMIT", "SLICE", "TaskQuery", "snapshot", "tasks_app"]
@@ -141,6 +141,7 @@ def _describe(
     created: int | None,
     now_ns: int,
     *,
+    trace_id: int,
     graph: bool,
 ) -> dict[str, Any]:
     info: dict[str, Any] = {
@@ -149,7 +150,7 @@ def _describe(
         "operation": meta.operation_name if meta is not None else None,
         "correlation_id": meta.correlation_id if meta is not None else None,
         "priority_hint": meta.priority_hint if meta is not None else None,
-        "trace_id": f"{record.trace_id:032x}" if record is not None and record.trace_id else None,
+        "trace_id": f"{trace_id:032x}" if trace_id else None,
         "age_s": round((now_ns - created) / 1e9, 6) if created is not None else None,
         # waiting on a future, or scheduled to run (read between steps, on the loop's thread)
         "state": "waiting" if getattr(task, "_fut_waiter", None) is not None else "scheduled",
@@ -203,11 +204,11 @@ class _Reader:
             return
         self.matched += 1
         record = task_record(task)
-        created = record.created_ns if record is not None else None
-        if created is None and starts is not None:
-            created = starts.get(id(task))
+        created, trace_id = started_of(task, record, starts)
         if len(self.listed) < query.limit:
-            self.listed.append(_describe(task, meta, record, created, now_ns, graph=query.graph))
+            self.listed.append(
+                _describe(task, meta, record, created, now_ns, trace_id=trace_id, graph=query.graph)
+            )
         age = (now_ns - created) / 1e9 if created is not None else None
         group = self.groups.setdefault(operation, [0, None])
         group[0] += 1

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final, final
 
 from asynctrace._hooks import Hooks, Instrument, call_each
-from asynctrace._introspect import task_metadata, task_record, walk_tasks
+from asynctrace._introspect import started_of, task_metadata, task_record, walk_tasks
 from asynctrace._metadata import TaskMetadata
 from asynctrace._record import TaskRecord
 from asynctrace._state import STATE
@@ -214,9 +214,7 @@ class StuckWatch(Instrument):
         if limit is None:
             return
         record = task_record(task)
-        created = record.created_ns if record is not None else None
-        if created is None and starts is not None:
-            created = starts.get(id(task))
+        created, trace_id = started_of(task, record, starts)
         if created is None:
             return
         age = (now_ns - created) / 1e9
@@ -227,7 +225,7 @@ class StuckWatch(Instrument):
         if task in state.reported:
             return
         state.reported.add(task)
-        self._report(task, metadata, record, age, limit)
+        self._report(task, metadata, record, age, limit, trace_id_int=trace_id)
         call_each(hooks.stuck, STATE.errors, task, metadata, age)
 
     def _report(
@@ -237,9 +235,11 @@ class StuckWatch(Instrument):
         record: TaskRecord | None,
         age: float,
         limit: float,
+        *,
+        trace_id_int: int,
     ) -> None:
         site = record.site if record is not None else None
-        trace_id = f"{record.trace_id:032x}" if record is not None and record.trace_id else None
+        trace_id = f"{trace_id_int:032x}" if trace_id_int else None
         logger.warning(
             "Task %s stuck: pending for %.1f s (stuck_after %.1f s; operation=%s, "
             "correlation_id=%s, trace_id=%s%s)\n%s",

@@ -24,7 +24,7 @@ from asynctrace._cancel import Cancellation
 from asynctrace._hooks import LeanInstrument
 from asynctrace._metadata import TaskMetadata
 from asynctrace._native import Counts
-from asynctrace._record import FINISHED, Outcome, TaskRecord
+from asynctrace._record import Outcome
 
 __all__ = [
     "DURATION_BUCKETS",
@@ -193,7 +193,8 @@ class TaskMetrics(LeanInstrument):
         self._shards: list[_Shard] = []
         self._local = threading.local()
         # The lean path's hooks are the counters' own methods (C with the extension): a task
-        # is counted without running Python code. The record path (_observe) keeps exemplars.
+        # is counted without running Python code, on either path; a traced task's exemplar
+        # comes through task_exemplar.
         self._counts = Counts(tuple(self._bounds_ns), self.label)
         self.task_started = self._counts.started  # type: ignore[method-assign]
         self.task_finished = self._counts.finished  # type: ignore[method-assign]
@@ -238,16 +239,28 @@ class TaskMetrics(LeanInstrument):
         """Put the task's duration in its (operation, outcome) histogram."""
         self._observe(metadata, outcome, duration_ns)
 
-    def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:  # noqa: ARG002
-        """The same, with the span's ids as the bucket's exemplar when the task is traced."""
-        duration = record.finished_ns - record.created_ns
-        series, i = self._observe(record.metadata, record.outcome or FINISHED, duration)
-        if record.trace_id:
-            if series.exemplars is None:
-                series.exemplars = [None] * self._size
-            series.exemplars[i] = (record.trace_id, record.span_id, duration, time.time())
-        if record.cancellation is not None:
-            self.task_cancelled(record.metadata, record.cancellation)
+    def task_exemplar(
+        self,
+        metadata: TaskMetadata,
+        outcome: Outcome,
+        duration_ns: int,
+        trace_id: int,
+        span_id: int,
+    ) -> None:
+        """A traced task's span ids become its bucket's exemplar (the task is counted already).
+
+        Kept in this thread's shard: an empty series there (its counts are in the lean
+        counters, or in the same series) that carries the exemplar into the fold.
+        """
+        shard, op = self._shard_and_label(metadata)
+        key = (op, outcome)
+        series = shard.series.get(key)
+        if series is None:
+            series = shard.series[key] = Series(self._size)
+        if series.exemplars is None:
+            series.exemplars = [None] * self._size
+        i = bisect_left(self._bounds_ns, duration_ns)
+        series.exemplars[i] = (trace_id, span_id, duration_ns, time.time())
 
     def _observe(
         self, metadata: TaskMetadata, outcome: str, duration_ns: int

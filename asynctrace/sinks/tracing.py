@@ -57,10 +57,12 @@ from opentelemetry.trace import (
     TraceState,
 )
 
-from asynctrace._hooks import Instrument
-from asynctrace._introspect import task_record
+from asynctrace._cancel import cancellation_of
+from asynctrace._hooks import Instrument, call_each
+from asynctrace._introspect import lean_entry, task_record
 from asynctrace._metadata import TaskMetadata
-from asynctrace._record import CANCELLED, EXCEPTION, TaskRecord
+from asynctrace._record import CANCELLED, EXCEPTION, Outcome, TaskRecord
+from asynctrace._state import STATE
 from asynctrace_context import TASK_SPAN, TaskSpanRuntimeContext
 
 __all__ = [
@@ -161,7 +163,9 @@ class _TaskSpan(NonRecordingSpan):
         "_context",
         "_current",
         "correlation_id",
+        "created_ns",
         "inherited",
+        "late",
         "links",
         "parent",
         "sampler_attributes",
@@ -192,13 +196,21 @@ class _TaskSpan(NonRecordingSpan):
         self.sampler_attributes = sampler_attributes
         self.correlation_id = correlation_id
         self.links = links
+        # A task's: its creation time (perf_counter_ns) and the events noted while it runs
+        # (stuck), exported with the span.
+        self.created_ns = 0
+        self.late: list[sdk_trace.Event] | None = None
         # The lazy current span (asynctrace_context): the OpenTelemetry context the task
         # inherited, and that context with this span in it, made when first asked for.
         self.inherited: otel_context.Context | None = None
         self._current: otel_context.Context | None = None
 
     def current_context(self) -> otel_context.Context:
-        """The task's current context while it attached none: ``inherited`` with this span."""
+        """The task's current context while it attached none: ``inherited`` with this span.
+
+        Cached while the task runs; the cache refers back to this handle, so the span's end
+        drops it (else each handle asked for its span would wait for the cycle collector).
+        """
         current = self._current
         if current is None:
             assert self.inherited is not None  # noqa: S101 - only a task's handle is asked
@@ -296,8 +308,11 @@ _NOT_OURS: Final = object()
 
 def _correlation_of(span: trace.Span) -> object:
     """The correlation id of a span asynctrace made; ``_NOT_OURS`` for anyone else's span."""
-    if isinstance(span, _TaskSpan):
-        return span.correlation_id
+    kind = type(span)
+    if kind is _TaskSpan:
+        return span.correlation_id  # type: ignore[attr-defined]
+    if kind is NonRecordingSpan:  # no span (INVALID_SPAN), or a remote parent
+        return _NOT_OURS
     if isinstance(span, sdk_trace.Span):  # the full path: made by asynctrace's own tracer
         scope = span.instrumentation_scope
         if scope is not None and scope.name == "asynctrace":
@@ -371,6 +386,7 @@ class SpanSink(Instrument):
     """Records each task the filter admits, and each correlation block, as a span."""
 
     _instant = True  # ends the span the moment the task is done (the loop's tap)
+    _lean_span = True  # the factory may keep no record: task_begin, task_end (see Hooks)
 
     def __init__(
         self,
@@ -406,8 +422,6 @@ class SpanSink(Instrument):
         # processor of the provider does: no ReadableSpan is built for a task then.
         self._lanes: tuple[Any, ...] = ()
         self._default_sampler = False
-        # Events noted while a fast-path span runs (stuck tasks), by id(handle); rare.
-        self._late_events: dict[int, list[sdk_trace.Event]] = {}
         # The lazy current span: the runtime context that makes it, while it is in use.
         self._runtime: TaskSpanRuntimeContext | None = None
         if isinstance(self._tracer, sdk_trace.Tracer):
@@ -511,49 +525,74 @@ class SpanSink(Instrument):
             links=links,
         )
 
-    def task_context(self, record: TaskRecord) -> None:
-        """Start the task's span in the task's context (see the module docstring for parents)."""
-        meta = record.metadata
+    def _begin(self, meta: TaskMetadata, created_ns: int) -> _Started | None:
+        """Start a task's span in the task's context (see the module docstring for parents).
+
+        None when there is no span to end: filtered out, or not sampled on the fast path (an
+        SDK span is ended even when not sampled).
+        """
         if self._filter is not None and not self._filter(meta):
-            return
+            return None
         runtime = self._runtime
         started: _Started
         if runtime is not None and otel_context._RUNTIME_CONTEXT is runtime and self._fast:
-            started = self._start_lazy(runtime, record)
+            started = self._start_lazy(runtime, meta, created_ns)
         else:
             # In the task's own context, which ends with the task: nothing to detach.
-            started, _ = self._start(
-                meta.operation_name or _PROVISIONAL_NAME, meta.correlation_id, record.created_ns
-            )
-        if isinstance(started, _TaskSpan):  # its SpanContext is built only when asked for
-            if started.trace_flags.sampled:
-                record._span = started
-                record.trace_id, record.span_id = started.trace_id, started.span_id
-                counts = self._thread_counts()
-                with counts.lock:  # ordered with close(): see _Counts
-                    counts.started += 1
-                    closed = self._closed
-                if closed:  # its installation closed as it started: it never ends there
-                    self._count_unfinished(1)
+            name = meta.operation_name or _PROVISIONAL_NAME
+            started = self._start(name, meta.correlation_id, created_ns)[0]
+        if type(started) is not _TaskSpan:
+            return started
+        if not started.trace_flags.sampled:
+            return None
+        started.created_ns = created_ns
+        counts = self._thread_counts()
+        with counts.lock:  # ordered with close(): see _Counts
+            counts.started += 1
+            closed = self._closed
+        if closed:  # its installation closed as it started: it never ends there
+            self._count_unfinished(1)
+        return started
+
+    def task_context(self, record: TaskRecord) -> None:
+        """Start the task's span (the path with records)."""
+        started = self._begin(record.metadata, record.created_ns)
+        if started is None:
             return
-        record._span = started  # an SDK span is ended even when not sampled
+        record._span = started
+        if type(started) is _TaskSpan:  # its SpanContext is built only when asked for
+            record.trace_id, record.span_id = started.trace_id, started.span_id
+            return
         span_context = started.get_span_context()
         if span_context.trace_flags.sampled:
             record.trace_id, record.span_id = span_context.trace_id, span_context.span_id
 
-    def _start_lazy(self, runtime: TaskSpanRuntimeContext, record: TaskRecord) -> _Started:
+    def task_begin(self, metadata: TaskMetadata, created_ns: int) -> object:
+        """Start the task's span on the lean path; what the factory keeps for the task.
+
+        Called inside the new task's context. The factory keeps the returned entry in place
+        of the creation time and hands it to :meth:`task_end`: the span handle itself on the
+        fast path, no record and no other object per task.
+        """
+        started = self._begin(metadata, created_ns)
+        if started is None or type(started) is _TaskSpan:
+            return started
+        return _FullSpan(started, created_ns)
+
+    def _start_lazy(
+        self, runtime: TaskSpanRuntimeContext, meta: TaskMetadata, created_ns: int
+    ) -> _Started:
         """The fast path's start, with no context attached: the span is current lazily.
 
         The task's span handle goes in ``TASK_SPAN``, with the OpenTelemetry context the task
         inherited; ``runtime`` makes the context holding the span when code asks for it.
         """
-        meta = record.metadata
         tracer = self._tracer
         if _sdk_processors(tracer) is not self._checked_processors:  # type: ignore[arg-type]
             self._recheck()  # a processor was added since
             if not self._fast:
                 name = meta.operation_name or _PROVISIONAL_NAME
-                return self._start(name, meta.correlation_id, record.created_ns)[0]
+                return self._start(name, meta.correlation_id, created_ns)[0]
         current = runtime._current_context.get()
         creator = TASK_SPAN.get()
         here: trace.Span
@@ -704,11 +743,11 @@ class SpanSink(Instrument):
         )
 
     def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
-        """End the task's span with its outcome."""
+        """End the task's span with its outcome (the path with records)."""
         data = record._span
         if data is None:
             return
-        if isinstance(data, _TaskSpan):
+        if type(data) is _TaskSpan:
             self._thread_counts().ended += 1  # exported, or an internal task's: dropped
         if record.metadata.operation_name is None and (
             getattr(task.get_coro(), "__qualname__", None) in _INTERNAL_COROUTINES
@@ -716,45 +755,91 @@ class SpanSink(Instrument):
             return  # on the full path the span is never ended, so never exported
         end = record.finished_ns + self._epoch_offset
         exc = record.exception if record.outcome == EXCEPTION else None
-        late = self._late_events.pop(id(data), ()) if self._late_events else ()
-        # The lane takes the common shape: no links, no attributes from the sampler, neither
-        # cancelled nor stuck (those take the SDK's path, with their attributes and events).
-        lane = (
-            isinstance(data, _TaskSpan)
-            and not (data.links or data.sampler_attributes or late)
-            and record.outcome != CANCELLED
-        )
-        if lane and self._lanes:
-            self._to_lanes(task, record, data, end, exc)  # type: ignore[arg-type]
+        if type(data) is _TaskSpan and self._lanes and _lane_shape(data, record.outcome):
+            self._to_lanes(task, record.metadata, data, end, record.outcome, exc)
+        else:
+            self._end_other(task, record, data, end, exc)  # type: ignore[arg-type]
+        if type(data) is _TaskSpan:
+            data._current = None  # see _TaskSpan.current_context
+
+    def task_end(
+        self,
+        task: asyncio.Task[Any],
+        entry: _TaskSpan | _FullSpan,
+        metadata: TaskMetadata,
+        outcome: Outcome,
+        finished_ns: int,
+    ) -> None:
+        """End the span :meth:`task_begin` started, on the lean path (no record)."""
+        fast = type(entry) is _TaskSpan
+        if fast:
+            self._thread_counts().ended += 1  # exported, or an internal task's: dropped
+        if metadata.operation_name is None and (
+            getattr(task.get_coro(), "__qualname__", None) in _INTERNAL_COROUTINES
+        ):
             return
+        end = finished_ns + self._epoch_offset
+        exc = task._exception if outcome == EXCEPTION else None
+        if fast:
+            if self._lanes and _lane_shape(entry, outcome):  # type: ignore[arg-type]
+                self._to_lanes(task, metadata, entry, end, outcome, exc)  # type: ignore[arg-type]
+            else:
+                record = _record_of(task, entry, metadata, outcome, finished_ns)
+                self._end_other(task, record, entry, end, exc)  # type: ignore[arg-type]
+            entry._current = None  # type: ignore[union-attr]  # see _TaskSpan.current_context
+            trace_id, span_id = entry.trace_id, entry.span_id  # type: ignore[union-attr]
+        else:
+            span = entry.span  # type: ignore[union-attr]
+            record = _record_of(task, entry, metadata, outcome, finished_ns)
+            self._end_other(task, record, span, end, exc)
+            span_context = span.get_span_context()
+            if not span_context.trace_flags.sampled:
+                return
+            trace_id, span_id = span_context.trace_id, span_context.span_id
+        exemplars = STATE.hooks.exemplars
+        if exemplars:  # the metrics' exemplars: this span's ids, in the task's bucket
+            duration = finished_ns - entry.created_ns
+            call_each(exemplars, STATE.errors, metadata, outcome, duration, trace_id, span_id)
+
+    def _end_other(
+        self,
+        task: asyncio.Task[Any],
+        record: TaskRecord,
+        data: _Started,
+        end: int,
+        exc: BaseException | None,
+    ) -> None:
+        """End a span the lane does not take: through the provider's processors."""
         attributes = _attributes(task, record)
-        if isinstance(data, _TaskSpan):
+        if type(data) is _TaskSpan:
             name = span_name(task, record.metadata)
+            late = data.late or ()
             self._emit(
-                data, name, attributes, start_ns=record.created_ns, end=end, exc=exc, late=late
+                data,
+                name,
+                attributes,
+                start_ns=record.created_ns,
+                end=end,
+                exc=exc,
+                late=late,
             )
         elif isinstance(data, trace.Span):
             self._end_full(task, record, data, attributes, end)
 
-    def task_destroyed(self, task: asyncio.Future[Any], metadata: TaskMetadata) -> None:  # noqa: ARG002
-        """A task destroyed while pending never ends: drop a stuck event noted for its span.
-
-        Its handle's id could otherwise be reused by a later span, which would get the event.
-        """
-        if self._late_events:
-            record = task_record(task)
-            if record is not None:
-                self._late_events.pop(id(record._span), None)
-
     def task_stuck(self, task: asyncio.Task[Any], metadata: TaskMetadata, age_s: float) -> None:  # noqa: ARG002
         """Add an ``asynctrace.stuck`` event to the task's span (exported when it ends)."""
         record = task_record(task)
-        data = record._span if record is not None else None
+        data = record._span if record is not None else lean_entry(task)
+        if type(data) is _FullSpan:
+            data = data.span
         attributes = {"asynctrace.age_s": round(age_s, 3)}
         now = time.time_ns()
-        if isinstance(data, _TaskSpan):
+        if type(data) is _TaskSpan:
+            # Kept on the handle: it goes with the span, or with the task if never done.
             event = sdk_trace.Event(STUCK_EVENT, attributes, now)
-            self._late_events.setdefault(id(data), []).append(event)
+            if data.late is None:
+                data.late = []
+            data.late.append(event)
         elif isinstance(data, trace.Span):
             data.add_event(STUCK_EVENT, attributes, timestamp=now)
 
@@ -775,16 +860,16 @@ class SpanSink(Instrument):
             span.set_status(_UNSET)
         span.end(end_time=end)
 
-    def _to_lanes(
+    def _to_lanes(  # noqa: PLR0917 - the hot path: positional arguments
         self,
         task: asyncio.Task[Any],
-        record: TaskRecord,
+        meta: TaskMetadata,
         handle: _TaskSpan,
         end: int,
+        outcome: Outcome | None,
         exc: BaseException | None,
     ) -> None:
         """Hand the task's span to the OTLP lane as a tuple (``otlp_encode.TaskSpan``)."""
-        meta = record.metadata
         parent = handle.parent
         state = handle.trace_state
         span = (
@@ -794,10 +879,10 @@ class SpanSink(Instrument):
             parent is not None and parent.is_remote,
             ",".join(f"{k}={v}" for k, v in state.items()) if state else "",
             span_name(task, meta),
-            record.created_ns + self._epoch_offset,
+            handle.created_ns + self._epoch_offset,
             end,
             task.get_name(),
-            record.outcome,
+            outcome,
             meta.operation_name,
             meta.correlation_id,
             meta.priority_hint,
@@ -806,3 +891,42 @@ class SpanSink(Instrument):
         )
         for lane in self._lanes:
             lane.add_task(span)
+
+
+def _lane_shape(handle: _TaskSpan, outcome: Outcome | None) -> bool:
+    """Whether the lane takes this span: the common shape.
+
+    No links, no attributes from the sampler, neither cancelled nor stuck (those take the
+    SDK's path, with their attributes and events).
+    """
+    return not (handle.links or handle.sampler_attributes or handle.late) and outcome != CANCELLED
+
+
+@final
+class _FullSpan:
+    """What the lean path keeps for a task whose span is an SDK span (the full path)."""
+
+    __slots__ = ("created_ns", "span")
+
+    def __init__(self, span: trace.Span, created_ns: int) -> None:
+        self.span = span
+        self.created_ns = created_ns
+
+
+def _record_of(
+    task: asyncio.Task[Any],
+    entry: _TaskSpan | _FullSpan,
+    metadata: TaskMetadata,
+    outcome: Outcome,
+    finished_ns: int,
+) -> TaskRecord:
+    """A record for a lean-path task whose span takes the SDK's path (made only then)."""
+    record = TaskRecord(metadata, entry.created_ns)
+    record.finished_ns = finished_ns
+    record.outcome = outcome
+    if outcome == EXCEPTION:
+        record.exception = task._exception
+    elif outcome == CANCELLED:
+        record.cancellation = cancellation_of(task)
+    record._span = entry if type(entry) is _TaskSpan else entry.span  # type: ignore[union-attr]
+    return record

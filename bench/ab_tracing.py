@@ -2,6 +2,7 @@
 
     python bench/ab_tracing.py --switch lazy    # the current span made lazily, or attached
     python bench/ab_tracing.py --switch batch   # the lane's requests: 2,048 spans, or 512
+    python bench/ab_tracing.py --switch records # a record per traced task, or none (lean)
 
 asynctrace is installed with OTLP export to the real receiver (bench/receiver.py), and a
 20,000-task fan-out (``asynctrace.create_task(..., operation_name=)``) runs twice per turn,
@@ -56,6 +57,19 @@ async def _main(args: argparse.Namespace, port: str) -> dict[str, list[float]]:
             raise SystemExit("the lazy current span is not in use here")
         variants = {"attached": lambda: setattr(sink, "_runtime", None),
                     "lazy": lambda: setattr(sink, "_runtime", runtime)}  # fmt: skip
+    elif args.switch == "records":
+        from asynctrace._hooks import Hooks  # noqa: PLC0415
+        from asynctrace._state import STATE  # noqa: PLC0415
+        from asynctrace.sinks.tracing import SpanSink  # noqa: PLC0415
+
+        lean = STATE.hooks
+        if not lean.lean or lean.begin is None:
+            raise SystemExit("traced tasks do not take the lean path here")
+        SpanSink._lean_span = False  # the table as it was before: a record per task
+        records = Hooks(lean.instruments)
+        SpanSink._lean_span = True
+        variants = {"records": lambda: setattr(STATE, "hooks", records),
+                    "lean": lambda: setattr(STATE, "hooks", lean)}  # fmt: skip
     else:
         lane = _live("OTLPLane")
         variants = {"512": lambda: setattr(lane, "_batch", 512),
@@ -78,7 +92,7 @@ async def _main(args: argparse.Namespace, port: str) -> dict[str, list[float]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--switch", choices=["lazy", "batch"], required=True)
+    parser.add_argument("--switch", choices=["lazy", "batch", "records"], required=True)
     parser.add_argument("--tasks", type=int, default=20_000)
     parser.add_argument("--turns", type=int, default=8)
     args = parser.parse_args()

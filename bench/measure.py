@@ -178,7 +178,8 @@ async def _accuracy(mode: Mode, n: int) -> dict[str, float]:
         tasks.append(task)
         records.append(record_of(task))  # found while the task runs
         metas.append(asynctrace.task_metadata(task))
-        created[i] = starts.get(id(task), 0)
+        entry = starts.get(id(task), 0)  # the creation time, or a traced task's span entry
+        created[i] = entry if type(entry) is int else getattr(entry, "created_ns", 0)
     await asyncio.gather(*tasks)
     await asyncio.sleep(0)
     mode.flush()

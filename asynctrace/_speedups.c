@@ -195,8 +195,8 @@ static PyType_Spec tap_spec = {
 /* ---------------------------------------------------------------------------------------
  * LeanFactory: the task factory's common path (see _speedups_py.LeanFactory, and the
  * closure in _factory.make_factory that it takes over from): metadata in the new task's
- * context, the lean instruments' task_started, the creation time noted, one shared done
- * callback. Anything off that path (records, a chained factory, an explicit context, eager
+ * context, the span sink's task_begin run in it (hooks.begin), the lean instruments'
+ * task_started, the creation time (or begin's entry) noted, one shared done callback. Anything off that path (records, a chained factory, an explicit context, eager
  * start, a helper call naming the task) is handed, untouched, to the Python factory.
  * --------------------------------------------------------------------------------------- */
 
@@ -1154,7 +1154,8 @@ static PyType_Spec counts_spec = {
  * LeanDone: the done callback of the lean path (see _speedups_py.LeanDone). mark(task)
  * runs inside the task's last step (the tap); __call__ from a Handle. It takes the end time,
  * reads the task's metadata from the context it runs in, and calls the lean instruments'
- * task_finished hooks (C ones, Counts.finished, call no Python code).
+ * task_finished hooks (C ones, Counts.finished, call no Python code); for a task whose entry
+ * is hooks.begin's (a traced task's span handle), then hooks.end with it.
  * --------------------------------------------------------------------------------------- */
 
 typedef struct {

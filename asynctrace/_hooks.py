@@ -273,8 +273,7 @@ class Hooks:
         observers = [i for i in instruments if any(overrides(i, h) for h in TASK_HOOKS)]
         lean = [i for i in observers if isinstance(i, LeanInstrument)]
         paired = [i for i in observers if type(i)._lean_span and i not in lean]
-        self.lean = bool(observers) and len(lean) + len(paired) == len(observers)
-        self.lean = self.lean and len(paired) <= 1
+        self.lean = len(paired) <= 1 and 0 < len(lean) + len(paired) == len(observers)
         self.begin: _Hook | None = None
         self.end: _Hook | None = None
         if self.lean and paired:

@@ -18,6 +18,7 @@ __all__ = [
     "SLICE",
     "creation_site",
     "lean_entry",
+    "lean_starts",
     "loop_tasks",
     "started_of",
     "task_metadata",
@@ -43,16 +44,20 @@ def task_record(task: asyncio.Future[Any]) -> TaskRecord | None:
     return None
 
 
+def lean_starts(loop: asyncio.AbstractEventLoop) -> dict[int, Any] | None:
+    """The lean path's table of ``loop``'s factory (``id(task)`` to what it keeps), or None."""
+    return getattr(loop.get_task_factory(), STARTS_ATTR, None)
+
+
 def lean_entry(task: asyncio.Future[Any]) -> object:
     """What the lean path keeps for a running task; None when it keeps nothing for it.
 
     The task's creation time, or an instrument's entry (a span handle, see ``Hooks.begin``).
     """
     try:
-        factory = task.get_loop().get_task_factory()
+        starts = lean_starts(task.get_loop())
     except (AttributeError, RuntimeError):
         return None
-    starts: dict[int, object] | None = getattr(factory, STARTS_ATTR, None)
     return starts.get(id(task)) if starts is not None else None
 
 

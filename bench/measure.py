@@ -149,6 +149,7 @@ async def _accuracy(mode: Mode, n: int) -> dict[str, float]:
     gets a correlation id of its own, so its metadata object tells which task it was.
     """
     import asynctrace  # noqa: PLC0415
+    from asynctrace._introspect import lean_starts, started_of  # noqa: PLC0415
     from asynctrace._state import STATE  # noqa: PLC0415
     from asynctrace.sinks.task_metrics import DURATION_BUCKETS  # noqa: PLC0415
     from asynctrace.testing import record_of  # noqa: PLC0415
@@ -168,7 +169,7 @@ async def _accuracy(mode: Mode, n: int) -> dict[str, float]:
         await asyncio.sleep(0)
         ends[i] = perf_ns()
 
-    starts = getattr(asyncio.get_running_loop().get_task_factory(), "_asynctrace_starts", {})
+    starts = lean_starts(asyncio.get_running_loop())
     created = [0] * n
     tasks, records, metas = [], [], []
     for i in range(n):
@@ -178,8 +179,7 @@ async def _accuracy(mode: Mode, n: int) -> dict[str, float]:
         tasks.append(task)
         records.append(record_of(task))  # found while the task runs
         metas.append(asynctrace.task_metadata(task))
-        entry = starts.get(id(task), 0)  # the creation time, or a traced task's span entry
-        created[i] = entry if type(entry) is int else getattr(entry, "created_ns", 0)
+        created[i] = started_of(task, None, starts)[0] or 0  # what the lean path noted
     await asyncio.gather(*tasks)
     await asyncio.sleep(0)
     mode.flush()

@@ -23,7 +23,14 @@ from typing import Any, Final
 from urllib.parse import parse_qs
 
 from asynctrace._install import instrumented_loops
-from asynctrace._introspect import SLICE, started_of, task_metadata, task_record, walk_tasks
+from asynctrace._introspect import (
+    SLICE,
+    lean_starts,
+    started_of,
+    task_metadata,
+    task_record,
+    walk_tasks,
+)
 from asynctrace.export.tasks_page import PAGE, wants_html
 
 __all__ = ["MAX_LIMIT", "SLICE", "TaskQuery", "snapshot", "tasks_app"]
@@ -178,8 +185,7 @@ class _Reader:
         self.total = 0
 
     def start(self) -> None:
-        factory = self.loop.get_task_factory()
-        starts = getattr(factory, "_asynctrace_starts", None)
+        starts = lean_starts(self.loop)
         now_ns = time.perf_counter_ns()
 
         def visit(task: asyncio.Task[Any]) -> None:

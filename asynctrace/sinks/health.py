@@ -27,7 +27,13 @@ from pathlib import Path
 from typing import Any, Final, final
 
 from asynctrace._hooks import Hooks, Instrument, call_each
-from asynctrace._introspect import started_of, task_metadata, task_record, walk_tasks
+from asynctrace._introspect import (
+    lean_starts,
+    started_of,
+    task_metadata,
+    task_record,
+    walk_tasks,
+)
 from asynctrace._metadata import TaskMetadata
 from asynctrace._record import TaskRecord
 from asynctrace._state import STATE
@@ -177,8 +183,7 @@ class StuckWatch(Instrument):
         state = self._loops.get(loop)
         if state is None or self._closed:
             return
-        factory = loop.get_task_factory()
-        starts = getattr(factory, "_asynctrace_starts", None)
+        starts = lean_starts(loop)
         now_ns = time.perf_counter_ns()
         hooks = STATE.hooks
         state.counting = {}

@@ -73,7 +73,6 @@ class _Shard:
     __slots__ = (
         "blocked",
         "cancelled",
-        "created",
         "destroyed",
         "lag",
         "last_label",
@@ -88,7 +87,6 @@ class _Shard:
         self.last_metadata: object = None
         self.last_name: object = _NO_NAME
         self.last_label = ""
-        self.created: dict[str, int] = {}
         self.destroyed: dict[str, int] = {}
         self.never_retrieved: dict[str, int] = {}
         self.pending_at_close: dict[str, int] = {}
@@ -230,14 +228,12 @@ class TaskMetrics(LeanInstrument):
         return shard, op
 
     def task_started(self, metadata: TaskMetadata) -> None:
-        """Count a created task."""
-        shard, op = self._shard_and_label(metadata)
-        created = shard.created
-        created[op] = created.get(op, 0) + 1
+        """Count a created task (the counters' own method is the hook: see ``__init__``)."""
+        self._counts.started(metadata)
 
     def task_finished(self, metadata: TaskMetadata, outcome: Outcome, duration_ns: int) -> None:
-        """Put the task's duration in its (operation, outcome) histogram."""
-        self._observe(metadata, outcome, duration_ns)
+        """Put the task's duration in its (operation, outcome) histogram (likewise)."""
+        self._counts.finished(metadata, outcome, duration_ns)
 
     def task_exemplar(
         self,
@@ -261,19 +257,6 @@ class TaskMetrics(LeanInstrument):
             series.exemplars = [None] * self._size
         i = bisect_left(self._bounds_ns, duration_ns)
         series.exemplars[i] = (trace_id, span_id, duration_ns, time.time())
-
-    def _observe(
-        self, metadata: TaskMetadata, outcome: str, duration_ns: int
-    ) -> tuple[Series, int]:
-        shard, op = self._shard_and_label(metadata)
-        key = (op, outcome)
-        series = shard.series.get(key)
-        if series is None:
-            series = shard.series[key] = Series(self._size)
-        i = bisect_left(self._bounds_ns, duration_ns)
-        series.counts[i] += 1
-        series.sum_ns += duration_ns
-        return series, i
 
     def observe_lag(self, lag_s: float) -> None:
         """Record one heartbeat's lag (called on the loop's thread)."""
@@ -333,7 +316,6 @@ class TaskMetrics(LeanInstrument):
             lean.sum_ns = sum_ns
         blocked, destroyed = folded.blocked, folded.destroyed
         for shard in shards:
-            _add(created, shard.created)
             _add(destroyed, shard.destroyed)
             _add(folded.never_retrieved, shard.never_retrieved)
             _add(folded.pending_at_close, shard.pending_at_close)

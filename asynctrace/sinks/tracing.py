@@ -744,23 +744,9 @@ class SpanSink(Instrument):
 
     def task_done(self, task: asyncio.Task[Any], record: TaskRecord) -> None:
         """End the task's span with its outcome (the path with records)."""
-        data = record._span
-        if data is None:
-            return
-        if type(data) is _TaskSpan:
-            self._thread_counts().ended += 1  # exported, or an internal task's: dropped
-        if record.metadata.operation_name is None and (
-            getattr(task.get_coro(), "__qualname__", None) in _INTERNAL_COROUTINES
-        ):
-            return  # on the full path the span is never ended, so never exported
-        end = record.finished_ns + self._epoch_offset
-        exc = record.exception if record.outcome == EXCEPTION else None
-        if type(data) is _TaskSpan and self._lanes and _lane_shape(data, record.outcome):
-            self._to_lanes(task, record.metadata, data, end, record.outcome, exc)
-        else:
-            self._end_other(task, record, data, end, exc)  # type: ignore[arg-type]
-        if type(data) is _TaskSpan:
-            data._current = None  # see _TaskSpan.current_context
+        span = record._span
+        if span is not None:
+            self._end(task, span, record, record.metadata, record.outcome, record.finished_ns)  # type: ignore[arg-type]
 
     def task_end(
         self,
@@ -771,35 +757,56 @@ class SpanSink(Instrument):
         finished_ns: int,
     ) -> None:
         """End the span :meth:`task_begin` started, on the lean path (no record)."""
-        fast = type(entry) is _TaskSpan
+        span = entry if type(entry) is _TaskSpan else entry.span  # type: ignore[union-attr]
+        if not self._end(task, span, entry.created_ns, metadata, outcome, finished_ns):
+            return
+        exemplars = STATE.hooks.exemplars
+        if not exemplars:
+            return
+        if type(span) is _TaskSpan:  # sampled: task_begin keeps no other handle
+            trace_id, span_id = span.trace_id, span.span_id
+        else:
+            span_context = span.get_span_context()
+            if not span_context.trace_flags.sampled:
+                return
+            trace_id, span_id = span_context.trace_id, span_context.span_id
+        # The metrics' exemplars (the record path's come through LeanInstrument.task_done).
+        duration = finished_ns - entry.created_ns
+        call_each(exemplars, STATE.errors, metadata, outcome, duration, trace_id, span_id)
+
+    def _end(  # noqa: PLR0917 - the hot path: positional arguments
+        self,
+        task: asyncio.Task[Any],
+        span: _Started,
+        record_or_created_ns: TaskRecord | int,
+        metadata: TaskMetadata,
+        outcome: Outcome,
+        finished_ns: int,
+    ) -> bool:
+        """End a task's span; False when it is not exported (an internal task's).
+
+        Given the task's record (the path with records), or its creation time (the lean
+        path: a record is built only if the span takes the SDK's processors).
+        """
+        fast = type(span) is _TaskSpan
         if fast:
             self._thread_counts().ended += 1  # exported, or an internal task's: dropped
         if metadata.operation_name is None and (
             getattr(task.get_coro(), "__qualname__", None) in _INTERNAL_COROUTINES
         ):
-            return
+            return False  # on the full path the span is never ended, so never exported
         end = finished_ns + self._epoch_offset
         exc = task._exception if outcome == EXCEPTION else None
-        if fast:
-            if self._lanes and _lane_shape(entry, outcome):  # type: ignore[arg-type]
-                self._to_lanes(task, metadata, entry, end, outcome, exc)  # type: ignore[arg-type]
-            else:
-                record = _record_of(task, entry, metadata, outcome, finished_ns)
-                self._end_other(task, record, entry, end, exc)  # type: ignore[arg-type]
-            entry._current = None  # type: ignore[union-attr]  # see _TaskSpan.current_context
-            trace_id, span_id = entry.trace_id, entry.span_id  # type: ignore[union-attr]
+        if fast and self._lanes and _lane_shape(span, outcome):  # type: ignore[arg-type]
+            self._to_lanes(task, metadata, span, end, outcome, exc)  # type: ignore[arg-type]
         else:
-            span = entry.span  # type: ignore[union-attr]
-            record = _record_of(task, entry, metadata, outcome, finished_ns)
-            self._end_other(task, record, span, end, exc)
-            span_context = span.get_span_context()
-            if not span_context.trace_flags.sampled:
-                return
-            trace_id, span_id = span_context.trace_id, span_context.span_id
-        exemplars = STATE.hooks.exemplars
-        if exemplars:  # the metrics' exemplars: this span's ids, in the task's bucket
-            duration = finished_ns - entry.created_ns
-            call_each(exemplars, STATE.errors, metadata, outcome, duration, trace_id, span_id)
+            record = record_or_created_ns
+            if type(record) is int:
+                record = _record_of(task, span, record, metadata, outcome, finished_ns)
+            self._end_other(task, record, span, end, exc)  # type: ignore[arg-type]
+        if fast:
+            span._current = None  # type: ignore[union-attr]  # see _TaskSpan.current_context
+        return True
 
     def _end_other(
         self,
@@ -913,20 +920,21 @@ class _FullSpan:
         self.created_ns = created_ns
 
 
-def _record_of(
+def _record_of(  # noqa: PLR0917
     task: asyncio.Task[Any],
-    entry: _TaskSpan | _FullSpan,
+    span: _Started,
+    created_ns: int,
     metadata: TaskMetadata,
     outcome: Outcome,
     finished_ns: int,
 ) -> TaskRecord:
     """A record for a lean-path task whose span takes the SDK's path (made only then)."""
-    record = TaskRecord(metadata, entry.created_ns)
+    record = TaskRecord(metadata, created_ns)
     record.finished_ns = finished_ns
     record.outcome = outcome
     if outcome == EXCEPTION:
         record.exception = task._exception
     elif outcome == CANCELLED:
         record.cancellation = cancellation_of(task)
-    record._span = entry if type(entry) is _TaskSpan else entry.span  # type: ignore[union-attr]
+    record._span = span
     return record

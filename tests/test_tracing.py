@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, TraceIdRatioBased
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
@@ -305,3 +307,50 @@ def test_processor_that_raises_never_reaches_the_app() -> None:
     exported = [s for s in exporter.get_finished_spans() if s.name == "leaf"]
     assert len(exported) == 20
     assert asynctrace.telemetry_errors() == {"instrument SpanSink": 20}
+
+
+def test_task_span_ids_are_drawn_as_the_sdk_draws_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fast path draws the default generator's ids itself: the same random stream, the
+    same retry on an all-zero id as ``RandomIdGenerator``; another generator is still asked.
+    """
+    drawn: list[int] = []
+    real = random.getrandbits
+
+    def getrandbits(k: int) -> int:
+        value = 0 if len(drawn) < 2 else real(k)  # the first trace id and span id: all zero
+        drawn.append(value)
+        return value
+
+    def trace_of(provider: TracerProvider) -> ReadableSpan:
+        exporter = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+        async def main() -> None:
+            asynctrace.install(tracer_provider=provider, registry=CollectorRegistry())
+            await asyncio.create_task(leaf(1))
+
+        asyncio.run(main())
+        asynctrace.uninstall()
+        (span,) = exporter.get_finished_spans()
+        return span
+
+    # From random.getrandbits, as the SDK draws them; a zero id is drawn again, never used.
+    monkeypatch.setattr(random, "getrandbits", getrandbits)
+    span = trace_of(TracerProvider())
+    assert span.context is not None
+    assert drawn[:2] == [0, 0]
+    assert span.context.trace_id == drawn[2] != 0
+    assert span.context.span_id == drawn[3] != 0
+    monkeypatch.undo()
+
+    # Any other id generator is asked for each id.
+    class Counting(RandomIdGenerator):
+        def generate_trace_id(self) -> int:
+            return 0xABC
+
+        def generate_span_id(self) -> int:
+            return 0xDEF
+
+    span = trace_of(TracerProvider(id_generator=Counting()))
+    assert span.context is not None
+    assert (span.context.trace_id, span.context.span_id) == (0xABC, 0xDEF)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import sys
 import threading
 import time
@@ -43,10 +44,13 @@ from opentelemetry import trace
 from opentelemetry.context.contextvars_context import ContextVarsRuntimeContext
 from opentelemetry.sdk import trace as sdk_trace
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     INVALID_SPAN,
+    INVALID_SPAN_ID,
+    INVALID_TRACE_ID,
     Link,
     NonRecordingSpan,
     SpanContext,
@@ -101,6 +105,9 @@ _UNSET: Final = Status(StatusCode.UNSET)
 _DEFAULT_SAMPLER_DESCRIPTION: Final[str] = ParentBased(ALWAYS_ON).get_description()  # type: ignore[no-untyped-call]
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
 _NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
+# Whether the interpreter runs without the GIL (free-threaded 3.13t/3.14t): then the per-thread
+# span counts take their lock (see _Counts); under the GIL the count needs none.
+_FREE_THREADED: Final = not getattr(sys, "_is_gil_enabled", lambda: True)()
 _OK_ON_START: Final = (BatchSpanProcessor, SimpleSpanProcessor)
 # The event loop's own housekeeping tasks (asyncio.run's shutdown, uvloop's too): no spans.
 _INTERNAL_COROUTINES: Final = frozenset(
@@ -292,7 +299,8 @@ class _Counts:
     ``close()`` takes to read the counts after setting the flag: so each start is either in
     close()'s sum or sees the flag and counts itself. Without it, each side could miss the
     other's write (a store-buffer race, seen on free-threaded 3.14t). Only the owning
-    thread and close() take it: uncontended on the hot path.
+    thread and close() take it: uncontended on the hot path. Under the GIL the start and the
+    read are ordered with close() by the GIL itself, and the lock (0.5 µs a task) is skipped.
     """
 
     __slots__ = ("ended", "lock", "started")
@@ -422,6 +430,9 @@ class SpanSink(Instrument):
         # processor of the provider does: no ReadableSpan is built for a task then.
         self._lanes: tuple[Any, ...] = ()
         self._default_sampler = False
+        # The SDK's default id generator: its ids are drawn here, as it draws them (the same
+        # random.getrandbits, the same retry on an all-zero id), without two method calls.
+        self._random_ids = False
         # The lazy current span: the runtime context that makes it, while it is in use.
         self._runtime: TaskSpanRuntimeContext | None = None
         if isinstance(self._tracer, sdk_trace.Tracer):
@@ -434,6 +445,7 @@ class SpanSink(Instrument):
             self._fast = False
             return
         self._default_sampler = tracer.sampler.get_description() == _DEFAULT_SAMPLER_DESCRIPTION
+        self._random_ids = type(tracer.id_generator) is RandomIdGenerator
         processors = _sdk_processors(tracer)
         self._checked_processors = processors
         if processors is None:
@@ -495,12 +507,19 @@ class SpanSink(Instrument):
             here = trace.get_current_span(current)
         elif not self._default_sampler:  # the sampler sees the parent in its context
             current = trace.set_span_in_context(here, current)
-        parent: SpanContext | None = here.get_span_context()
+        # No current span (INVALID_SPAN, the common root) needs no look at its context.
+        parent: SpanContext | None = None if here is INVALID_SPAN else here.get_span_context()
+        random_ids = self._random_ids
         if parent is not None and parent.is_valid:
             trace_id = parent.trace_id
         else:
-            trace_id = tracer.id_generator.generate_trace_id()
             parent = None
+            if random_ids:
+                trace_id = random.getrandbits(128)
+                while trace_id == INVALID_TRACE_ID:
+                    trace_id = random.getrandbits(128)
+            else:
+                trace_id = tracer.id_generator.generate_trace_id()
         trace_state: TraceState | None
         if self._default_sampler:
             sampled = parent is None or parent.trace_flags.sampled
@@ -512,11 +531,17 @@ class SpanSink(Instrument):
             )
             sampled = result.decision is Decision.RECORD_AND_SAMPLE
             trace_state, sampler_attributes = result.trace_state, result.attributes
+        if random_ids:
+            span_id = random.getrandbits(64)
+            while span_id == INVALID_SPAN_ID:
+                span_id = random.getrandbits(64)
+        else:
+            span_id = tracer.id_generator.generate_span_id()
         # Children (tasks, HTTP clients, DB drivers) see this span as their parent, sampled
         # or not, so a dropped task also drops its subtree under parent-based samplers.
         return _TaskSpan(
             trace_id,
-            tracer.id_generator.generate_span_id(),
+            span_id,
             trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
             trace_state=trace_state,
             parent=parent,
@@ -543,11 +568,18 @@ class SpanSink(Instrument):
             started = self._start(name, meta.correlation_id, created_ns)[0]
         if type(started) is not _TaskSpan:
             return started
-        if not started.trace_flags.sampled:
+        if started.trace_flags is not _SAMPLED:  # the fast path's flags are one of two
             return None
         started.created_ns = created_ns
-        counts = self._thread_counts()
-        with counts.lock:  # ordered with close(): see _Counts
+        try:
+            counts: _Counts = self._local.counts
+        except AttributeError:
+            counts = self._thread_counts()
+        if _FREE_THREADED:
+            with counts.lock:  # ordered with close(): see _Counts
+                counts.started += 1
+                closed = self._closed
+        else:
             counts.started += 1
             closed = self._closed
         if closed:  # its installation closed as it started: it never ends there
@@ -601,7 +633,9 @@ class SpanSink(Instrument):
         else:
             here = trace.get_current_span(current)
         correlation_id = meta.correlation_id
-        here, links = _parent_for(here, correlation_id)
+        links: tuple[Link, ...] = ()
+        if here is not INVALID_SPAN:  # no span is nobody's: no link (see _parent_for)
+            here, links = _parent_for(here, correlation_id)
         started = self._start_fast(
             tracer,  # type: ignore[arg-type]
             meta.operation_name or _PROVISIONAL_NAME,
@@ -789,8 +823,12 @@ class SpanSink(Instrument):
         path: a record is built only if the span takes the SDK's processors).
         """
         fast = type(span) is _TaskSpan
-        if fast:
-            self._thread_counts().ended += 1  # exported, or an internal task's: dropped
+        if fast:  # exported, or an internal task's: dropped
+            try:
+                counts: _Counts = self._local.counts
+            except AttributeError:
+                counts = self._thread_counts()
+            counts.ended += 1
         if metadata.operation_name is None and (
             getattr(task.get_coro(), "__qualname__", None) in _INTERNAL_COROUTINES
         ):

@@ -182,11 +182,10 @@ class _TaskSpan(NonRecordingSpan):
         "trace_state",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - one per task: positional arguments
         self,
         trace_id: int,
         span_id: int,
-        *,
         trace_flags: TraceFlags,
         trace_state: TraceState | None,
         parent: SpanContext | None,
@@ -542,12 +541,12 @@ class SpanSink(Instrument):
         return _TaskSpan(
             trace_id,
             span_id,
-            trace_flags=_SAMPLED if sampled else _NOT_SAMPLED,
-            trace_state=trace_state,
-            parent=parent,
-            sampler_attributes=sampler_attributes,
-            correlation_id=correlation_id,
-            links=links,
+            _SAMPLED if sampled else _NOT_SAMPLED,
+            trace_state,
+            parent,
+            sampler_attributes,
+            correlation_id,
+            links,
         )
 
     def _begin(self, meta: TaskMetadata, created_ns: int) -> _Started | None:
@@ -917,16 +916,23 @@ class SpanSink(Instrument):
         """Hand the task's span to the OTLP lane as a tuple (``otlp_encode.TaskSpan``)."""
         parent = handle.parent
         state = handle.trace_state
+        task_name = task.get_name()
+        name = meta.operation_name  # else span_name's fallbacks, with the task name in hand
+        if name is None:
+            if _is_default_name(task_name):
+                name = getattr(task.get_coro(), "__qualname__", None) or _PROVISIONAL_NAME
+            else:
+                name = task_name
         span = (
             handle.trace_id,
             handle.span_id,
             parent.span_id if parent is not None else 0,
             parent is not None and parent.is_remote,
             ",".join(f"{k}={v}" for k, v in state.items()) if state else "",
-            span_name(task, meta),
+            name,
             handle.created_ns + self._epoch_offset,
             end,
-            task.get_name(),
+            task_name,
             outcome,
             meta.operation_name,
             meta.correlation_id,

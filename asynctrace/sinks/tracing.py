@@ -50,7 +50,6 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     INVALID_SPAN,
     INVALID_SPAN_ID,
-    INVALID_TRACE_ID,
     Link,
     NonRecordingSpan,
     SpanContext,
@@ -313,6 +312,14 @@ class _Counts:
 _NOT_OURS: Final = object()
 
 
+def _random_id(bits: int) -> int:
+    """A random id as the SDK's ``RandomIdGenerator`` draws it: never the invalid id (0)."""
+    value = random.getrandbits(bits)
+    while value == INVALID_SPAN_ID:  # == INVALID_TRACE_ID: both are 0
+        value = random.getrandbits(bits)
+    return value
+
+
 def _correlation_of(span: trace.Span) -> object:
     """The correlation id of a span asynctrace made; ``_NOT_OURS`` for anyone else's span."""
     kind = type(span)
@@ -513,12 +520,7 @@ class SpanSink(Instrument):
             trace_id = parent.trace_id
         else:
             parent = None
-            if random_ids:
-                trace_id = random.getrandbits(128)
-                while trace_id == INVALID_TRACE_ID:
-                    trace_id = random.getrandbits(128)
-            else:
-                trace_id = tracer.id_generator.generate_trace_id()
+            trace_id = _random_id(128) if random_ids else tracer.id_generator.generate_trace_id()
         trace_state: TraceState | None
         if self._default_sampler:
             sampled = parent is None or parent.trace_flags.sampled
@@ -530,12 +532,7 @@ class SpanSink(Instrument):
             )
             sampled = result.decision is Decision.RECORD_AND_SAMPLE
             trace_state, sampler_attributes = result.trace_state, result.attributes
-        if random_ids:
-            span_id = random.getrandbits(64)
-            while span_id == INVALID_SPAN_ID:
-                span_id = random.getrandbits(64)
-        else:
-            span_id = tracer.id_generator.generate_span_id()
+        span_id = _random_id(64) if random_ids else tracer.id_generator.generate_span_id()
         # Children (tasks, HTTP clients, DB drivers) see this span as their parent, sampled
         # or not, so a dropped task also drops its subtree under parent-based samplers.
         return _TaskSpan(

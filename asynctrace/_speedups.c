@@ -196,8 +196,9 @@ static PyType_Spec tap_spec = {
  * LeanFactory: the task factory's common path (see _speedups_py.LeanFactory, and the
  * closure in _factory.make_factory that it takes over from): metadata in the new task's
  * context, the span sink's task_begin run in it (hooks.begin), the lean instruments'
- * task_started, the creation time (or begin's entry) noted, one shared done callback. Anything off that path (records, a chained factory, an explicit context, eager
- * start, a helper call naming the task) is handed, untouched, to the Python factory.
+ * task_started, the creation time (or begin's entry) noted, one shared done callback.
+ * Anything off that path (records, a chained factory, an explicit context, eager start, a
+ * helper call naming the task) is handed, untouched, to the Python factory.
  * --------------------------------------------------------------------------------------- */
 
 #if PY_VERSION_HEX < 0x030C0000

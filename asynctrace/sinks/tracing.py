@@ -146,11 +146,15 @@ def _is_default_name(name: str) -> bool:
     return (name.startswith("Task-") and name[5:].isdigit()) or name == _UNNAMED_AFTER_FACTORY
 
 
-def span_name(task: asyncio.Task[Any], metadata: TaskMetadata) -> str:
-    """The span name: operation_name, else a name the user gave, else the coroutine's qualname."""
+def span_name(task: asyncio.Task[Any], metadata: TaskMetadata, name: str | None = None) -> str:
+    """The span name: operation_name, else a name the user gave, else the coroutine's qualname.
+
+    ``name`` is the task's name when the caller has asked for it already.
+    """
     if metadata.operation_name is not None:
         return metadata.operation_name
-    name = task.get_name()
+    if name is None:
+        name = task.get_name()
     if not _is_default_name(name):
         return name
     coro = task.get_coro()
@@ -342,6 +346,8 @@ def _parent_for(
     ``here`` itself, unless it is one of asynctrace's spans of another correlation id: then no
     parent (``INVALID_SPAN``: the root of a new trace) and a link to ``here``.
     """
+    if here is INVALID_SPAN:  # no current span, the common root: nobody's
+        return here, ()
     owner = _correlation_of(here)
     if owner is not _NOT_OURS and owner != correlation_id:
         return INVALID_SPAN, (Link(here.get_span_context()),)
@@ -567,10 +573,7 @@ class SpanSink(Instrument):
         if started.trace_flags is not _SAMPLED:  # the fast path's flags are one of two
             return None
         started.created_ns = created_ns
-        try:
-            counts: _Counts = self._local.counts
-        except AttributeError:
-            counts = self._thread_counts()
+        counts = self._thread_counts()
         if _FREE_THREADED:
             with counts.lock:  # ordered with close(): see _Counts
                 counts.started += 1
@@ -629,9 +632,7 @@ class SpanSink(Instrument):
         else:
             here = trace.get_current_span(current)
         correlation_id = meta.correlation_id
-        links: tuple[Link, ...] = ()
-        if here is not INVALID_SPAN:  # no span is nobody's: no link (see _parent_for)
-            here, links = _parent_for(here, correlation_id)
+        here, links = _parent_for(here, correlation_id)
         started = self._start_fast(
             tracer,  # type: ignore[arg-type]
             meta.operation_name or _PROVISIONAL_NAME,
@@ -819,12 +820,8 @@ class SpanSink(Instrument):
         path: a record is built only if the span takes the SDK's processors).
         """
         fast = type(span) is _TaskSpan
-        if fast:  # exported, or an internal task's: dropped
-            try:
-                counts: _Counts = self._local.counts
-            except AttributeError:
-                counts = self._thread_counts()
-            counts.ended += 1
+        if fast:
+            self._thread_counts().ended += 1  # exported, or an internal task's: dropped
         if metadata.operation_name is None and (
             getattr(task.get_coro(), "__qualname__", None) in _INTERNAL_COROUTINES
         ):
@@ -914,19 +911,13 @@ class SpanSink(Instrument):
         parent = handle.parent
         state = handle.trace_state
         task_name = task.get_name()
-        name = meta.operation_name  # else span_name's fallbacks, with the task name in hand
-        if name is None:
-            if _is_default_name(task_name):
-                name = getattr(task.get_coro(), "__qualname__", None) or _PROVISIONAL_NAME
-            else:
-                name = task_name
         span = (
             handle.trace_id,
             handle.span_id,
             parent.span_id if parent is not None else 0,
             parent is not None and parent.is_remote,
             ",".join(f"{k}={v}" for k, v in state.items()) if state else "",
-            name,
+            span_name(task, meta, task_name),
             handle.created_ns + self._epoch_offset,
             end,
             task_name,

@@ -50,6 +50,7 @@ __all__ = [
     "TaskFactory",
     "forget_running",
     "forget_task",
+    "hook_failed",
     "make_factory",
     "new_correlation_id",
     "outcome_of",
@@ -124,7 +125,7 @@ def new_lean_done() -> Any:  # noqa: ANN401 - a LeanDone, C or Python
         metadata_var=_METADATA,
         no_metadata=_NO_METADATA,
         state=STATE,
-        on_error=_hook_failed,
+        on_error=hook_failed,
         on_cancelled=_cancelled,
     )
 
@@ -387,7 +388,7 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
             task_type=constructor,
             lean_done=lean_done,
             starts=starts,
-            on_error=_hook_failed,
+            on_error=hook_failed,
             lean_finish=lean_finish,
         )
     setattr(factory, FACTORY_MARK, installation)
@@ -396,7 +397,7 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
     return cast("TaskFactory", factory)
 
 
-def _hook_failed(hook: Callable[..., object], exc: BaseException) -> None:
+def hook_failed(hook: Callable[..., object], exc: BaseException) -> None:
     """A lean hook raised in a C or Python ``LeanDone``/``LeanFactory``: what call_each does.
 
     Counted and logged under the hook's instrument; what must not be swallowed

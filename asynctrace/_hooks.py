@@ -46,7 +46,8 @@ class Instrument:
     # asynctrace's own sinks say so: yours keep asyncio's usual callback turn.
     _instant: ClassVar[bool] = False
     # Whether this instrument also has task_begin/task_end, the lean path's per-task pair
-    # (see Hooks.begin): asynctrace's span sink. The factory then keeps no record for it.
+    # (see Hooks.begin), which its lean_hooks() returns: asynctrace's span sink. The factory
+    # then keeps no record for it.
     _lean_span: ClassVar[bool] = False
 
     def task_context(self, record: TaskRecord) -> None:
@@ -182,6 +183,7 @@ def overrides(instrument: Instrument, hook: str) -> bool:
 def source_of(hook: Callable[..., object]) -> str:
     """How telemetry errors name the instrument a hook belongs to (a label value)."""
     owner = getattr(hook, "__self__", hook)
+    owner = getattr(owner, "instrument", owner)  # a SpanHooks: its span sink's
     return f"instrument {type(owner).__name__}"
 
 
@@ -222,11 +224,12 @@ class Hooks:
         instant: True when every ``task_done`` may run inside the task's last step (all are
             asynctrace's own); else the done hooks run from a ``Handle``.
         started: ``task_started`` of the lean instruments (on the lean path).
-        begin: On the lean path, the span sink's ``task_begin(metadata, created_ns)``, or
-            None. Called in the new task's context; what it returns (None: nothing) is kept
-            for the task in place of its creation time, and has a ``created_ns``.
+        begin: On the lean path, the span sink's ``task_begin(metadata, created_ns)`` (or
+            its shortcut, from ``lean_hooks()``), or None. Called in the new task's context;
+            what it returns (None: nothing) is kept for the task in place of its creation
+            time, and has a ``created_ns``.
         end: The same instrument's ``task_end(task, entry, metadata, outcome,
-            finished_ns)``, called with that entry once the task is done.
+            finished_ns)`` (likewise), called with that entry once the task is done.
         exemplars: ``task_exemplar`` of the lean instruments that override it.
         finished: ``task_finished`` of the lean instruments.
         cancelled: ``task_cancelled`` of the lean instruments that override it.
@@ -277,8 +280,7 @@ class Hooks:
         self.begin: _Hook | None = None
         self.end: _Hook | None = None
         if self.lean and paired:
-            self.begin = paired[0].task_begin  # type: ignore[attr-defined]
-            self.end = paired[0].task_end  # type: ignore[attr-defined]
+            self.begin, self.end = paired[0].lean_hooks()  # type: ignore[attr-defined]
         self.exemplars: tuple[_Hook, ...] = tuple(
             i.task_exemplar
             for i in lean

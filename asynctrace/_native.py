@@ -17,6 +17,7 @@ __all__ = [
     "Counts",
     "LeanDone",
     "LeanFactory",
+    "SpanHooks",
     "Tap",
     "encode_task_span",
     "load",
@@ -50,3 +51,6 @@ encode_task_span: Final = getattr(  # an extension built before the encoder: Pyt
     _module, "encode_task_span", importlib.import_module("asynctrace._speedups_py").encode_task_span
 )
 Counts: Final = _module.Counts
+SpanHooks: Final = getattr(  # an extension built before SpanHooks: Python's
+    _module, "SpanHooks", importlib.import_module("asynctrace._speedups_py").SpanHooks
+)

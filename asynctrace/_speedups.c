@@ -18,13 +18,19 @@
 
 #define STATE_STRINGS(X) X(hooks) X(lean) X(started) X(value) X(operation_name) \
     X(correlation_id) X(priority_hint) X(name) X(context) X(eager_start) X(done)     \
-    X(add_done_callback) X(cancelled) X(_exception) X(finished) X(begin) X(end) X(created_ns)
+    X(add_done_callback) X(cancelled) X(_exception) X(finished) X(begin) X(end) X(created_ns) \
+    X(getrandbits) X(_common) X(_RUNTIME_CONTEXT) X(_tracer) X(span_processor)               \
+    X(_span_processors) X(_checked_processors) X(trace_id) X(trace_state) X(_closed)           \
+    X(_count_unfinished) X(_runtime) X(_current_context) X(get_span_context) X(task_begin)     \
+    X(task_end) X(span_id) X(is_remote) X(exemplars) X(_lanes) X(get_coro)            \
+    X(__qualname__) X(get_name) X(add_task)
 
 typedef struct {
     PyTypeObject *tap_type;
     PyTypeObject *lean_factory_type;
     PyTypeObject *counts_type;
     PyTypeObject *lean_done_type;
+    PyTypeObject *span_hooks_type;
     PyObject *mark_name; /* "mark" */
 #define DECLARE(n) PyObject *s_##n;
     STATE_STRINGS(DECLARE)
@@ -235,6 +241,7 @@ PyDict_Pop(PyObject *dict, PyObject *key, PyObject **result)
 }
 
 #define Py_BEGIN_CRITICAL_SECTION(op) {
+#define PyObject_GetOptionalAttr _PyObject_LookupAttr
 #define Py_END_CRITICAL_SECTION() }
 #endif
 
@@ -1445,6 +1452,645 @@ static PyType_Spec ld_spec = {
 
 
 /* ---------------------------------------------------------------------------------------
+ * SpanHooks: the span sink's task_begin/task_end for the common task (see
+ * _speedups_py.SpanHooks; the sink's own methods are the general path and the
+ * specification). begin makes the task's span handle (an instance of the sink's _TaskSpan,
+ * its __slots__ written directly) and sets it in TASK_SPAN; end hands the finished span to
+ * the OTLP lane as a tuple and calls the exemplar hooks. Every other case goes, before
+ * anything is done, to the sink's methods. Used only where the build has a GIL (the sink
+ * does not make one on a free-threaded build): the counts below rely on it.
+ * --------------------------------------------------------------------------------------- */
+
+#define HANDLE_SLOTS(X) X(_context) X(_current) X(correlation_id) X(created_ns) X(inherited) \
+    X(late) X(links) X(parent) X(sampler_attributes) X(span_id) X(trace_flags) X(trace_id)  \
+    X(trace_state)
+
+#define SH_FIELDS(X) X(sink) X(handle_type) X(task_span) X(context_module) X(random_module) \
+    X(sampled) X(finished) X(internal) X(unnamed) X(provisional) X(state) X(on_error) X(lock) \
+    X(empty_args) X(n128) X(n64) X(task_prefix) X(empty_str)
+
+typedef struct {
+    PyObject_HEAD
+#define SH_DECLARE(f) PyObject *f;
+    SH_FIELDS(SH_DECLARE)
+#undef SH_DECLARE
+#define OFFSET_DECLARE(n) Py_ssize_t off_##n;
+    HANDLE_SLOTS(OFFSET_DECLARE)
+#undef OFFSET_DECLARE
+    long long started; /* sampled spans begun here, and ended: summed by the sink at close */
+    long long ended;
+    long long epoch_offset;
+} SpanHooksObject;
+
+#define SLOT(obj, n) (*(PyObject **)((char *)(obj) + self->off_##n))
+
+/* The offset of handle_type's __slots__ member `name` (an object slot), or -1 with an error. */
+static Py_ssize_t
+slot_offset(PyObject *handle_type, const char *name)
+{
+    PyObject *descr = PyObject_GetAttrString(handle_type, name);
+    if (descr == NULL) {
+        return -1;
+    }
+    Py_ssize_t offset = -1;
+    if (Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+        PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+        if (member->type == T_OBJECT_EX && !(member->flags & READONLY)) {
+            offset = member->offset;
+        }
+    }
+    if (offset < 0) {
+        PyErr_Format(PyExc_TypeError,
+                     "SpanHooks: handle_type %R must have a __slots__ entry %s, got %R",
+                     handle_type, name, descr);
+    }
+    Py_DECREF(descr);
+    return offset;
+}
+
+/* A random id as random.getrandbits(bits) draws it, never 0 (the SDK's RandomIdGenerator). */
+static PyObject *
+sh_random_id(SpanHooksObject *self, PyObject *bits, speedups_state *st)
+{
+    PyObject *draw = PyObject_GetAttr(self->random_module, st->s_getrandbits);
+    if (draw == NULL) {
+        return NULL;
+    }
+    PyObject *value;
+    while ((value = PyObject_CallOneArg(draw, bits)) != NULL) {
+        int nonzero = PyObject_IsTrue(value);
+        if (nonzero != 0) {
+            if (nonzero < 0) {
+                Py_CLEAR(value);
+            }
+            break;
+        }
+        Py_DECREF(value);
+    }
+    Py_DECREF(draw);
+    return value;
+}
+
+/* 1 when begin may take the task (see _speedups_py.SpanHooks.begin), 0 if not, -1 on error. */
+static int
+sh_common(SpanHooksObject *self, PyObject *runtime, speedups_state *st)
+{
+    PyObject *v = PyObject_GetAttr(self->sink, st->s__common);
+    if (v == NULL) {
+        return -1;
+    }
+    int common = PyObject_IsTrue(v);
+    Py_DECREF(v);
+    if (common <= 0) {
+        return common;
+    }
+    PyObject *in_use = PyObject_GetAttr(self->context_module, st->s__RUNTIME_CONTEXT);
+    if (in_use == NULL) {
+        return -1;
+    }
+    Py_DECREF(in_use);
+    if (in_use != runtime) {
+        return 0;
+    }
+    PyObject *tracer = PyObject_GetAttr(self->sink, st->s__tracer);
+    if (tracer == NULL) {
+        return -1;
+    }
+    PyObject *multi = PyObject_GetAttr(tracer, st->s_span_processor);
+    Py_DECREF(tracer);
+    if (multi == NULL) {
+        return -1;
+    }
+    PyObject *processors;
+    int found = PyObject_GetOptionalAttr(multi, st->s__span_processors, &processors);
+    Py_DECREF(multi);
+    if (found < 0) {
+        return -1;
+    }
+    PyObject *checked = PyObject_GetAttr(self->sink, st->s__checked_processors);
+    if (checked == NULL) {
+        Py_XDECREF(processors);
+        return -1;
+    }
+    int same = (processors == NULL ? Py_None : processors) == checked;
+    Py_XDECREF(processors);
+    Py_DECREF(checked);
+    return same;
+}
+
+static PyObject *
+sh_fallback(SpanHooksObject *self, PyObject *name, PyObject *const *args, Py_ssize_t nargs)
+{
+    PyObject *call_args[6];
+    call_args[0] = self->sink;
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        call_args[i + 1] = args[i];
+    }
+    return PyObject_VectorcallMethod(name, call_args, (size_t)(nargs + 1), NULL);
+}
+
+/* The handle for a task whose parent is `creator`'s span (`parent`, its SpanContext) or none
+   (parent NULL), set in TASK_SPAN and counted. */
+static PyObject *
+sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, PyObject *created, PyObject *current,
+              PyObject *parent, speedups_state *st)
+{
+    PyObject *trace_id = NULL, *trace_state = NULL;
+    if (parent != NULL) {
+        trace_id = PyObject_GetAttr(parent, st->s_trace_id);
+        trace_state = trace_id ? PyObject_GetAttr(parent, st->s_trace_state) : NULL;
+    }
+    else {
+        trace_id = sh_random_id(self, self->n128, st);
+        trace_state = Py_NewRef(Py_None);
+    }
+    PyObject *span_id = trace_state ? sh_random_id(self, self->n64, st) : NULL;
+    PyTypeObject *type = (PyTypeObject *)self->handle_type;
+    PyObject *handle = span_id ? type->tp_new(type, self->empty_args, NULL) : NULL;
+    if (handle == NULL) {
+        Py_XDECREF(trace_id);
+        Py_XDECREF(trace_state);
+        Py_XDECREF(span_id);
+        return NULL;
+    }
+    SLOT(handle, _context) = Py_NewRef(Py_None);
+    SLOT(handle, _current) = Py_NewRef(Py_None);
+    SLOT(handle, correlation_id) = Py_NewRef(metadata_cid);
+    SLOT(handle, created_ns) = Py_NewRef(created);
+    SLOT(handle, inherited) = Py_NewRef(current);
+    SLOT(handle, late) = Py_NewRef(Py_None);
+    SLOT(handle, links) = Py_NewRef(self->empty_args);
+    SLOT(handle, parent) = Py_NewRef(parent != NULL ? parent : Py_None);
+    SLOT(handle, sampler_attributes) = Py_NewRef(Py_None);
+    SLOT(handle, span_id) = span_id;
+    SLOT(handle, trace_flags) = Py_NewRef(self->sampled);
+    SLOT(handle, trace_id) = trace_id;
+    SLOT(handle, trace_state) = trace_state;
+    PyObject *token = PyContextVar_Set(self->task_span, handle);
+    if (token == NULL) {
+        Py_DECREF(handle);
+        return NULL;
+    }
+    Py_DECREF(token);
+    self->started++;
+    PyObject *closed = PyObject_GetAttr(self->sink, st->s__closed);
+    int is_closed = closed ? PyObject_IsTrue(closed) : -1;
+    Py_XDECREF(closed);
+    if (is_closed > 0) { /* its installation closed as it started: it never ends there */
+        PyObject *one = PyLong_FromLong(1);
+        PyObject *res = one ? PyObject_CallMethodOneArg(self->sink, st->s__count_unfinished, one)
+                            : NULL;
+        Py_XDECREF(one);
+        is_closed = res ? 0 : -1;
+        Py_XDECREF(res);
+    }
+    if (is_closed < 0) {
+        Py_DECREF(handle);
+        return NULL;
+    }
+    return handle;
+}
+
+/* begin(metadata, created_ns): see _speedups_py.SpanHooks.begin. */
+static PyObject *
+sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    SpanHooksObject *self = (SpanHooksObject *)op;
+    speedups_state *st = PyType_GetModuleState(Py_TYPE(op));
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "SpanHooks.begin takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *runtime = PyObject_GetAttr(self->sink, st->s__runtime);
+    if (runtime == NULL) {
+        return NULL;
+    }
+    PyObject *var = NULL, *current = NULL, *creator = NULL, *cid = NULL, *parent = NULL;
+    PyObject *result = NULL;
+    int common = runtime == Py_None ? 0 : sh_common(self, runtime, st);
+    if (common <= 0) {
+        goto other;
+    }
+    var = PyObject_GetAttr(runtime, st->s__current_context);
+    if (var == NULL || !PyContextVar_CheckExact(var)) {
+        common = var ? 0 : -1;
+        goto other;
+    }
+    if (PyContextVar_Get(var, NULL, &current) < 0 || current == NULL ||
+        PyContextVar_Get(self->task_span, NULL, &creator) < 0) {
+        common = -1;
+        goto other;
+    }
+    cid = PyObject_GetAttr(args[0], st->s_correlation_id);
+    if (cid == NULL) {
+        common = -1;
+        goto other;
+    }
+    if (creator != NULL && Py_TYPE(creator) == (PyTypeObject *)self->handle_type &&
+        SLOT(creator, inherited) == current) {
+        PyObject *owner = SLOT(creator, correlation_id);
+        int same = owner == NULL ? 0 : PyObject_RichCompareBool(owner, cid, Py_EQ);
+        if (same <= 0 || SLOT(creator, trace_flags) != self->sampled) {
+            common = same < 0 ? -1 : 0; /* a new trace (linked), or not sampled */
+            goto other;
+        }
+        parent = PyObject_CallMethodNoArgs(creator, st->s_get_span_context);
+        if (parent == NULL) {
+            common = -1;
+            goto other;
+        }
+    }
+    else if (!PyDict_Check(current) || PyDict_GET_SIZE(current) != 0) {
+        common = 0; /* another instrumentation's span, or a remote parent: the general path */
+        goto other;
+    }
+    result = sh_new_handle(self, cid, args[1], current, parent, st);
+    common = result ? 1 : -1;
+other:
+    Py_DECREF(runtime);
+    Py_XDECREF(var);
+    Py_XDECREF(current);
+    Py_XDECREF(creator);
+    Py_XDECREF(cid);
+    Py_XDECREF(parent);
+    if (common == 0) {
+        return sh_fallback(self, st->s_task_begin, args, 2);
+    }
+    return result;
+}
+
+static int
+is_default_task_name(SpanHooksObject *self, PyObject *name)
+{
+    if (self->unnamed != Py_None && PyUnicode_Check(name) &&
+        PyUnicode_Compare(name, self->unnamed) == 0) {
+        return 1;
+    }
+    if (!PyUnicode_Check(name) || PyUnicode_GET_LENGTH(name) <= 5 ||
+        PyUnicode_Tailmatch(name, self->task_prefix, 0, 5, -1) != 1) {
+        return 0;
+    }
+    int kind = PyUnicode_KIND(name);
+    const void *data = PyUnicode_DATA(name);
+    for (Py_ssize_t i = 5; i < PyUnicode_GET_LENGTH(name); i++) {
+        if (!Py_UNICODE_ISDIGIT(PyUnicode_READ(kind, data, i))) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* 1 when end may take the span (see _speedups_py.SpanHooks.end), 0 if not, -1 on error. */
+static int
+sh_lane_shape(SpanHooksObject *self, PyObject *entry, PyObject *outcome, PyObject *lanes)
+{
+    if (Py_TYPE(entry) != (PyTypeObject *)self->handle_type || !PyTuple_Check(lanes) ||
+        PyTuple_GET_SIZE(lanes) == 0) {
+        return 0;
+    }
+    int finished = PyObject_RichCompareBool(outcome, self->finished, Py_EQ);
+    if (finished <= 0) {
+        return finished;
+    }
+    PyObject *fields[4] = {SLOT(entry, links), SLOT(entry, sampler_attributes), SLOT(entry, late),
+                           SLOT(entry, trace_state)};
+    for (int i = 0; i < 4; i++) {
+        if (fields[i] == NULL) {
+            return 0;
+        }
+        int set = PyObject_IsTrue(fields[i]);
+        if (set != 0) {
+            return set < 0 ? -1 : 0;
+        }
+    }
+    PyObject *created = SLOT(entry, created_ns);
+    return created != NULL && PyLong_CheckExact(created) && SLOT(entry, trace_id) != NULL &&
+           SLOT(entry, span_id) != NULL && SLOT(entry, parent) != NULL;
+}
+
+/* The span's name (new reference): operation, a name the user gave, else the coroutine's. */
+static PyObject *
+sh_span_name(SpanHooksObject *self, PyObject *operation, PyObject *task_name,
+             PyObject *coro_name)
+{
+    if (operation != Py_None) {
+        return Py_NewRef(operation);
+    }
+    if (!is_default_task_name(self, task_name)) {
+        return Py_NewRef(task_name);
+    }
+    if (coro_name != NULL) {
+        int set = PyObject_IsTrue(coro_name);
+        if (set < 0) {
+            return NULL;
+        }
+        if (set) {
+            return Py_NewRef(coro_name);
+        }
+    }
+    return Py_NewRef(self->provisional);
+}
+
+static PyObject *
+sh_add(PyObject *left, long long right)
+{
+    PyObject *r = PyLong_FromLongLong(right);
+    if (r == NULL) {
+        return NULL;
+    }
+    PyObject *sum = PyNumber_Add(left, r);
+    Py_DECREF(r);
+    return sum;
+}
+
+/* The lane's tuple for the span (otlp_encode.TaskSpan), and the exemplars' duration. */
+static PyObject *
+sh_lane_tuple(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObject *outcome,
+              PyObject *finished, PyObject *operation, PyObject *task_name, PyObject *name,
+              speedups_state *st)
+{
+    PyObject *parent = SLOT(entry, parent);
+    PyObject *parent_id = NULL, *remote = NULL;
+    if (parent == Py_None) {
+        parent_id = PyLong_FromLong(0);
+        remote = Py_NewRef(Py_False);
+    }
+    else {
+        parent_id = PyObject_GetAttr(parent, st->s_span_id);
+        PyObject *is_remote = parent_id ? PyObject_GetAttr(parent, st->s_is_remote) : NULL;
+        if (is_remote != NULL) {
+            int r = PyObject_IsTrue(is_remote);
+            remote = r < 0 ? NULL : Py_NewRef(r ? Py_True : Py_False);
+            Py_DECREF(is_remote);
+        }
+    }
+    PyObject *start = remote ? sh_add(SLOT(entry, created_ns), self->epoch_offset) : NULL;
+    PyObject *end = start ? sh_add(finished, self->epoch_offset) : NULL;
+    PyObject *cid = end ? PyObject_GetAttr(metadata, st->s_correlation_id) : NULL;
+    PyObject *priority = cid ? PyObject_GetAttr(metadata, st->s_priority_hint) : NULL;
+    PyObject *span = NULL;
+    if (priority != NULL) {
+        span = PyTuple_Pack(15, SLOT(entry, trace_id), SLOT(entry, span_id), parent_id, remote,
+                            self->empty_str, name, start, end, task_name, outcome, operation, cid,
+                            priority, Py_None, Py_None);
+    }
+    Py_XDECREF(parent_id);
+    Py_XDECREF(remote);
+    Py_XDECREF(start);
+    Py_XDECREF(end);
+    Py_XDECREF(cid);
+    Py_XDECREF(priority);
+    return span;
+}
+
+/* The metrics' exemplar hooks, each with (metadata, outcome, duration, trace id, span id). */
+static int
+sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObject *outcome,
+             PyObject *finished, speedups_state *st)
+{
+    PyObject *hooks = PyObject_GetAttr(self->state, st->s_hooks);
+    PyObject *exemplars = hooks ? PyObject_GetAttr(hooks, st->s_exemplars) : NULL;
+    Py_XDECREF(hooks);
+    if (exemplars == NULL) {
+        return -1;
+    }
+    if (!PyTuple_Check(exemplars) || PyTuple_GET_SIZE(exemplars) == 0) {
+        Py_DECREF(exemplars);
+        return 0;
+    }
+    PyObject *duration = PyNumber_Subtract(finished, SLOT(entry, created_ns));
+    int rc = duration ? 0 : -1;
+    for (Py_ssize_t i = 0; rc == 0 && i < PyTuple_GET_SIZE(exemplars); i++) {
+        PyObject *hook = PyTuple_GET_ITEM(exemplars, i);
+        PyObject *call_args[5] = {metadata, outcome, duration, SLOT(entry, trace_id),
+                                  SLOT(entry, span_id)};
+        PyObject *res = PyObject_Vectorcall(hook, call_args, 5, NULL);
+        if (res == NULL) { /* call_each's rule: on_error counts it, or raises it again */
+            PyObject *exc = PyErr_GetRaisedException();
+            res = PyObject_CallFunctionObjArgs(self->on_error, hook, exc, NULL);
+            Py_DECREF(exc);
+        }
+        rc = res ? 0 : -1;
+        Py_XDECREF(res);
+    }
+    Py_XDECREF(duration);
+    Py_DECREF(exemplars);
+    return rc;
+}
+
+/* end(task, entry, metadata, outcome, finished_ns): see _speedups_py.SpanHooks.end. */
+static PyObject *
+sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    SpanHooksObject *self = (SpanHooksObject *)op;
+    speedups_state *st = PyType_GetModuleState(Py_TYPE(op));
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "SpanHooks.end takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *task = args[0], *entry = args[1], *metadata = args[2], *outcome = args[3];
+    PyObject *lanes = PyObject_GetAttr(self->sink, st->s__lanes);
+    if (lanes == NULL) {
+        return NULL;
+    }
+    PyObject *operation = NULL, *coro = NULL, *coro_name = NULL, *task_name = NULL;
+    PyObject *name = NULL, *span = NULL;
+    int rc = sh_lane_shape(self, entry, outcome, lanes);
+    if (rc <= 0) {
+        goto other;
+    }
+    rc = -1;
+    operation = PyObject_GetAttr(metadata, st->s_operation_name);
+    if (operation == NULL) {
+        goto other;
+    }
+    if (operation == Py_None) {
+        coro = PyObject_CallMethodNoArgs(task, st->s_get_coro);
+        if (coro == NULL || PyObject_GetOptionalAttr(coro, st->s___qualname__, &coro_name) < 0) {
+            goto other;
+        }
+        if (coro_name != NULL && PyUnicode_Check(coro_name)) {
+            int internal = PySet_Contains(self->internal, coro_name);
+            if (internal != 0) {
+                rc = internal < 0 ? -1 : 0; /* the loop's own task: not exported */
+                goto other;
+            }
+        }
+    }
+    task_name = PyObject_CallMethodNoArgs(task, st->s_get_name);
+    name = task_name ? sh_span_name(self, operation, task_name, coro_name) : NULL;
+    span = name ? sh_lane_tuple(self, entry, metadata, outcome, args[4], operation, task_name,
+                                name, st)
+                : NULL;
+    if (span == NULL) {
+        goto other;
+    }
+    self->ended++;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(lanes); i++) {
+        PyObject *res = PyObject_CallMethodOneArg(PyTuple_GET_ITEM(lanes, i), st->s_add_task,
+                                                  span);
+        if (res == NULL) {
+            goto other;
+        }
+        Py_DECREF(res);
+    }
+    Py_XSETREF(SLOT(entry, _current), Py_NewRef(Py_None));
+    rc = sh_exemplars(self, entry, metadata, outcome, args[4], st) < 0 ? -1 : 1;
+other:
+    Py_DECREF(lanes);
+    Py_XDECREF(operation);
+    Py_XDECREF(coro);
+    Py_XDECREF(coro_name);
+    Py_XDECREF(task_name);
+    Py_XDECREF(name);
+    Py_XDECREF(span);
+    if (rc == 0) {
+        return sh_fallback(self, st->s_task_end, args, 5);
+    }
+    return rc < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+static PyObject *
+sh_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"sink", "handle_type", "task_span", "context_module",
+                               "random_module", "sampled", "finished", "internal", "unnamed",
+                               "provisional", "state", "on_error", NULL};
+    PyObject *a[12];
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOOOOOOOO:SpanHooks", keywords, &a[0],
+                                     &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8],
+                                     &a[9], &a[10], &a[11])) {
+        return NULL;
+    }
+    if (!PyType_Check(a[1])) {
+        PyErr_Format(PyExc_TypeError, "SpanHooks: handle_type must be a class, got %R", a[1]);
+        return NULL;
+    }
+    if (!PyContextVar_CheckExact(a[2])) {
+        PyErr_Format(PyExc_TypeError, "SpanHooks: task_span must be a ContextVar, got %R", a[2]);
+        return NULL;
+    }
+    if (!PyFrozenSet_Check(a[7])) {
+        PyErr_Format(PyExc_TypeError, "SpanHooks: internal must be a frozenset, got %R", a[7]);
+        return NULL;
+    }
+    SpanHooksObject *self = (SpanHooksObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+#define OFFSET(n) if ((self->off_##n = slot_offset(a[1], #n)) < 0) goto error;
+    HANDLE_SLOTS(OFFSET)
+#undef OFFSET
+    PyObject *offset = PyObject_GetAttrString(a[0], "_epoch_offset");
+    if (offset == NULL) {
+        goto error;
+    }
+    self->epoch_offset = PyLong_AsLongLong(offset);
+    Py_DECREF(offset);
+    if (self->epoch_offset == -1 && PyErr_Occurred()) {
+        goto error;
+    }
+    PyObject **fields[12] = {&self->sink, &self->handle_type, &self->task_span,
+                             &self->context_module, &self->random_module, &self->sampled,
+                             &self->finished, &self->internal, &self->unnamed,
+                             &self->provisional, &self->state, &self->on_error};
+    for (int i = 0; i < 12; i++) {
+        *fields[i] = Py_NewRef(a[i]);
+    }
+    PyObject *threading = PyImport_ImportModule("threading");
+    self->lock = threading ? PyObject_CallMethod(threading, "Lock", NULL) : NULL;
+    Py_XDECREF(threading);
+    self->empty_args = PyTuple_New(0);
+    self->n128 = PyLong_FromLong(128);
+    self->n64 = PyLong_FromLong(64);
+    self->task_prefix = PyUnicode_FromString("Task-");
+    self->empty_str = PyUnicode_FromString("");
+    if (!self->lock || !self->empty_args || !self->n128 || !self->n64 || !self->task_prefix ||
+        !self->empty_str) {
+        goto error;
+    }
+    return (PyObject *)self;
+error:
+    Py_DECREF(self);
+    return NULL;
+}
+
+static int
+sh_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    SpanHooksObject *self = (SpanHooksObject *)op;
+    Py_VISIT(Py_TYPE(op));
+#define SH_VISIT(f) Py_VISIT(self->f);
+    SH_FIELDS(SH_VISIT)
+#undef SH_VISIT
+    return 0;
+}
+
+static int
+sh_clear(PyObject *op)
+{
+    SpanHooksObject *self = (SpanHooksObject *)op;
+#define SH_CLEAR(f) Py_CLEAR(self->f);
+    SH_FIELDS(SH_CLEAR)
+#undef SH_CLEAR
+    return 0;
+}
+
+static void
+sh_dealloc(PyObject *op)
+{
+    PyTypeObject *type = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)sh_clear(op);
+    type->tp_free(op);
+    Py_DECREF(type);
+}
+
+static PyMethodDef sh_methods[] = {
+    {"begin", (PyCFunction)(void (*)(void))sh_begin, METH_FASTCALL,
+     "begin(metadata, created_ns): the span sink's task_begin for the common task."},
+    {"end", (PyCFunction)(void (*)(void))sh_end, METH_FASTCALL,
+     "end(task, entry, metadata, outcome, finished_ns): the span sink's task_end likewise."},
+    {NULL},
+};
+
+static PyMemberDef sh_members[] = {
+    {"instrument", T_OBJECT, offsetof(SpanHooksObject, sink), READONLY,
+     "The span sink these hooks belong to."},
+    {"started", T_LONGLONG, offsetof(SpanHooksObject, started), READONLY,
+     "Sampled task spans begun here."},
+    {"ended", T_LONGLONG, offsetof(SpanHooksObject, ended), READONLY,
+     "Task spans ended here (handed to the lanes)."},
+    {"lock", T_OBJECT, offsetof(SpanHooksObject, lock), READONLY,
+     "Taken by the sink's close() as for a thread's counts (the GIL orders the counts)."},
+    {NULL},
+};
+
+PyDoc_STRVAR(sh_doc,
+"SpanHooks(*, sink, handle_type, task_span, context_module, random_module, sampled,\n"
+"          finished, internal, unnamed, provisional, state, on_error)\n--\n\n"
+"The span sink's begin and end for the common task in C (see _speedups_py.SpanHooks).");
+
+static PyType_Slot sh_slots[] = {
+    {Py_tp_new, sh_new},
+    {Py_tp_traverse, sh_traverse},
+    {Py_tp_clear, sh_clear},
+    {Py_tp_dealloc, sh_dealloc},
+    {Py_tp_methods, sh_methods},
+    {Py_tp_members, sh_members},
+    {Py_tp_doc, (void *)sh_doc},
+    {0, NULL},
+};
+
+static PyType_Spec sh_spec = {
+    .name = "asynctrace._speedups.SpanHooks",
+    .basicsize = sizeof(SpanHooksObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = sh_slots,
+};
+
+
+/* ---------------------------------------------------------------------------------------
  * encode_task_span(span): one OTLP Span message for a task span tuple, as
  * asynctrace/export/otlp_encode.py's encode_task_span writes it (its readable
  * specification; tests/test_lane.py checks both give the same bytes). Spans with an exception
@@ -1738,11 +2384,15 @@ speedups_exec(PyObject *module)
     if (state->lean_done_type == NULL || PyModule_AddType(module, state->lean_done_type) < 0) {
         return -1;
     }
+    state->span_hooks_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &sh_spec, NULL);
+    if (state->span_hooks_type == NULL || PyModule_AddType(module, state->span_hooks_type) < 0) {
+        return -1;
+    }
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[ssssss]", "Counts", "IMPLEMENTATION", "LeanDone",
-                                  "LeanFactory", "Tap", "encode_task_span");
+    PyObject *all = Py_BuildValue("[sssssss]", "Counts", "IMPLEMENTATION", "LeanDone",
+                                  "LeanFactory", "SpanHooks", "Tap", "encode_task_span");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
         Py_XDECREF(all);
         return -1;
@@ -1758,6 +2408,7 @@ speedups_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->lean_factory_type);
     Py_VISIT(state->counts_type);
     Py_VISIT(state->lean_done_type);
+    Py_VISIT(state->span_hooks_type);
     return 0;
 }
 
@@ -1769,6 +2420,7 @@ speedups_clear(PyObject *module)
     Py_CLEAR(state->lean_factory_type);
     Py_CLEAR(state->counts_type);
     Py_CLEAR(state->lean_done_type);
+    Py_CLEAR(state->span_hooks_type);
     Py_CLEAR(state->mark_name);
 #define CLEAR_S(n) Py_CLEAR(state->s_##n);
     STATE_STRINGS(CLEAR_S)

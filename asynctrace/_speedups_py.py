@@ -29,6 +29,7 @@ __all__ = [
     "Counts",
     "LeanDone",
     "LeanFactory",
+    "SpanHooks",
     "Tap",
     "encode_task_span",
 ]
@@ -497,3 +498,193 @@ def encode_task_span(span: object) -> None:  # noqa: ARG001 - the C version's si
     specification is ``export.otlp_encode``'s Python encoder, which writes every span here.
     """
     return
+
+
+@final
+class SpanHooks:
+    """The span sink's ``task_begin``/``task_end`` for the common task, with no detour.
+
+    ``sink`` is asynctrace's ``SpanSink`` (``asynctrace.sinks.tracing``), whose own methods are
+    the general path and the specification: :meth:`begin` and :meth:`end` give what they would
+    give, and hand every other case to them unchanged (``sink.task_begin(...)``,
+    ``sink.task_end(...)``), before doing anything themselves.
+
+    :meth:`begin` takes a task whose span is made lazily current (``sink._runtime`` is the
+    runtime context in use), on the fast path with the SDK's default sampler and id generator
+    (``sink._common``, computed with ``sink._checked_processors``, still the provider's), and
+    whose parent is the creating task's sampled span of the same correlation id, or no span
+    (an empty OpenTelemetry context): the task's span handle (``handle_type``, positional
+    arguments as ``_TaskSpan``) is set in ``task_span`` and returned.
+
+    :meth:`end` takes such a handle of a task that finished (no exception, not cancelled),
+    with no links, sampler attributes, late events or trace state, when the provider's
+    processors are all lanes (``sink._lanes``) and the task is not one of the loop's own
+    (``internal``, by coroutine qualname): the span goes to each lane as a tuple
+    (``otlp_encode.TaskSpan``), then to the metrics' exemplar hooks (``state.hooks.exemplars``;
+    one that raises goes to ``on_error(hook, exception)``).
+
+    The C version keeps its span counts itself (``started``, ``ended``, ``lock``: the sink
+    sums them at close, as a thread's ``_Counts``); this one counts in the sink's per-thread
+    counts. Neither is used on a free-threaded build, where the sink's counts take a lock.
+    """
+
+    __slots__ = (
+        "_context_module",
+        "_finished",
+        "_handle",
+        "_internal",
+        "_on_error",
+        "_provisional",
+        "_random",
+        "_sampled",
+        "_state",
+        "_task_span",
+        "_unnamed",
+        "instrument",
+    )
+
+    def __init__(
+        self,
+        *,
+        sink: Any,  # noqa: ANN401 - a SpanSink (a higher layer)
+        handle_type: Any,  # noqa: ANN401 - the sink's _TaskSpan (a higher layer)
+        task_span: object,
+        context_module: Any,  # noqa: ANN401 - opentelemetry.context
+        random_module: Any,  # noqa: ANN401 - random: its getrandbits, looked up at each id
+        sampled: object,
+        finished: str,
+        internal: frozenset[str],
+        unnamed: str | None,
+        provisional: str,
+        state: Any,  # noqa: ANN401
+        on_error: Callable[[Any, BaseException], Any],
+    ) -> None:
+        """Hooks for ``sink``; the rest are the constants its fast path compares with."""
+        if not isinstance(task_span, contextvars.ContextVar):
+            msg = f"SpanHooks: task_span must be a ContextVar, got {task_span!r}"
+            raise TypeError(msg)
+        self.instrument = sink
+        self._handle: Any = handle_type
+        self._task_span: contextvars.ContextVar[Any] = task_span
+        self._context_module = context_module
+        self._random = random_module
+        self._sampled = sampled
+        self._finished = finished
+        self._internal = internal
+        self._unnamed = unnamed
+        self._provisional = provisional
+        self._state = state
+        self._on_error = on_error
+
+    def _random_id(self, bits: int) -> int:
+        value: int = self._random.getrandbits(bits)
+        while value == 0:  # the invalid id, redrawn as the SDK's RandomIdGenerator does
+            value = self._random.getrandbits(bits)
+        return value
+
+    def begin(self, metadata: Any, created_ns: int) -> Any:  # noqa: ANN401
+        """``sink.task_begin(metadata, created_ns)``, inside the new task's context."""
+        sink = self.instrument
+        runtime = sink._runtime
+        if not (
+            sink._common
+            and runtime is not None
+            and self._context_module._RUNTIME_CONTEXT is runtime
+            and getattr(sink._tracer.span_processor, "_span_processors", None)
+            is sink._checked_processors
+        ):
+            return sink.task_begin(metadata, created_ns)
+        current = runtime._current_context.get()
+        creator = self._task_span.get()
+        correlation_id = metadata.correlation_id
+        if type(creator) is self._handle and creator.inherited is current:
+            if creator.correlation_id != correlation_id or creator.trace_flags is not self._sampled:
+                return sink.task_begin(metadata, created_ns)  # a new trace, or not sampled
+            parent = creator.get_span_context()
+            trace_id, trace_state = parent.trace_id, parent.trace_state
+        elif isinstance(current, dict) and not current:
+            parent = trace_state = None  # no current span: the root of a new trace
+            trace_id = self._random_id(128)
+        else:
+            return sink.task_begin(metadata, created_ns)
+        handle = self._handle(
+            trace_id,
+            self._random_id(64),
+            self._sampled,
+            trace_state,
+            parent,
+            None,
+            correlation_id,
+            (),
+        )
+        handle.created_ns = created_ns
+        handle.inherited = current
+        self._task_span.set(handle)
+        sink._thread_counts().started += 1
+        if sink._closed:  # its installation closed as it started: it never ends there
+            sink._count_unfinished(1)
+        return handle
+
+    def end(self, task: Any, entry: Any, metadata: Any, outcome: str, finished_ns: int) -> None:  # noqa: ANN401
+        """``sink.task_end(task, entry, metadata, outcome, finished_ns)``."""
+        sink = self.instrument
+        lanes = sink._lanes
+        if (
+            type(entry) is not self._handle
+            or outcome != self._finished
+            or not lanes
+            or entry.links
+            or entry.sampler_attributes
+            or entry.late
+            or entry.trace_state
+        ):
+            sink.task_end(task, entry, metadata, outcome, finished_ns)
+            return
+        operation = metadata.operation_name
+        coro_name = None
+        if operation is None:
+            coro_name = getattr(task.get_coro(), "__qualname__", None)
+            if coro_name in self._internal:
+                sink.task_end(task, entry, metadata, outcome, finished_ns)  # not exported
+                return
+        task_name = task.get_name()
+        if operation is not None:
+            name = operation
+        elif not (
+            (task_name.startswith("Task-") and task_name[5:].isdigit())
+            or task_name == self._unnamed
+        ):
+            name = task_name
+        else:
+            name = coro_name or self._provisional
+        sink._thread_counts().ended += 1
+        parent = entry.parent
+        offset = sink._epoch_offset
+        span = (
+            entry.trace_id,
+            entry.span_id,
+            parent.span_id if parent is not None else 0,
+            parent is not None and parent.is_remote,
+            "",
+            name,
+            entry.created_ns + offset,
+            finished_ns + offset,
+            task_name,
+            outcome,
+            operation,
+            metadata.correlation_id,
+            metadata.priority_hint,
+            None,
+            None,
+        )
+        for lane in lanes:
+            lane.add_task(span)
+        entry._current = None
+        exemplars = self._state.hooks.exemplars
+        if exemplars:
+            duration = finished_ns - entry.created_ns
+            for hook in exemplars:
+                try:
+                    hook(metadata, outcome, duration, entry.trace_id, entry.span_id)
+                except BaseException as exc:
+                    self._on_error(hook, exc)

@@ -72,6 +72,7 @@ def test_implementation_names(impl: ModuleType) -> None:
         "IMPLEMENTATION",
         "LeanDone",
         "LeanFactory",
+        "SpanHooks",
         "Tap",
         "encode_task_span",
     ]

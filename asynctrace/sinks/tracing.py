@@ -60,11 +60,13 @@ from opentelemetry.trace import (
     TraceState,
 )
 
+from asynctrace import _native
 from asynctrace._cancel import cancellation_of
+from asynctrace._factory import hook_failed
 from asynctrace._hooks import Instrument, call_each
 from asynctrace._introspect import lean_entry, task_record
 from asynctrace._metadata import TaskMetadata
-from asynctrace._record import CANCELLED, EXCEPTION, Outcome, TaskRecord
+from asynctrace._record import CANCELLED, EXCEPTION, FINISHED, Outcome, TaskRecord
 from asynctrace._state import STATE
 from asynctrace_context import TASK_SPAN, TaskSpanRuntimeContext
 
@@ -445,6 +447,7 @@ class SpanSink(Instrument):
         # The SDK's default id generator: its ids are drawn here, as it draws them (the same
         # random.getrandbits, the same retry on an all-zero id), without two method calls.
         self._random_ids = False
+        self._common = False
         # The lazy current span: the runtime context that makes it, while it is in use.
         self._runtime: TaskSpanRuntimeContext | None = None
         if isinstance(self._tracer, sdk_trace.Tracer):
@@ -454,14 +457,14 @@ class SpanSink(Instrument):
     def _recheck(self) -> None:
         tracer = self._tracer
         if not isinstance(tracer, sdk_trace.Tracer):
-            self._fast = False
+            self._fast = self._common = False
             return
         self._default_sampler = tracer.sampler.get_description() == _DEFAULT_SAMPLER_DESCRIPTION
         self._random_ids = type(tracer.id_generator) is RandomIdGenerator
         processors = _sdk_processors(tracer)
         self._checked_processors = processors
         if processors is None:
-            self._fast = False
+            self._fast = self._common = False
             return
         self._fast = all(
             isinstance(p, _OK_ON_START) or type(p).on_start is sdk_trace.SpanProcessor.on_start
@@ -469,6 +472,10 @@ class SpanSink(Instrument):
         )
         lanes = tuple(p for p in processors if callable(getattr(p, "add_task", None)))
         self._lanes = lanes if self._fast and lanes and len(lanes) == len(processors) else ()
+        # What SpanHooks.begin takes without a detour (see lean_hooks).
+        self._common = (
+            self._fast and self._default_sampler and self._random_ids and self._filter is None
+        )
 
     @property
     def fast_path(self) -> bool:
@@ -597,6 +604,38 @@ class SpanSink(Instrument):
         span_context = started.get_span_context()
         if span_context.trace_flags.sampled:
             record.trace_id, record.span_id = span_context.trace_id, span_context.span_id
+
+    def lean_hooks(
+        self,
+        speedups: Any = _native,  # noqa: ANN401 - a module: _speedups or its twin
+    ) -> tuple[Callable[..., object], Callable[..., None]]:
+        """The lean path's pair: :meth:`task_begin` and :meth:`task_end`, or their shortcut.
+
+        Where the span is made lazily current, and the build has a GIL, the common task goes
+        through ``SpanHooks`` (``speedups``'s: in C where the extension is built, see
+        ``asynctrace._native``), which gives what these two methods give and hands them every
+        other case.
+        """
+        if self._runtime is None or self._filter is not None or _FREE_THREADED:
+            return self.task_begin, self.task_end
+        hooks = speedups.SpanHooks(
+            sink=self,
+            handle_type=_TaskSpan,
+            task_span=TASK_SPAN,
+            context_module=otel_context,
+            random_module=random,
+            sampled=_SAMPLED,
+            finished=FINISHED,
+            internal=_INTERNAL_COROUTINES,
+            unnamed=_UNNAMED_AFTER_FACTORY,
+            provisional=_PROVISIONAL_NAME,
+            state=STATE,
+            on_error=hook_failed,
+        )
+        if hasattr(hooks, "started"):  # the C version counts its spans itself: summed at close
+            with self._counts_lock:
+                self._counts.append(hooks)
+        return hooks.begin, hooks.end
 
     def task_begin(self, metadata: TaskMetadata, created_ns: int) -> object:
         """Start the task's span on the lean path; what the factory keeps for the task.

@@ -1,0 +1,221 @@
+"""SpanHooks: the span sink's begin and end for the common task, in C and in its Python twin.
+
+The sink's own ``task_begin``/``task_end`` are the specification. The same program runs three
+times from the same random seed: with the sink's own methods, with the Python twin and with
+the C version; every span handed to the lane and to the processors must be the same (ids,
+parents, names, attributes, links), and only the uncommon tasks may reach the sink's methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import random
+import re
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from prometheus_client import CollectorRegistry
+
+import asynctrace
+from asynctrace import _native
+from asynctrace._state import STATE
+from asynctrace.sinks.tracing import SpanSink
+from tests.test_native import IMPLEMENTATIONS
+
+
+class Lane(SpanProcessor):
+    """A processor that takes task spans as tuples, as asynctrace's OTLP lane does."""
+
+    def __init__(self) -> None:
+        self.tasks: list[tuple[Any, ...]] = []
+        self.spans: list[ReadableSpan] = []
+
+    def add_task(self, span: tuple[Any, ...]) -> None:
+        self.tasks.append(span)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        self.spans.append(span)
+
+
+async def leaf(value: int) -> int:
+    await asyncio.sleep(0)
+    return value
+
+
+async def boom() -> None:
+    raise ValueError("boom")
+
+
+async def sleeper() -> None:
+    await asyncio.sleep(10)
+
+
+async def parent() -> None:
+    await asyncio.create_task(leaf(1))  # a child of a traced task: its trace
+    await asyncio.create_task(leaf(2), name="named")  # a name the user gave
+    await asynctrace.create_task(leaf(6), operation_name="other-id", correlation_id="other")
+
+
+async def program(tracer: trace.Tracer) -> None:
+    await asyncio.create_task(parent())
+    await asynctrace.create_task(leaf(3), operation_name="op")
+    with asynctrace.correlation("req-1"):  # a correlation block's span is current
+        await asynctrace.create_task(leaf(4), operation_name="in-block")
+    with tracer.start_as_current_span("app"):  # the app's span is current
+        await asynctrace.create_task(leaf(5), operation_name="under-app")
+    with pytest.raises(ValueError, match="boom"):
+        await asyncio.create_task(boom())
+    task = asyncio.create_task(sleeper())
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def run(
+    monkeypatch: pytest.MonkeyPatch, hooks: Callable[[SpanSink], Any]
+) -> tuple[Lane, list[str | None], list[str]]:
+    """Run the program with ``hooks`` as the sink's lean_hooks; what the lane got, and who
+    reached the sink's own methods (begin: operation names; end: coroutine names).
+    """
+    begun: list[str | None] = []
+    ended: list[str] = []
+    task_begin, task_end = SpanSink.task_begin, SpanSink.task_end
+
+    def counted_begin(self: SpanSink, metadata: Any, created_ns: int) -> object:
+        begun.append(metadata.operation_name)
+        return task_begin(self, metadata, created_ns)
+
+    def counted_end(self: SpanSink, task: asyncio.Task[Any], *args: Any) -> None:
+        ended.append(task.get_coro().__qualname__)  # type: ignore[union-attr]
+        task_end(self, task, *args)
+
+    monkeypatch.setattr(SpanSink, "task_begin", counted_begin)
+    monkeypatch.setattr(SpanSink, "task_end", counted_end)
+    monkeypatch.setattr(SpanSink, "lean_hooks", hooks)
+    lane = Lane()
+    provider = TracerProvider()
+    provider.add_span_processor(lane)
+    tracer = provider.get_tracer("app")
+    random.seed(1234)
+
+    async def main() -> None:
+        asynctrace.install(tracer_provider=provider, registry=CollectorRegistry())
+        await program(tracer)
+        asynctrace.uninstall()
+
+    asyncio.run(main())
+    monkeypatch.undo()
+    return lane, begun, ended
+
+
+def spec_hooks(sink: SpanSink) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    return sink.task_begin, sink.task_end
+
+
+def seen(lane: Lane) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """What the lane got, without the times (start, end: taken at each run) and the numbers
+    of default task names (a count per process).
+    """
+    tasks = [
+        (*span[:6], re.sub(r"^Task-\d+$", "Task-N", span[8]), *span[9:]) for span in lane.tasks
+    ]
+    spans = [
+        (
+            s.name,
+            s.context.trace_id if s.context else None,
+            s.context.span_id if s.context else None,
+            s.parent.span_id if s.parent else None,
+            {
+                k: re.sub(r"^Task-\d+$", "Task-N", v) if isinstance(v, str) else v
+                for k, v in (s.attributes or {}).items()
+            },
+            [link.context.span_id for link in s.links],
+            s.status.status_code,
+        )
+        for s in lane.spans
+    ]
+    return tasks, spans
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda m: m.IMPLEMENTATION)
+def test_span_hooks_give_what_the_sinks_methods_give(
+    impl: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spec, spec_begun, spec_ended = run(monkeypatch, spec_hooks)
+    lean_hooks = SpanSink.lean_hooks
+    lane, begun, ended = run(monkeypatch, lambda sink: lean_hooks(sink, impl))
+    assert seen(lane) == seen(spec)
+    assert len(spec_begun) == len(spec_ended) == 9  # the program's tasks
+    # Only the uncommon tasks reach the sink's own methods: a span of another trace (linked),
+    # or under a span that is not a task's (a correlation block's, the app's)...
+    assert sorted(begun) == ["in-block", "other-id", "under-app"]
+    # ...and the ends with an exception, cancelled, or linked.
+    assert sorted(ended) == ["boom", "leaf", "sleeper"]
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda m: m.IMPLEMENTATION)
+def test_span_hooks_count_and_report_failing_exemplars(
+    impl: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The exemplar hooks get the span's ids; one that raises is counted, never raised."""
+    got: list[tuple[Any, ...]] = []
+
+    def exemplar(*args: Any) -> None:
+        got.append(args)
+        raise RuntimeError("exemplar hook failed")
+
+    lane = Lane()
+    provider = TracerProvider()
+    provider.add_span_processor(lane)
+    sink = SpanSink(provider)
+    try:
+        begin, end = sink.lean_hooks(impl)
+        assert type(begin.__self__) is impl.SpanHooks
+        hooks = STATE.hooks
+        monkeypatch.setattr(hooks, "exemplars", (exemplar,))
+        before = sum(STATE.errors.snapshot().values())
+
+        async def main() -> None:
+            meta = asynctrace.TaskMetadata(correlation_id="c-1")
+            task = asyncio.create_task(leaf(1))
+            entry = contextvars.copy_context().run(begin, meta, 100)
+            await task
+            assert end(task, entry, meta, "finished", 350) is None
+            assert got == [(meta, "finished", 250, entry.trace_id, entry.span_id)]
+            assert lane.tasks[0][:2] == (entry.trace_id, entry.span_id)
+
+        asyncio.run(main())
+        assert sum(STATE.errors.snapshot().values()) == before + 1
+    finally:
+        sink.close()
+    if _native.IMPLEMENTATION == "c" and impl.IMPLEMENTATION == "c":
+        assert (begin.__self__.started, begin.__self__.ended) == (1, 1)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda m: m.IMPLEMENTATION)
+def test_span_hooks_refuse_what_is_not_a_context_var(impl: ModuleType) -> None:
+    sink = SpanSink(TracerProvider())
+    try:
+        with pytest.raises(TypeError, match="task_span must be a ContextVar, got 'nope'"):
+            impl.SpanHooks(
+                sink=sink,
+                handle_type=object,
+                task_span="nope",
+                context_module=None,
+                random_module=random,
+                sampled=None,
+                finished="finished",
+                internal=frozenset(),
+                unnamed=None,
+                provisional="asyncio.task",
+                state=STATE,
+                on_error=print,
+            )
+    finally:
+        sink.close()

@@ -20,6 +20,7 @@ __all__ = [
     "SpanHooks",
     "Tap",
     "encode_task_span",
+    "gc_track",
     "load",
 ]
 
@@ -51,6 +52,9 @@ encode_task_span: Final = getattr(  # an extension built before the encoder: Pyt
     _module, "encode_task_span", importlib.import_module("asynctrace._speedups_py").encode_task_span
 )
 Counts: Final = _module.Counts
+gc_track: Final = getattr(
+    _module, "gc_track", importlib.import_module("asynctrace._speedups_py").gc_track
+)
 SpanHooks: Final = getattr(  # an extension built before SpanHooks: Python's
     _module, "SpanHooks", importlib.import_module("asynctrace._speedups_py").SpanHooks
 )

@@ -1455,7 +1455,8 @@ static PyType_Spec ld_spec = {
  * SpanHooks: the span sink's task_begin/task_end for the common task (see
  * _speedups_py.SpanHooks; the sink's own methods are the general path and the
  * specification). begin makes the task's span handle (an instance of the sink's _TaskSpan,
- * its __slots__ written directly) and sets it in TASK_SPAN; end hands the finished span to
+ * its __slots__ written directly), hidden from the cycle collector while it can be in no
+ * cycle (see gc_track), and sets it in TASK_SPAN; end hands the finished span to
  * the OTLP lane as a tuple and calls the exemplar hooks. Every other case goes, before
  * anything is done, to the sink's methods. Used only where the build has a GIL (the sink
  * does not make one on a free-threaded build): the counts below rely on it.
@@ -1626,6 +1627,9 @@ sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, PyObject *created, 
     SLOT(handle, trace_flags) = Py_NewRef(self->sampled);
     SLOT(handle, trace_id) = trace_id;
     SLOT(handle, trace_state) = trace_state;
+    /* It refers to nothing that refers back to it (until its current context is made, which
+       tracks it again: gc_track), so the collector need not walk it while the task runs. */
+    PyObject_GC_UnTrack(handle);
     PyObject *token = PyContextVar_Set(self->task_span, handle);
     if (token == NULL) {
         Py_DECREF(handle);
@@ -2339,7 +2343,18 @@ speedups_encode_task_span(PyObject *module, PyObject *span)
     return out;
 }
 
+static PyObject *
+speedups_gc_track(PyObject *module, PyObject *obj)
+{
+    if (PyObject_IS_GC(obj) && !PyObject_GC_IsTracked(obj)) {
+        PyObject_GC_Track(obj);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef speedups_methods[] = {
+    {"gc_track", speedups_gc_track, METH_O,
+     "gc_track(obj): let the cycle collector see obj again (SpanHooks.begin's handles)."},
     {"encode_task_span", speedups_encode_task_span, METH_O,
      "encode_task_span(span) -> bytes, or None where the Python encoder must write it."},
     {NULL},
@@ -2391,8 +2406,9 @@ speedups_exec(PyObject *module)
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[sssssss]", "Counts", "IMPLEMENTATION", "LeanDone",
-                                  "LeanFactory", "SpanHooks", "Tap", "encode_task_span");
+    PyObject *all = Py_BuildValue("[ssssssss]", "Counts", "IMPLEMENTATION", "LeanDone",
+                                  "LeanFactory", "SpanHooks", "Tap", "encode_task_span",
+                                  "gc_track");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
         Py_XDECREF(all);
         return -1;

@@ -32,6 +32,7 @@ __all__ = [
     "SpanHooks",
     "Tap",
     "encode_task_span",
+    "gc_track",
 ]
 
 IMPLEMENTATION = "python"
@@ -489,6 +490,17 @@ class Counts:
                     else:
                         series[(label, outcome)] = (row, sums[o])
         return created, series
+
+
+def gc_track(obj: object) -> None:
+    """Nothing: objects made in Python are always seen by the cycle collector.
+
+    The C version's ``SpanHooks.begin`` hides each span handle it makes from the collector
+    while the handle can be in no cycle (it refers to no container that refers back to it),
+    which spares the collector a walk of every pending traced task's handle. The handle's
+    current context (made when code in the task asks for its span) refers back to it: the
+    handle calls this then, so that the cycle can be collected.
+    """
 
 
 def encode_task_span(span: object) -> None:  # noqa: ARG001 - the C version's signature

@@ -25,6 +25,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 import asynctrace
+from asynctrace import _native
+from asynctrace.sinks.tracing import _FREE_THREADED as FREE_THREADED
 from asynctrace.testing import TaskCapture, record_of
 
 N = 2000
@@ -296,7 +298,10 @@ def test_traced_task_keeps_one_span_handle() -> None:
     # and its nodes (see added_objects_per_pending_task)
     hamt = added.pop("hamt")
     assert hamt == pytest.approx(2, abs=0.05) or hamt == pytest.approx(3, abs=0.05), hamt
-    assert added == pytest.approx({"_TaskSpan": 1, "list": 1, "tuple": 1}, abs=0.05)
+    expected = {"_TaskSpan": 1, "list": 1, "tuple": 1}
+    if _native.IMPLEMENTATION == "c" and not FREE_THREADED:
+        del expected["_TaskSpan"]  # made by the C SpanHooks: hidden from the collector
+    assert added == pytest.approx(expected, abs=0.05)
 
 
 def test_a_traced_task_that_asked_for_its_span_leaves_no_cycle() -> None:

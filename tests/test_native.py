@@ -75,6 +75,7 @@ def test_implementation_names(impl: ModuleType) -> None:
         "SpanHooks",
         "Tap",
         "encode_task_span",
+        "gc_track",
     ]
 
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
+import logging
 import random
 import re
+import weakref
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -185,6 +188,8 @@ def test_span_hooks_count_and_report_failing_exemplars(
             meta = asynctrace.TaskMetadata(correlation_id="c-1")
             task = asyncio.create_task(leaf(1))
             entry = contextvars.copy_context().run(begin, meta, 100)
+            # The C version hides the handle from the cycle collector (see gc_track).
+            assert gc.is_tracked(entry) is (impl.IMPLEMENTATION == "python")
             await task
             assert end(task, entry, meta, "finished", 350) is None
             assert got == [(meta, "finished", 250, entry.trace_id, entry.span_id)]
@@ -219,3 +224,39 @@ def test_span_hooks_refuse_what_is_not_a_context_var(impl: ModuleType) -> None:
             )
     finally:
         sink.close()
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda m: m.IMPLEMENTATION)
+def test_a_dropped_pending_task_is_collected_with_its_span_handle(
+    impl: ModuleType, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handle whose current context was made is in a cycle with it: the collector sees it."""
+    lean_hooks = SpanSink.lean_hooks
+    monkeypatch.setattr(SpanSink, "lean_hooks", lambda sink: lean_hooks(sink, impl))
+    provider = TracerProvider()
+    provider.add_span_processor(Lane())
+
+    async def main() -> weakref.ref[Any]:
+        asynctrace.install(tracer_provider=provider, registry=CollectorRegistry())
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        spans: list[Any] = []
+
+        async def stuck(future: asyncio.Future[None]) -> None:
+            spans.append(trace.get_current_span())  # its current context: refers to it
+            await future
+
+        task = asyncio.create_task(stuck(never))
+        await asyncio.sleep(0)
+        handle = spans.pop()
+        assert type(handle).__name__ == "_TaskSpan"
+        assert gc.is_tracked(handle)
+        ref = weakref.ref(handle)
+        del task, never, handle
+        gc.collect()  # the task: its destruction lets the factory's table go of the handle
+        gc.collect()  # the handle and its current context
+        return ref
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        ref = asyncio.run(main())
+    assert "Task was destroyed but it is pending!" in caplog.text
+    assert ref() is None

@@ -220,12 +220,15 @@ class _TaskSpan(NonRecordingSpan):
         """The task's current context while it attached none: ``inherited`` with this span.
 
         Cached while the task runs; the cache refers back to this handle, so the span's end
-        drops it (else each handle asked for its span would wait for the cycle collector).
+        drops it (else each handle asked for its span would wait for the cycle collector),
+        and the collector is to see the handle from now on (``_native.gc_track``: a handle
+        made in C is hidden from it till then).
         """
         current = self._current
         if current is None:
             assert self.inherited is not None  # noqa: S101 - only a task's handle is asked
             current = self._current = trace.set_span_in_context(self, self.inherited)
+            _native.gc_track(self)
         return current
 
     def get_span_context(self) -> SpanContext:

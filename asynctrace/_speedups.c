@@ -15,6 +15,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <time.h>
 
 #define STATE_STRINGS(X) X(hooks) X(lean) X(started) X(value) X(operation_name) \
     X(correlation_id) X(priority_hint) X(name) X(context) X(eager_start) X(done)     \
@@ -803,9 +804,17 @@ static PyType_Spec lf_spec = {
 #define OUTCOMES 3 /* finished, exception, cancelled */
 
 typedef struct {
+    PyObject *trace_id; /* NULL: none yet */
+    PyObject *span_id;
+    long long duration_ns;
+    double time;        /* seconds since the epoch, as time.time() */
+} ExemplarData;
+
+typedef struct {
     long long created;
     long long sum_ns[OUTCOMES];
     long long counts[OUTCOMES][MAX_BOUNDS + 1];
+    ExemplarData *exemplars; /* [OUTCOMES][MAX_BOUNDS + 1], made at the first; or NULL */
 } SeriesData;
 
 typedef struct {
@@ -823,7 +832,51 @@ typedef struct {
 static void
 series_free(PyObject *capsule)
 {
-    PyMem_Free(PyCapsule_GetPointer(capsule, "asynctrace.series"));
+    SeriesData *data = PyCapsule_GetPointer(capsule, "asynctrace.series");
+    if (data != NULL && data->exemplars != NULL) {
+        for (int i = 0; i < OUTCOMES * (MAX_BOUNDS + 1); i++) {
+            Py_XDECREF(data->exemplars[i].trace_id);
+            Py_XDECREF(data->exemplars[i].span_id);
+        }
+        PyMem_Free(data->exemplars);
+    }
+    PyMem_Free(data);
+}
+
+/* The index of outcome in self->outcomes, or -1 with ValueError set. */
+static int
+counts_outcome(CountsObject *self, PyObject *outcome)
+{
+    for (int i = 0; i < OUTCOMES; i++) {
+        if (outcome == self->outcomes[i]) {
+            return i;
+        }
+    }
+    for (int i = 0; i < OUTCOMES; i++) {
+        int eq = PyObject_RichCompareBool(outcome, self->outcomes[i], Py_EQ);
+        if (eq != 0) {
+            return eq < 0 ? -1 : i;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "Invalid outcome: %R", outcome);
+    return -1;
+}
+
+/* The bucket of a duration: the first bound not below it (bisect_left), past the last. */
+static Py_ssize_t
+counts_bucket(CountsObject *self, long long duration)
+{
+    Py_ssize_t lo = 0, hi = self->nbounds;
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (self->bounds[mid] < duration) {
+            lo = mid + 1;
+        }
+        else {
+            hi = mid;
+        }
+    }
+    return lo;
 }
 
 /* The series of a task with this metadata (borrowed; NULL with an exception set). Called
@@ -923,27 +976,9 @@ counts_finished(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_TypeError, "finished() takes 3 arguments (%zd given)", nargs);
         return NULL;
     }
-    int outcome = -1;
-    for (int i = 0; i < OUTCOMES; i++) {
-        if (args[1] == self->outcomes[i]) {
-            outcome = i;
-            break;
-        }
-    }
+    int outcome = counts_outcome(self, args[1]);
     if (outcome < 0) {
-        for (int i = 0; i < OUTCOMES && outcome < 0; i++) {
-            int eq = PyObject_RichCompareBool(args[1], self->outcomes[i], Py_EQ);
-            if (eq < 0) {
-                return NULL;
-            }
-            if (eq) {
-                outcome = i;
-            }
-        }
-        if (outcome < 0) {
-            PyErr_Format(PyExc_ValueError, "Invalid outcome: %R", args[1]);
-            return NULL;
-        }
+        return NULL;
     }
     long long duration = PyLong_AsLongLong(args[2]);
     if (duration == -1 && PyErr_Occurred()) {
@@ -952,16 +987,7 @@ counts_finished(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     if (duration < 0) {
         duration = 0;
     }
-    Py_ssize_t lo = 0, hi = self->nbounds; /* bisect_left */
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) / 2;
-        if (self->bounds[mid] < duration) {
-            lo = mid + 1;
-        }
-        else {
-            hi = mid;
-        }
-    }
+    Py_ssize_t lo = counts_bucket(self, duration);
     int ok;
     Py_BEGIN_CRITICAL_SECTION(op);
     SeriesData *data = counts_series(self, args[0], st->s_operation_name);
@@ -975,6 +1001,114 @@ counts_finished(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_RETURN_NONE;
+}
+
+/* exemplar(metadata, outcome, duration_ns, trace_id, span_id): see _speedups_py.Counts. */
+static PyObject *
+counts_exemplar(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    CountsObject *self = (CountsObject *)op;
+    speedups_state *st = PyType_GetModuleState(Py_TYPE(op));
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "exemplar() takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    int outcome = counts_outcome(self, args[1]);
+    if (outcome < 0) {
+        return NULL;
+    }
+    long long duration = PyLong_AsLongLong(args[2]);
+    if (duration == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PyLong_Check(args[3]) || !PyLong_Check(args[4])) {
+        PyErr_Format(PyExc_TypeError, "exemplar(): trace_id and span_id must be ints, got %R, %R",
+                     args[3], args[4]);
+        return NULL;
+    }
+    Py_ssize_t bucket = counts_bucket(self, duration < 0 ? 0 : duration);
+    struct timespec now;
+    double seconds = 0.0;
+    if (timespec_get(&now, TIME_UTC) == TIME_UTC) {
+        seconds = (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+    }
+    int ok;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    SeriesData *data = counts_series(self, args[0], st->s_operation_name);
+    if (data != NULL && data->exemplars == NULL) {
+        data->exemplars = PyMem_Calloc(OUTCOMES * (MAX_BOUNDS + 1), sizeof(ExemplarData));
+        if (data->exemplars == NULL) {
+            PyErr_NoMemory();
+            data = NULL;
+        }
+    }
+    ok = (data != NULL);
+    if (ok) {
+        ExemplarData *e = &data->exemplars[outcome * (MAX_BOUNDS + 1) + bucket];
+        Py_XSETREF(e->trace_id, Py_NewRef(args[3])); /* an int's release runs no code */
+        Py_XSETREF(e->span_id, Py_NewRef(args[4]));
+        e->duration_ns = duration;
+        e->time = seconds;
+    }
+    Py_END_CRITICAL_SECTION();
+    if (!ok) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* {(label, outcome): [None or (trace_id, span_id, duration_ns, time) per bucket]}. */
+static PyObject *
+counts_fold_exemplars(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    CountsObject *self = (CountsObject *)op;
+    PyObject *result = PyDict_New();
+    if (result == NULL) {
+        return NULL;
+    }
+    int ok = 1;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    Py_ssize_t pos = 0;
+    PyObject *label, *capsule;
+    while (ok && PyDict_Next(self->by_label, &pos, &label, &capsule)) {
+        SeriesData *data = PyCapsule_GetPointer(capsule, "asynctrace.series");
+        if (data == NULL || data->exemplars == NULL) {
+            ok = data != NULL;
+            continue;
+        }
+        for (int o = 0; ok && o < OUTCOMES; o++) {
+            ExemplarData *row = &data->exemplars[o * (MAX_BOUNDS + 1)];
+            int any = 0;
+            for (Py_ssize_t i = 0; i <= self->nbounds; i++) {
+                any |= row[i].trace_id != NULL;
+            }
+            if (!any) {
+                continue;
+            }
+            PyObject *list = PyList_New(self->nbounds + 1);
+            for (Py_ssize_t i = 0; list != NULL && i <= self->nbounds; i++) {
+                PyObject *item = row[i].trace_id == NULL
+                                     ? Py_NewRef(Py_None)
+                                     : Py_BuildValue("(OOLd)", row[i].trace_id, row[i].span_id,
+                                                     row[i].duration_ns, row[i].time);
+                if (item == NULL) {
+                    Py_CLEAR(list);
+                    break;
+                }
+                PyList_SET_ITEM(list, i, item);
+            }
+            PyObject *key = list ? PyTuple_Pack(2, label, self->outcomes[o]) : NULL;
+            ok = key != NULL && PyDict_SetItem(result, key, list) == 0;
+            Py_XDECREF(key);
+            Py_XDECREF(list);
+        }
+    }
+    Py_END_CRITICAL_SECTION();
+    if (!ok) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    return result;
 }
 
 static PyObject *
@@ -1134,6 +1268,10 @@ static PyMethodDef counts_methods[] = {
      "finished(metadata, outcome, duration_ns): put a task's duration in its histogram."},
     {"fold", counts_fold, METH_NOARGS,
      "(created: {label: n}, series: {(label, outcome): (counts, sum_ns)})."},
+    {"exemplar", (PyCFunction)(void (*)(void))counts_exemplar, METH_FASTCALL,
+     "exemplar(metadata, outcome, duration_ns, trace_id, span_id): the bucket's exemplar."},
+    {"fold_exemplars", counts_fold_exemplars, METH_NOARGS,
+     "{(label, outcome): [None or (trace_id, span_id, duration_ns, time) per bucket]}."},
     {NULL},
 };
 

@@ -390,10 +390,23 @@ class _CountsShard:
     __slots__ = ("by_label", "by_name", "last", "last_name")
 
     def __init__(self) -> None:
-        self.by_label: dict[str, list[Any]] = {}  # label -> [created, counts[3], sums[3]]
+        # label -> [created, counts[3], sums[3]], then exemplars[3] once one is kept
+        self.by_label: dict[str, list[Any]] = {}
         self.by_name: dict[object, list[Any]] = {}  # operation name -> the same list
         self.last_name: object = _UNSET
         self.last: list[Any] = []
+
+
+def _outcome_index(outcome: str) -> int:
+    try:
+        return _OUTCOMES.index(outcome)
+    except ValueError:
+        msg = f"Invalid outcome: {outcome!r}"
+        raise ValueError(msg) from None
+
+
+def _exemplar_time(exemplar: tuple[int, int, int, float] | None) -> float:
+    return exemplar[3] if exemplar is not None else 0.0
 
 
 @final
@@ -407,6 +420,11 @@ class Counts:
     are remembered; ``label`` must give a name the same label every time). Each thread counts
     into a shard of its own; :meth:`fold` sums them:
     ``({label: created}, {(label, outcome): (counts, sum_ns)})`` (series with no task left out).
+
+    ``exemplar(metadata, outcome, duration_ns, trace_id, span_id)`` keeps a traced task's span
+    ids as the exemplar of its bucket (the last one wins, with ``time.time()``);
+    :meth:`fold_exemplars` gives every thread's, the latest per bucket:
+    ``{(label, outcome): [None or (trace_id, span_id, duration_ns, time) per bucket]}``.
     """
 
     __slots__ = ("_local", "_lock", "_shards", "bounds_ns", "label")
@@ -460,15 +478,50 @@ class Counts:
 
     def finished(self, metadata: Any, outcome: str, duration_ns: int) -> None:  # noqa: ANN401
         """Put a task's duration in its ``(label, outcome)`` histogram."""
-        try:
-            o = _OUTCOMES.index(outcome)
-        except ValueError:
-            msg = f"Invalid outcome: {outcome!r}"
-            raise ValueError(msg) from None
+        o = _outcome_index(outcome)
         duration_ns = max(duration_ns, 0)
         series = self._series(metadata)
         series[1][o][bisect_left(self.bounds_ns, duration_ns)] += 1
         series[2][o] += duration_ns
+
+    def exemplar(  # the hook's signature (task_exemplar)
+        self,
+        metadata: Any,  # noqa: ANN401
+        outcome: str,
+        duration_ns: int,
+        trace_id: object,
+        span_id: object,
+    ) -> None:
+        """Keep a traced task's span ids as its bucket's exemplar."""
+        o = _outcome_index(outcome)
+        if not isinstance(trace_id, int) or not isinstance(span_id, int):
+            msg = f"exemplar(): trace_id and span_id must be ints, got {trace_id!r}, {span_id!r}"
+            raise TypeError(msg)
+        series = self._series(metadata)
+        if len(series) == 3:  # noqa: PLR2004 - [created, counts, sums]: no exemplar yet
+            series.append([[None] * (len(self.bounds_ns) + 1) for _ in _OUTCOMES])
+        bucket = bisect_left(self.bounds_ns, max(duration_ns, 0))
+        series[3][o][bucket] = (trace_id, span_id, duration_ns, time.time())
+
+    def fold_exemplars(self) -> dict[tuple[str, str], list[Any]]:
+        """Every thread's exemplars: the latest per bucket."""
+        with self._lock:
+            shards = list(self._shards)
+        folded: dict[tuple[str, str], list[Any]] = {}
+        for shard in shards:
+            for label, series in list(shard.by_label.items()):
+                if len(series) == 3:  # noqa: PLR2004 - no exemplar in this series
+                    continue
+                for o, outcome in enumerate(_OUTCOMES):
+                    row = list(series[3][o])
+                    if not any(row):
+                        continue
+                    total = folded.get((label, outcome))
+                    if total is not None:
+                        pairs = zip(row, total, strict=True)
+                        row = [max(a, b, key=_exemplar_time) for a, b in pairs]
+                    folded[(label, outcome)] = row
+        return folded
 
     def fold(self) -> tuple[dict[str, int], dict[tuple[str, str], tuple[list[int], int]]]:
         """Every thread's counts, summed."""
@@ -477,7 +530,7 @@ class Counts:
         created: dict[str, int] = {}
         series: dict[tuple[str, str], tuple[list[int], int]] = {}
         for shard in shards:
-            for label, (n, counts, sums) in list(shard.by_label.items()):
+            for label, (n, counts, sums, *_) in list(shard.by_label.items()):
                 created[label] = created.get(label, 0) + n
                 for o, outcome in enumerate(_OUTCOMES):
                     row = list(counts[o])

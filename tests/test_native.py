@@ -650,6 +650,44 @@ def test_counts_from_threads_add_up(impl: ModuleType) -> None:
     assert series[("t", "finished")] == ([8_000, 0], 40_000)
 
 
+def test_counts_keep_the_latest_exemplar_per_bucket(impl: ModuleType) -> None:
+    import threading  # noqa: PLC0415
+
+    counts = impl.Counts((10, 20), str)
+    fetch = Meta("fetch", "c", None)
+    assert counts.fold_exemplars() == {}
+    before = time.time()
+    counts.exemplar(fetch, "finished", 5, 0xA1, 0xB1)
+    counts.exemplar(fetch, "finished", 7, 0xA2, 0xB2)  # the same bucket: the latest wins
+    counts.exemplar(fetch, "finished", 25, 1 << 127, 1 << 63)  # past the last bound
+    counts.exemplar(fetch, "exception", -3, 0xA3, 0xB3)  # a negative duration: the first
+    folded = counts.fold_exemplars()
+    after = time.time()
+    assert set(folded) == {("fetch", "finished"), ("fetch", "exception")}
+    first, middle, last = folded[("fetch", "finished")]
+    assert middle is None
+    assert first[:3] == (0xA2, 0xB2, 7)
+    assert last[:3] == (1 << 127, 1 << 63, 25)
+    assert before <= first[3] <= last[3] <= after
+    assert [e and e[:3] for e in folded[("fetch", "exception")]] == [(0xA3, 0xB3, -3), None, None]
+
+    # From another thread (a shard of its own in the twin): the latest of the two is folded.
+    def later() -> None:
+        counts.exemplar(fetch, "finished", 6, 0xC1, 0xD1)
+
+    thread = threading.Thread(target=later)
+    thread.start()
+    thread.join()
+    assert counts.fold_exemplars()[("fetch", "finished")][0][:3] == (0xC1, 0xD1, 6)
+    counts.exemplar(fetch, "finished", 8, 0xE1, 0xF1)
+    assert counts.fold_exemplars()[("fetch", "finished")][0][:3] == (0xE1, 0xF1, 8)
+    with pytest.raises(ValueError, match="Invalid outcome: 'lost'"):
+        counts.exemplar(fetch, "lost", 1, 1, 1)
+    with pytest.raises(TypeError, match="trace_id and span_id must be ints, got 'x'"):
+        counts.exemplar(fetch, "finished", 1, "x", 1)
+    assert counts.fold()[1] == {}  # an exemplar counts no task
+
+
 class DoneTask:
     def __init__(self, *, cancelled: bool = False, exception: BaseException | None = None) -> None:
         self._cancelled, self._exception = cancelled, exception

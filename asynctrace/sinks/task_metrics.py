@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
 from typing import Any, Final, final
@@ -191,11 +190,11 @@ class TaskMetrics(LeanInstrument):
         self._shards: list[_Shard] = []
         self._local = threading.local()
         # The lean path's hooks are the counters' own methods (C with the extension): a task
-        # is counted without running Python code, on either path; a traced task's exemplar
-        # comes through task_exemplar.
+        # is counted, and a traced task's exemplar kept, without running Python code.
         self._counts = Counts(tuple(self._bounds_ns), self.label)
         self.task_started = self._counts.started  # type: ignore[method-assign]
         self.task_finished = self._counts.finished  # type: ignore[method-assign]
+        self.task_exemplar = self._counts.exemplar  # type: ignore[method-assign]
 
     def _shard(self) -> _Shard:
         try:
@@ -245,18 +244,9 @@ class TaskMetrics(LeanInstrument):
     ) -> None:
         """A traced task's span ids become its bucket's exemplar (the task is counted already).
 
-        Kept in this thread's shard: an empty series there (its counts are in the lean
-        counters, or in the same series) that carries the exemplar into the fold.
+        Kept by the counters (``Counts.exemplar``, the hook itself: see ``__init__``).
         """
-        shard, op = self._shard_and_label(metadata)
-        key = (op, outcome)
-        series = shard.series.get(key)
-        if series is None:
-            series = shard.series[key] = Series(self._size)
-        if series.exemplars is None:
-            series.exemplars = [None] * self._size
-        i = bisect_left(self._bounds_ns, duration_ns)
-        series.exemplars[i] = (trace_id, span_id, duration_ns, time.time())
+        self._counts.exemplar(metadata, outcome, duration_ns, trace_id, span_id)
 
     def observe_lag(self, lag_s: float) -> None:
         """Record one heartbeat's lag (called on the loop's thread)."""
@@ -314,6 +304,11 @@ class TaskMetrics(LeanInstrument):
             lean = series[key] = Series(self._size)
             lean.counts = counts
             lean.sum_ns = sum_ns
+        for key, exemplars in self._counts.fold_exemplars().items():
+            with_exemplars = series.get(key)
+            if with_exemplars is None:  # counted before its exemplar: not expected, kept anyway
+                with_exemplars = series[key] = Series(self._size)
+            with_exemplars.exemplars = exemplars
         blocked, destroyed = folded.blocked, folded.destroyed
         for shard in shards:
             _add(destroyed, shard.destroyed)
@@ -326,14 +321,6 @@ class TaskMetrics(LeanInstrument):
                     total = series[key] = Series(self._size)
                 total.counts = [a + b for a, b in zip(total.counts, s.counts, strict=True)]
                 total.sum_ns += s.sum_ns
-                if s.exemplars is not None:
-                    if total.exemplars is None:
-                        total.exemplars = list(s.exemplars)
-                    else:
-                        total.exemplars = [
-                            max((a, b), key=lambda e: e[3] if e else 0.0)
-                            for a, b in zip(total.exemplars, s.exemplars, strict=True)
-                        ]
             lag.counts = [a + b for a, b in zip(lag.counts, shard.lag.counts, strict=True)]
             lag.sum_ns += shard.lag.sum_ns
             _add(blocked, shard.blocked)

@@ -49,6 +49,17 @@ typedef struct {
     vectorcallfunc vectorcall;
 } TapObject;
 
+/* tp_dealloc of this module's collected heap types: untrack, clear, free, release the type. */
+static void
+gc_heap_dealloc(PyObject *op, inquiry clear)
+{
+    PyTypeObject *type = Py_TYPE(op);
+    PyObject_GC_UnTrack(op);
+    (void)clear(op);
+    type->tp_free(op);
+    Py_DECREF(type);
+}
+
 static inline speedups_state *
 get_state(PyObject *module)
 {
@@ -149,11 +160,7 @@ tap_clear(PyObject *op)
 static void
 tap_dealloc(PyObject *op)
 {
-    PyTypeObject *type = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)tap_clear(op);
-    type->tp_free(op);
-    Py_DECREF(type);
+    gc_heap_dealloc(op, tap_clear);
 }
 
 static PyObject *
@@ -749,11 +756,7 @@ lf_clear(PyObject *op)
 static void
 lf_dealloc(PyObject *op)
 {
-    PyTypeObject *type = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)lf_clear(op);
-    type->tp_free(op);
-    Py_DECREF(type);
+    gc_heap_dealloc(op, lf_clear);
 }
 
 static PyMemberDef lf_members[] = {
@@ -1255,11 +1258,7 @@ counts_clear(PyObject *op)
 static void
 counts_dealloc(PyObject *op)
 {
-    PyTypeObject *type = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)counts_clear(op);
-    type->tp_free(op);
-    Py_DECREF(type);
+    gc_heap_dealloc(op, counts_clear);
 }
 
 static PyMethodDef counts_methods[] = {
@@ -1546,11 +1545,7 @@ ld_clear(PyObject *op)
 static void
 ld_dealloc(PyObject *op)
 {
-    PyTypeObject *type = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)ld_clear(op);
-    type->tp_free(op);
-    Py_DECREF(type);
+    gc_heap_dealloc(op, ld_clear);
 }
 
 static PyMethodDef ld_methods[] = {
@@ -2181,11 +2176,7 @@ sh_clear(PyObject *op)
 static void
 sh_dealloc(PyObject *op)
 {
-    PyTypeObject *type = Py_TYPE(op);
-    PyObject_GC_UnTrack(op);
-    (void)sh_clear(op);
-    type->tp_free(op);
-    Py_DECREF(type);
+    gc_heap_dealloc(op, sh_clear);
 }
 
 static PyMethodDef sh_methods[] = {

@@ -271,6 +271,10 @@ typedef struct {
     PyObject *last;           /* (correlation id, metadata) last made, or NULL */
     PyObject *named;          /* (operation, id, priority, metadata) last made, or NULL */
     PyObject *validated_op;   /* the operation name last found valid (a str), or NULL */
+    PyObject *derived_base;   /* a creator's context, as it was when last derived, or NULL */
+    PyObject *derived;        /* that context with the task's variables set (see lf_reuse) */
+    PyObject *derived_cid;    /* the correlation id set in it, or NULL */
+    PyObject *derived_meta;   /* the metadata set in it, or NULL */
     PyObject *dict;
     vectorcallfunc vectorcall;
 } LeanFactoryObject;
@@ -336,6 +340,68 @@ lf_metadata(LeanFactoryObject *self, PyObject *op, PyObject *cid, PyObject *prio
     Py_END_CRITICAL_SECTION();
     Py_XDECREF(old);
     return made;
+}
+
+/* Sibling tasks share their variables. A task's context is a copy of its creator's with the
+   correlation id and metadata set: two writes, so a new HAMT (and node) per task, which the
+   cycle collector walks while the task is pending. Tasks that one step of their creator makes
+   with the same id and metadata would all get equal HAMTs: the first is kept (`derived`) and
+   the next ones' contexts are copies of it, which share its HAMT (a HAMT never changes; a
+   task that sets a variable gets a new one, in its own context only). That holds while the
+   creator's variables are exactly what they were: the same HAMT (identity, not equality:
+   a value replaced by an equal one must still be seen). The HAMT is in CPython's private
+   PyContext (Include/internal/pycore_context.h), the same fields from 3.11 to 3.14; read
+   only to compare two pointers, on those versions with the GIL, and never on others. The
+   kept `derived_base` holds the creator's HAMT, so its address cannot be reused. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030F0000 && !defined(Py_GIL_DISABLED)
+#define SHARED_VARIABLES 1
+typedef struct {
+    PyObject_HEAD
+    PyObject *ctx_prev;
+    PyObject *ctx_vars;
+} ContextFields;
+#define CONTEXT_VARS(ctx) (((ContextFields *)(ctx))->ctx_vars)
+#else
+#define SHARED_VARIABLES 0
+#endif
+
+/* 1 with *ctx replaced by a copy of the kept derived context (see above), 0 when it does
+   not apply, -1 on error. cid and metadata are what is to be set (NULL: not set). */
+static int
+lf_reuse(LeanFactoryObject *self, PyObject **ctx, PyObject *cid, PyObject *metadata)
+{
+#if SHARED_VARIABLES
+    if (self->derived == NULL || self->derived_cid != cid || self->derived_meta != metadata
+        || CONTEXT_VARS(self->derived_base) != CONTEXT_VARS(*ctx)) {
+        return 0;
+    }
+    PyObject *copy = PyContext_Copy(self->derived);
+    if (copy == NULL) {
+        return -1;
+    }
+    Py_SETREF(*ctx, copy);
+    return 1;
+#else
+    (void)self, (void)ctx, (void)cid, (void)metadata;
+    return 0;
+#endif
+}
+
+/* Keep base (a copy of the creator's context, stolen) and ctx with cid and metadata set. */
+static int
+lf_keep(LeanFactoryObject *self, PyObject *base, PyObject *ctx, PyObject *cid,
+        PyObject *metadata)
+{
+    PyObject *derived = PyContext_Copy(ctx);
+    if (derived == NULL) {
+        Py_DECREF(base);
+        return -1;
+    }
+    Py_XSETREF(self->derived_base, base);
+    Py_XSETREF(self->derived, derived);
+    Py_XSETREF(self->derived_cid, Py_XNewRef(cid));
+    Py_XSETREF(self->derived_meta, Py_XNewRef(metadata));
+    return 0;
 }
 
 /* Whether the metadata in the creator's context already says what the task's would. */
@@ -599,23 +665,34 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
             goto done;
         }
     }
-    if (set_cid || !inherit) {
-        if (PyContext_Enter(ctx) < 0) {
+    PyObject *set_id = set_cid ? cid : NULL, *set_meta = inherit ? NULL : metadata;
+    int reused = (set_id || set_meta) ? lf_reuse(self, &ctx, set_id, set_meta) : 1;
+    if (reused < 0) {
+        goto done;
+    }
+    if (!reused) {
+        PyObject *base = SHARED_VARIABLES ? PyContext_Copy(ctx) : NULL;
+        if ((SHARED_VARIABLES && base == NULL) || PyContext_Enter(ctx) < 0) {
+            Py_XDECREF(base);
             goto done;
         }
         PyObject *token = NULL;
         int failed = 0;
-        if (set_cid) {
+        if (set_id) {
             token = PyContextVar_Set(self->cid_var, cid);
             failed = (token == NULL);
             Py_XDECREF(token);
         }
-        if (!failed && !inherit) {
+        if (!failed && set_meta) {
             token = PyContextVar_Set(self->metadata_var, metadata);
             failed = (token == NULL);
             Py_XDECREF(token);
         }
         if (PyContext_Exit(ctx) < 0 || failed) {
+            Py_XDECREF(base);
+            goto done;
+        }
+        if (base != NULL && lf_keep(self, base, ctx, set_id, set_meta) < 0) {
             goto done;
         }
     }
@@ -730,7 +807,8 @@ lf_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 
 #define LF_FIELDS(X) X(fallback) X(state) X(slot) X(cid_var) X(metadata_var) X(make_metadata) \
     X(new_cid) X(validate) X(task_type) X(lean_done) X(starts) X(on_error) X(lean_finish)    \
-    X(last) X(named) X(validated_op) X(dict)
+    X(last) X(named) X(validated_op) X(derived_base) X(derived) X(derived_cid) X(derived_meta) \
+    X(dict)
 
 static int
 lf_traverse(PyObject *op, visitproc visit, void *arg)

@@ -9,6 +9,7 @@ taken on the spot (the tap) comes before it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import subprocess
 import sys
@@ -915,3 +916,48 @@ def test_eager_task_factory_chained_takes_the_c_path_and_stays_eager() -> None:
     (meta,) = first_step
     assert meta is not None
     assert meta.operation_name == "eager-op"  # type: ignore[attr-defined]
+
+
+# -- sibling tasks share their variables (LeanFactory) ---------------------------------------
+
+_APP_VAR: contextvars.ContextVar[object] = contextvars.ContextVar("app_var", default=None)
+
+
+def test_siblings_see_their_creators_variables_as_they_were_at_creation() -> None:
+    """Tasks made with the same metadata may share one derived context's variables: only
+    while the creator's are the very same. A value replaced, even by an equal one, is seen.
+    """
+
+    async def read() -> object:
+        await asyncio.sleep(0)
+        return _APP_VAR.get()
+
+    async def sets_its_own() -> object:
+        _APP_VAR.set("mine")
+        await asyncio.sleep(0)
+        return _APP_VAR.get()
+
+    async def main() -> None:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        first_value, equal_value = [1], [1]
+        _APP_VAR.set(first_value)
+        a = asynctrace.create_task(read(), operation_name="op")
+        b = asynctrace.create_task(read(), operation_name="op")
+        own = asynctrace.create_task(sets_its_own(), operation_name="op")
+        _APP_VAR.set(equal_value)  # equal, not the same object
+        c = asynctrace.create_task(read(), operation_name="op")
+        _APP_VAR.set("other")
+        d = asynctrace.create_task(read(), operation_name="op")
+        assert await a is first_value
+        assert await b is first_value
+        assert await own == "mine"
+        assert await c is equal_value
+        assert await d == "other"
+        # each task has metadata of its own operation, and the creator's correlation id
+        meta = asynctrace.task_metadata(d)
+        assert meta is not None
+        assert (meta.operation_name, meta.correlation_id) == ("op", asynctrace.correlation_id())
+        after = asynctrace.create_task(read(), operation_name="op")
+        assert await after == "other"  # the sibling that set its own value changed nothing here
+
+    asyncio.run(main())

@@ -271,7 +271,7 @@ typedef struct {
     PyObject *last;           /* (correlation id, metadata) last made, or NULL */
     PyObject *named;          /* (operation, id, priority, metadata) last made, or NULL */
     PyObject *validated_op;   /* the operation name last found valid (a str), or NULL */
-    PyObject *derived_base;   /* a creator's context, as it was when last derived, or NULL */
+    PyObject *derived_from;   /* the creator's variables (a HAMT) when last derived, or NULL */
     PyObject *derived;        /* that context with the task's variables set (see lf_reuse) */
     PyObject *derived_cid;    /* the correlation id set in it, or NULL */
     PyObject *derived_meta;   /* the metadata set in it, or NULL */
@@ -352,7 +352,8 @@ lf_metadata(LeanFactoryObject *self, PyObject *op, PyObject *cid, PyObject *prio
    a value replaced by an equal one must still be seen). The HAMT is in CPython's private
    PyContext (Include/internal/pycore_context.h), the same fields from 3.11 to 3.14; read
    only to compare two pointers, on those versions with the GIL, and never on others. The
-   kept `derived_base` holds the creator's HAMT, so its address cannot be reused. */
+   kept `derived_from` holds a reference to the creator's HAMT, so its address cannot be
+   reused by another. */
 #if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030F0000 && !defined(Py_GIL_DISABLED)
 #define SHARED_VARIABLES 1
 typedef struct {
@@ -362,6 +363,7 @@ typedef struct {
 } ContextFields;
 #define CONTEXT_VARS(ctx) (((ContextFields *)(ctx))->ctx_vars)
 #else
+#define CONTEXT_VARS(ctx) NULL
 #define SHARED_VARIABLES 0
 #endif
 
@@ -372,7 +374,7 @@ lf_reuse(LeanFactoryObject *self, PyObject **ctx, PyObject *cid, PyObject *metad
 {
 #if SHARED_VARIABLES
     if (self->derived == NULL || self->derived_cid != cid || self->derived_meta != metadata
-        || CONTEXT_VARS(self->derived_base) != CONTEXT_VARS(*ctx)) {
+        || self->derived_from != CONTEXT_VARS(*ctx)) {
         return 0;
     }
     PyObject *copy = PyContext_Copy(self->derived);
@@ -387,17 +389,18 @@ lf_reuse(LeanFactoryObject *self, PyObject **ctx, PyObject *cid, PyObject *metad
 #endif
 }
 
-/* Keep base (a copy of the creator's context, stolen) and ctx with cid and metadata set. */
+/* Keep from (the creator's variables, a new reference: stolen) and ctx with cid and
+   metadata set. */
 static int
-lf_keep(LeanFactoryObject *self, PyObject *base, PyObject *ctx, PyObject *cid,
+lf_keep(LeanFactoryObject *self, PyObject *from, PyObject *ctx, PyObject *cid,
         PyObject *metadata)
 {
     PyObject *derived = PyContext_Copy(ctx);
     if (derived == NULL) {
-        Py_DECREF(base);
+        Py_DECREF(from);
         return -1;
     }
-    Py_XSETREF(self->derived_base, base);
+    Py_XSETREF(self->derived_from, from);
     Py_XSETREF(self->derived, derived);
     Py_XSETREF(self->derived_cid, Py_XNewRef(cid));
     Py_XSETREF(self->derived_meta, Py_XNewRef(metadata));
@@ -671,9 +674,9 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
         goto done;
     }
     if (!reused) {
-        PyObject *base = SHARED_VARIABLES ? PyContext_Copy(ctx) : NULL;
-        if ((SHARED_VARIABLES && base == NULL) || PyContext_Enter(ctx) < 0) {
-            Py_XDECREF(base);
+        PyObject *from = SHARED_VARIABLES ? Py_NewRef(CONTEXT_VARS(ctx)) : NULL;
+        if (PyContext_Enter(ctx) < 0) {
+            Py_XDECREF(from);
             goto done;
         }
         PyObject *token = NULL;
@@ -689,10 +692,10 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
             Py_XDECREF(token);
         }
         if (PyContext_Exit(ctx) < 0 || failed) {
-            Py_XDECREF(base);
+            Py_XDECREF(from);
             goto done;
         }
-        if (base != NULL && lf_keep(self, base, ctx, set_id, set_meta) < 0) {
+        if (from != NULL && lf_keep(self, from, ctx, set_id, set_meta) < 0) {
             goto done;
         }
     }
@@ -807,7 +810,7 @@ lf_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 
 #define LF_FIELDS(X) X(fallback) X(state) X(slot) X(cid_var) X(metadata_var) X(make_metadata) \
     X(new_cid) X(validate) X(task_type) X(lean_done) X(starts) X(on_error) X(lean_finish)    \
-    X(last) X(named) X(validated_op) X(derived_base) X(derived) X(derived_cid) X(derived_meta) \
+    X(last) X(named) X(validated_op) X(derived_from) X(derived) X(derived_cid) X(derived_meta) \
     X(dict)
 
 static int

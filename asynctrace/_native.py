@@ -18,6 +18,7 @@ __all__ = [
     "LeanDone",
     "LeanFactory",
     "SpanHooks",
+    "SpanIds",
     "Tap",
     "encode_task_span",
     "gc_track",
@@ -55,6 +56,10 @@ Counts: Final = _module.Counts
 gc_track: Final = getattr(
     _module, "gc_track", importlib.import_module("asynctrace._speedups_py").gc_track
 )
-SpanHooks: Final = getattr(  # an extension built before SpanHooks: Python's
-    _module, "SpanHooks", importlib.import_module("asynctrace._speedups_py").SpanHooks
+# The span handle's base and the hooks that write it go together: an extension built before
+# SpanIds (its SpanHooks wrote the ids as object slots) gives way to Python's pair.
+_spans = (
+    _module if hasattr(_module, "SpanIds") else importlib.import_module("asynctrace._speedups_py")
 )
+SpanIds: Final = _spans.SpanIds
+SpanHooks: Final = _spans.SpanHooks

@@ -32,6 +32,7 @@ typedef struct {
     PyTypeObject *counts_type;
     PyTypeObject *lean_done_type;
     PyTypeObject *span_hooks_type;
+    PyTypeObject *span_ids_type;
     PyObject *mark_name; /* "mark" */
 #define DECLARE(n) PyObject *s_##n;
     STATE_STRINGS(DECLARE)
@@ -1676,9 +1677,165 @@ static PyType_Spec ld_spec = {
  * does not make one on a free-threaded build): the counts below rely on it.
  * --------------------------------------------------------------------------------------- */
 
-#define HANDLE_SLOTS(X) X(_context) X(_current) X(correlation_id) X(created_ns) X(inherited) \
-    X(late) X(links) X(parent) X(sampler_attributes) X(span_id) X(trace_flags) X(trace_id)  \
-    X(trace_state)
+/* SpanIds: the span handle's ids and creation time as native integers (the base of the sink's
+   _TaskSpan; see _speedups_py.SpanIds), not one int object each per task. */
+typedef struct {
+    PyObject_HEAD
+    unsigned long long trace_high, trace_low, span_id;
+    long long created_ns;
+} SpanIdsObject;
+
+/* An int from a 128-bit value given as its two halves (new reference). */
+static PyObject *
+int_from_u128(unsigned long long high, unsigned long long low)
+{
+    unsigned char bytes[16];
+    for (int i = 0; i < 8; i++) {
+        bytes[i] = (unsigned char)(low >> (8 * i));
+        bytes[8 + i] = (unsigned char)(high >> (8 * i));
+    }
+    return _PyLong_FromByteArray(bytes, 16, 1, 0);
+}
+
+/* The two halves of an int in [0, 2**128); -1 with an error naming the value otherwise. */
+static int
+int_to_u128(PyObject *value, const char *what, unsigned long long *high, unsigned long long *low)
+{
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "%s must be an int, got %R", what, value);
+        return -1;
+    }
+    PyObject *zero = PyLong_FromLong(0), *sixty_four = PyLong_FromLong(64);
+    int negative = zero ? PyObject_RichCompareBool(value, zero, Py_LT) : -1;
+    PyObject *top = negative == 0 && sixty_four ? PyNumber_Rshift(value, sixty_four) : NULL;
+    Py_XDECREF(zero);
+    Py_XDECREF(sixty_four);
+    if (top == NULL && negative <= 0) {
+        return -1;
+    }
+    *high = top ? PyLong_AsUnsignedLongLong(top) : 0;
+    Py_XDECREF(top);
+    if (negative || (*high == (unsigned long long)-1 && PyErr_Occurred())) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "%s must be an int in [0, 2**128), got %R", what, value);
+        return -1;
+    }
+    *low = PyLong_AsUnsignedLongLongMask(value);
+    return 0;
+}
+
+static PyObject *
+si_get_trace_id(PyObject *op, void *closure)
+{
+    SpanIdsObject *self = (SpanIdsObject *)op;
+    return int_from_u128(self->trace_high, self->trace_low);
+}
+
+static int
+si_set_trace_id(PyObject *op, PyObject *value, void *closure)
+{
+    SpanIdsObject *self = (SpanIdsObject *)op;
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "SpanIds: trace_id cannot be deleted");
+        return -1;
+    }
+    unsigned long long high, low;
+    if (int_to_u128(value, "SpanIds: trace_id", &high, &low) < 0) {
+        return -1;
+    }
+    self->trace_high = high;
+    self->trace_low = low;
+    return 0;
+}
+
+static PyObject *
+si_get_span_id(PyObject *op, void *closure)
+{
+    return PyLong_FromUnsignedLongLong(((SpanIdsObject *)op)->span_id);
+}
+
+static int
+si_set_span_id(PyObject *op, PyObject *value, void *closure)
+{
+    if (value == NULL || !PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "SpanIds: span_id must be an int, got %R", value);
+        return -1;
+    }
+    unsigned long long span_id = PyLong_AsUnsignedLongLong(value);
+    if (span_id == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "SpanIds: span_id must be an int in [0, 2**64), got %R",
+                     value);
+        return -1;
+    }
+    ((SpanIdsObject *)op)->span_id = span_id;
+    return 0;
+}
+
+static PyObject *
+si_get_created_ns(PyObject *op, void *closure)
+{
+    return PyLong_FromLongLong(((SpanIdsObject *)op)->created_ns);
+}
+
+static int
+si_set_created_ns(PyObject *op, PyObject *value, void *closure)
+{
+    if (value == NULL || !PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "SpanIds: created_ns must be an int, got %R", value);
+        return -1;
+    }
+    long long created = PyLong_AsLongLong(value);
+    if (created == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError,
+                     "SpanIds: created_ns must be an int in [-2**63, 2**63), got %R", value);
+        return -1;
+    }
+    ((SpanIdsObject *)op)->created_ns = created;
+    return 0;
+}
+
+static PyGetSetDef si_getset[] = {
+    {"trace_id", si_get_trace_id, si_set_trace_id, "The trace id (128 bits).", NULL},
+    {"span_id", si_get_span_id, si_set_span_id, "The span id (64 bits).", NULL},
+    {"created_ns", si_get_created_ns, si_set_created_ns,
+     "The task's creation time (perf_counter_ns).", NULL},
+    {NULL},
+};
+
+static void
+si_dealloc(PyObject *op)
+{
+    PyTypeObject *type = Py_TYPE(op);
+    type->tp_free(op);
+    Py_DECREF(type);
+}
+
+PyDoc_STRVAR(si_doc,
+"SpanIds()\n--\n\n"
+"A span handle's trace id, span id and creation time as native integers: the base of the\n"
+"span sink's handle class (see _speedups_py.SpanIds). Each reads as an int, 0 till set.");
+
+static PyType_Slot si_slots[] = {
+    {Py_tp_new, PyType_GenericNew},
+    {Py_tp_dealloc, si_dealloc},
+    {Py_tp_getset, si_getset},
+    {Py_tp_doc, (void *)si_doc},
+    {0, NULL},
+};
+
+static PyType_Spec si_spec = {
+    .name = "asynctrace._speedups.SpanIds",
+    .basicsize = sizeof(SpanIdsObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = si_slots,
+};
+
+#define HANDLE_SLOTS(X) X(_context) X(_current) X(correlation_id) X(inherited) X(late) X(links) \
+    X(parent) X(sampler_attributes) X(trace_flags) X(trace_state)
+
+#define IDS(obj) ((SpanIdsObject *)(obj))
 
 #define SH_FIELDS(X) X(sink) X(handle_type) X(task_span) X(context_module) X(random_module) \
     X(sampled) X(finished) X(internal) X(unnamed) X(provisional) X(state) X(on_error) X(lock) \
@@ -1808,38 +1965,53 @@ sh_fallback(SpanHooksObject *self, PyObject *name, PyObject *const *args, Py_ssi
    (parent NULL), set in TASK_SPAN and counted. */
 static PyObject *
 sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, PyObject *created, PyObject *current,
-              PyObject *parent, speedups_state *st)
+              PyObject *creator, PyObject *parent, speedups_state *st)
 {
-    PyObject *trace_id = NULL, *trace_state = NULL;
-    if (parent != NULL) {
-        trace_id = PyObject_GetAttr(parent, st->s_trace_id);
-        trace_state = trace_id ? PyObject_GetAttr(parent, st->s_trace_state) : NULL;
-    }
-    else {
-        trace_id = sh_random_id(self, self->n128, st);
-        trace_state = Py_NewRef(Py_None);
-    }
-    PyObject *span_id = trace_state ? sh_random_id(self, self->n64, st) : NULL;
-    PyTypeObject *type = (PyTypeObject *)self->handle_type;
-    PyObject *handle = span_id ? type->tp_new(type, self->empty_args, NULL) : NULL;
-    if (handle == NULL) {
-        Py_XDECREF(trace_id);
-        Py_XDECREF(trace_state);
-        Py_XDECREF(span_id);
+    long long created_ns = PyLong_AsLongLong(created);
+    if (created_ns == -1 && PyErr_Occurred()) {
         return NULL;
     }
+    unsigned long long trace_high, trace_low;
+    PyObject *trace_state = NULL;
+    if (creator != NULL) { /* the parent's trace (parent is its SpanContext) */
+        trace_high = IDS(creator)->trace_high;
+        trace_low = IDS(creator)->trace_low;
+        trace_state = PyObject_GetAttr(parent, st->s_trace_state);
+    }
+    else {
+        PyObject *trace_id = sh_random_id(self, self->n128, st);
+        int bad = trace_id == NULL ||
+                  int_to_u128(trace_id, "random.getrandbits(128)", &trace_high, &trace_low) < 0;
+        Py_XDECREF(trace_id);
+        trace_state = bad ? NULL : Py_NewRef(Py_None);
+    }
+    PyObject *span_id = trace_state ? sh_random_id(self, self->n64, st) : NULL;
+    unsigned long long span_value = 0;
+    int drawn = 0;
+    if (span_id != NULL) {
+        span_value = PyLong_AsUnsignedLongLong(span_id);
+        drawn = !(span_value == (unsigned long long)-1 && PyErr_Occurred());
+        Py_DECREF(span_id);
+    }
+    PyTypeObject *type = (PyTypeObject *)self->handle_type;
+    PyObject *handle = drawn ? type->tp_new(type, self->empty_args, NULL) : NULL;
+    if (handle == NULL) {
+        Py_XDECREF(trace_state);
+        return NULL;
+    }
+    IDS(handle)->trace_high = trace_high;
+    IDS(handle)->trace_low = trace_low;
+    IDS(handle)->span_id = span_value;
+    IDS(handle)->created_ns = created_ns;
     SLOT(handle, _context) = Py_NewRef(Py_None);
     SLOT(handle, _current) = Py_NewRef(Py_None);
     SLOT(handle, correlation_id) = Py_NewRef(metadata_cid);
-    SLOT(handle, created_ns) = Py_NewRef(created);
     SLOT(handle, inherited) = Py_NewRef(current);
     SLOT(handle, late) = Py_NewRef(Py_None);
     SLOT(handle, links) = Py_NewRef(self->empty_args);
     SLOT(handle, parent) = Py_NewRef(parent != NULL ? parent : Py_None);
     SLOT(handle, sampler_attributes) = Py_NewRef(Py_None);
-    SLOT(handle, span_id) = span_id;
     SLOT(handle, trace_flags) = Py_NewRef(self->sampled);
-    SLOT(handle, trace_id) = trace_id;
     SLOT(handle, trace_state) = trace_state;
     /* It refers to nothing that refers back to it (until its current context is made, which
        tracks it again: gc_track), so the collector need not walk it while the task runs. */
@@ -1922,7 +2094,7 @@ sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         common = 0; /* another instrumentation's span, or a remote parent: the general path */
         goto other;
     }
-    result = sh_new_handle(self, cid, args[1], current, parent, st);
+    result = sh_new_handle(self, cid, args[1], current, parent ? creator : NULL, parent, st);
     common = result ? 1 : -1;
 other:
     Py_DECREF(runtime);
@@ -1981,9 +2153,7 @@ sh_lane_shape(SpanHooksObject *self, PyObject *entry, PyObject *outcome, PyObjec
             return set < 0 ? -1 : 0;
         }
     }
-    PyObject *created = SLOT(entry, created_ns);
-    return created != NULL && PyLong_CheckExact(created) && SLOT(entry, trace_id) != NULL &&
-           SLOT(entry, span_id) != NULL && SLOT(entry, parent) != NULL;
+    return SLOT(entry, parent) != NULL;
 }
 
 /* The span's name (new reference): operation, a name the user gave, else the coroutine's. */
@@ -2025,7 +2195,7 @@ sh_add(PyObject *left, long long right)
 static PyObject *
 sh_lane_tuple(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObject *outcome,
               PyObject *finished, PyObject *operation, PyObject *task_name, PyObject *name,
-              speedups_state *st)
+              PyObject *trace_id, PyObject *span_id, speedups_state *st)
 {
     PyObject *parent = SLOT(entry, parent);
     PyObject *parent_id = NULL, *remote = NULL;
@@ -2042,13 +2212,14 @@ sh_lane_tuple(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObje
             Py_DECREF(is_remote);
         }
     }
-    PyObject *start = remote ? sh_add(SLOT(entry, created_ns), self->epoch_offset) : NULL;
+    PyObject *start = remote ? PyLong_FromLongLong(IDS(entry)->created_ns + self->epoch_offset)
+                             : NULL;
     PyObject *end = start ? sh_add(finished, self->epoch_offset) : NULL;
     PyObject *cid = end ? PyObject_GetAttr(metadata, st->s_correlation_id) : NULL;
     PyObject *priority = cid ? PyObject_GetAttr(metadata, st->s_priority_hint) : NULL;
     PyObject *span = NULL;
     if (priority != NULL) {
-        span = PyTuple_Pack(15, SLOT(entry, trace_id), SLOT(entry, span_id), parent_id, remote,
+        span = PyTuple_Pack(15, trace_id, span_id, parent_id, remote,
                             self->empty_str, name, start, end, task_name, outcome, operation, cid,
                             priority, Py_None, Py_None);
     }
@@ -2064,7 +2235,7 @@ sh_lane_tuple(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObje
 /* The metrics' exemplar hooks, each with (metadata, outcome, duration, trace id, span id). */
 static int
 sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObject *outcome,
-             PyObject *finished, speedups_state *st)
+             PyObject *finished, PyObject *trace_id, PyObject *span_id, speedups_state *st)
 {
     PyObject *hooks = PyObject_GetAttr(self->state, st->s_hooks);
     PyObject *exemplars = hooks ? PyObject_GetAttr(hooks, st->s_exemplars) : NULL;
@@ -2076,12 +2247,14 @@ sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObjec
         Py_DECREF(exemplars);
         return 0;
     }
-    PyObject *duration = PyNumber_Subtract(finished, SLOT(entry, created_ns));
+    long long finished_ns = PyLong_AsLongLong(finished);
+    PyObject *duration = finished_ns == -1 && PyErr_Occurred()
+                             ? NULL
+                             : PyLong_FromLongLong(finished_ns - IDS(entry)->created_ns);
     int rc = duration ? 0 : -1;
     for (Py_ssize_t i = 0; rc == 0 && i < PyTuple_GET_SIZE(exemplars); i++) {
         PyObject *hook = PyTuple_GET_ITEM(exemplars, i);
-        PyObject *call_args[5] = {metadata, outcome, duration, SLOT(entry, trace_id),
-                                  SLOT(entry, span_id)};
+        PyObject *call_args[5] = {metadata, outcome, duration, trace_id, span_id};
         PyObject *res = PyObject_Vectorcall(hook, call_args, 5, NULL);
         if (res == NULL) { /* call_each's rule: on_error counts it, or raises it again */
             PyObject *exc = PyErr_GetRaisedException();
@@ -2112,7 +2285,7 @@ sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *operation = NULL, *coro = NULL, *coro_name = NULL, *task_name = NULL;
-    PyObject *name = NULL, *span = NULL;
+    PyObject *name = NULL, *span = NULL, *trace_id = NULL, *span_id = NULL;
     int rc = sh_lane_shape(self, entry, outcome, lanes);
     if (rc <= 0) {
         goto other;
@@ -2137,9 +2310,11 @@ sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     }
     task_name = PyObject_CallMethodNoArgs(task, st->s_get_name);
     name = task_name ? sh_span_name(self, operation, task_name, coro_name) : NULL;
-    span = name ? sh_lane_tuple(self, entry, metadata, outcome, args[4], operation, task_name,
-                                name, st)
-                : NULL;
+    trace_id = name ? int_from_u128(IDS(entry)->trace_high, IDS(entry)->trace_low) : NULL;
+    span_id = trace_id ? PyLong_FromUnsignedLongLong(IDS(entry)->span_id) : NULL;
+    span = span_id ? sh_lane_tuple(self, entry, metadata, outcome, args[4], operation, task_name,
+                                   name, trace_id, span_id, st)
+                   : NULL;
     if (span == NULL) {
         goto other;
     }
@@ -2153,7 +2328,7 @@ sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         Py_DECREF(res);
     }
     Py_XSETREF(SLOT(entry, _current), Py_NewRef(Py_None));
-    rc = sh_exemplars(self, entry, metadata, outcome, args[4], st) < 0 ? -1 : 1;
+    rc = sh_exemplars(self, entry, metadata, outcome, args[4], trace_id, span_id, st) < 0 ? -1 : 1;
 other:
     Py_DECREF(lanes);
     Py_XDECREF(operation);
@@ -2161,6 +2336,8 @@ other:
     Py_XDECREF(coro_name);
     Py_XDECREF(task_name);
     Py_XDECREF(name);
+    Py_XDECREF(trace_id);
+    Py_XDECREF(span_id);
     Py_XDECREF(span);
     if (rc == 0) {
         return sh_fallback(self, st->s_task_end, args, 5);
@@ -2180,8 +2357,10 @@ sh_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
                                      &a[9], &a[10], &a[11])) {
         return NULL;
     }
-    if (!PyType_Check(a[1])) {
-        PyErr_Format(PyExc_TypeError, "SpanHooks: handle_type must be a class, got %R", a[1]);
+    speedups_state *st = PyType_GetModuleState(type);
+    if (!PyType_Check(a[1]) || !PyType_IsSubtype((PyTypeObject *)a[1], st->span_ids_type)) {
+        PyErr_Format(PyExc_TypeError,
+                     "SpanHooks: handle_type must be a subclass of SpanIds, got %R", a[1]);
         return NULL;
     }
     if (!PyContextVar_CheckExact(a[2])) {
@@ -2609,6 +2788,10 @@ speedups_exec(PyObject *module)
     if (state->lean_done_type == NULL || PyModule_AddType(module, state->lean_done_type) < 0) {
         return -1;
     }
+    state->span_ids_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &si_spec, NULL);
+    if (state->span_ids_type == NULL || PyModule_AddType(module, state->span_ids_type) < 0) {
+        return -1;
+    }
     state->span_hooks_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &sh_spec, NULL);
     if (state->span_hooks_type == NULL || PyModule_AddType(module, state->span_hooks_type) < 0) {
         return -1;
@@ -2616,9 +2799,9 @@ speedups_exec(PyObject *module)
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[ssssssss]", "Counts", "IMPLEMENTATION", "LeanDone",
-                                  "LeanFactory", "SpanHooks", "Tap", "encode_task_span",
-                                  "gc_track");
+    PyObject *all = Py_BuildValue("[sssssssss]", "Counts", "IMPLEMENTATION", "LeanDone",
+                                  "LeanFactory", "SpanHooks", "SpanIds", "Tap",
+                                  "encode_task_span", "gc_track");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
         Py_XDECREF(all);
         return -1;
@@ -2635,6 +2818,7 @@ speedups_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->counts_type);
     Py_VISIT(state->lean_done_type);
     Py_VISIT(state->span_hooks_type);
+    Py_VISIT(state->span_ids_type);
     return 0;
 }
 
@@ -2647,6 +2831,7 @@ speedups_clear(PyObject *module)
     Py_CLEAR(state->counts_type);
     Py_CLEAR(state->lean_done_type);
     Py_CLEAR(state->span_hooks_type);
+    Py_CLEAR(state->span_ids_type);
     Py_CLEAR(state->mark_name);
 #define CLEAR_S(n) Py_CLEAR(state->s_##n);
     STATE_STRINGS(CLEAR_S)

@@ -30,6 +30,7 @@ __all__ = [
     "LeanDone",
     "LeanFactory",
     "SpanHooks",
+    "SpanIds",
     "Tap",
     "encode_task_span",
     "gc_track",
@@ -566,6 +567,22 @@ def encode_task_span(span: object) -> None:  # noqa: ARG001 - the C version's si
 
 
 @final
+class SpanIds:
+    """A span handle's ids and creation time: the base of the span sink's handle class.
+
+    ``trace_id`` (128 bits), ``span_id`` (64 bits) and ``created_ns`` (``perf_counter_ns``),
+    each an ``int``. Here they are three object slots; the C version keeps them as native
+    integers in the handle itself (no ``int`` object per task while the task runs), builds an
+    ``int`` when one is read, and refuses a value out of its range with an error naming it.
+    """
+
+    __slots__ = ("created_ns", "span_id", "trace_id")
+
+    trace_id: int
+    span_id: int
+    created_ns: int
+
+
 class SpanHooks:
     """The span sink's ``task_begin``/``task_end`` for the common task, with no detour.
 

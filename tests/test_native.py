@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import os
 import subprocess
 import sys
@@ -74,6 +75,7 @@ def test_implementation_names(impl: ModuleType) -> None:
         "LeanDone",
         "LeanFactory",
         "SpanHooks",
+        "SpanIds",
         "Tap",
         "encode_task_span",
         "gc_track",
@@ -649,6 +651,34 @@ def test_counts_from_threads_add_up(impl: ModuleType) -> None:
     created, series = counts.fold()
     assert created == {"t": 8_000}
     assert series[("t", "finished")] == ([8_000, 0], 40_000)
+
+
+def test_span_ids_read_back_what_was_set(impl: ModuleType) -> None:
+    """SpanIds: the span handle's base; each id and the creation time reads as the int set."""
+
+    class Handle(impl.SpanIds):  # type: ignore[name-defined,misc]
+        __slots__ = ("other",)
+
+    handle = Handle()
+    values = {"trace_id": 2**128 - 1, "span_id": 2**64 - 1, "created_ns": -(2**63)}
+    for name, value in values.items():
+        setattr(handle, name, value)
+    handle.other = "kept"
+    assert {name: getattr(handle, name) for name in values} == values
+    handle.trace_id, handle.span_id, handle.created_ns = 2**64 + 3, 1, 12_345
+    assert (handle.trace_id, handle.span_id, handle.created_ns) == (2**64 + 3, 1, 12_345)
+    assert handle.other == "kept"
+    if impl.IMPLEMENTATION == "c":  # native integers: no int object kept, a range checked
+        assert not any(isinstance(o, int) for o in gc.get_referents(handle))
+        with pytest.raises(ValueError, match=r"trace_id must be an int in \[0, 2\*\*128\), got -1"):
+            handle.trace_id = -1
+        with pytest.raises(
+            ValueError, match=r"span_id must be an int in \[0, 2\*\*64\), got 18446744073709551616"
+        ):
+            handle.span_id = 2**64
+        with pytest.raises(TypeError, match="created_ns must be an int, got '7'"):
+            handle.created_ns = "7"
+        assert (handle.trace_id, handle.span_id, handle.created_ns) == (2**64 + 3, 1, 12_345)
 
 
 def test_counts_keep_the_latest_exemplar_per_bucket(impl: ModuleType) -> None:

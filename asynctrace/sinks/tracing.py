@@ -163,27 +163,26 @@ def span_name(task: asyncio.Task[Any], metadata: TaskMetadata, name: str | None 
     return getattr(coro, "__qualname__", None) or _PROVISIONAL_NAME
 
 
-class _TaskSpan(NonRecordingSpan):
+class _TaskSpan(_native.SpanIds, NonRecordingSpan):  # type: ignore[misc]
     """The fast path's handle: the span as its children see it, and its state till it ends.
 
     One object per task (or correlation block), kept in its context and in its record. The
     ``SpanContext`` is built when first asked for (by a child, a library, or the end of the
     task), so a task that never looks at its span carries no ``SpanContext`` while pending.
+    ``trace_id``, ``span_id`` and ``created_ns`` are ``SpanIds``'s: native integers in the
+    handle where the C extension runs, read as ``int`` objects.
     """
 
     __slots__ = (
         "_context",
         "_current",
         "correlation_id",
-        "created_ns",
         "inherited",
         "late",
         "links",
         "parent",
         "sampler_attributes",
-        "span_id",
         "trace_flags",
-        "trace_id",
         "trace_state",
     )
 
@@ -830,7 +829,7 @@ class SpanSink(Instrument):
         finished_ns: int,
     ) -> None:
         """End the span :meth:`task_begin` started, on the lean path (no record)."""
-        span = entry if type(entry) is _TaskSpan else entry.span  # type: ignore[union-attr]
+        span = entry if type(entry) is _TaskSpan else entry.span
         if not self._end(task, span, entry.created_ns, metadata, outcome, finished_ns):
             return
         exemplars = STATE.hooks.exemplars

@@ -16,7 +16,7 @@ import contextvars
 import functools
 import time
 from collections.abc import Callable, Coroutine, Generator
-from typing import Any, Final, cast, final
+from typing import Any, Final, Protocol, cast, final
 
 from asynctrace import _native
 from asynctrace._cancel import cancellation_of
@@ -46,6 +46,7 @@ __all__ = [
     "STARTS_ATTR",
     "LeanDone",
     "LiveRecord",
+    "Starts",
     "TapProbe",
     "TaskFactory",
     "forget_running",
@@ -60,6 +61,21 @@ TaskFactory = Callable[..., "asyncio.Future[Any]"]
 
 STARTS_ATTR: Final = "_asynctrace_starts"
 """The attribute of asynctrace's factory holding its lean path's ``starts`` table."""
+
+
+class Starts(Protocol):
+    """The lean path's table, ``LeanDone.starts``: ``id(task)`` -> creation time or entry.
+
+    A ``dict`` in the pure-Python twin, a table of the C extension's otherwise
+    (``_speedups.Starts``); both are read through this much of a mapping.
+    """
+
+    def get(self, key: int, default: object = None, /) -> Any: ...  # noqa: ANN401
+    def pop(self, key: int, default: object, /) -> Any: ...  # noqa: ANN401
+    def clear(self) -> None: ...
+    def __setitem__(self, key: int, value: object, /) -> None: ...
+
+
 _NO_METADATA: Final = TaskMetadata()
 _UNSET: Final = object()
 _EAGER: Final[dict[str, Any]] = {"eager_start": True}  # a Task keyword of 3.12+
@@ -410,7 +426,7 @@ def hook_failed(hook: Callable[..., object], exc: BaseException) -> None:
 
 def forget_task(factory: object, task: asyncio.Future[Any]) -> bool:
     """Forget a lean-path task that was destroyed while pending; False if none was noted."""
-    starts: dict[int, object] | None = getattr(factory, STARTS_ATTR, None)
+    starts: Starts | None = getattr(factory, STARTS_ATTR, None)
     return starts is not None and starts.pop(id(task), None) is not None
 
 
@@ -420,6 +436,6 @@ def forget_running(factory: object) -> None:
     Their creation was counted by instruments that are closed now; counting their end in
     the next installation's would drive its in-flight gauge below zero.
     """
-    starts: dict[int, object] | None = getattr(factory, STARTS_ATTR, None)
+    starts: Starts | None = getattr(factory, STARTS_ATTR, None)
     if starts is not None:
         starts.clear()

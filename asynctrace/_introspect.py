@@ -10,7 +10,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any, Final, cast
 
-from asynctrace._factory import STARTS_ATTR, LiveRecord
+from asynctrace._factory import STARTS_ATTR, LiveRecord, Starts
 from asynctrace._metadata import _CORRELATION_ID, _METADATA, TaskMetadata, _make_metadata
 from asynctrace._record import TaskRecord
 
@@ -44,7 +44,7 @@ def task_record(task: asyncio.Future[Any]) -> TaskRecord | None:
     return None
 
 
-def lean_starts(loop: asyncio.AbstractEventLoop) -> dict[int, Any] | None:
+def lean_starts(loop: asyncio.AbstractEventLoop) -> Starts | None:
     """The lean path's table of ``loop``'s factory (``id(task)`` to what it keeps), or None."""
     return getattr(loop.get_task_factory(), STARTS_ATTR, None)
 
@@ -62,7 +62,7 @@ def lean_entry(task: asyncio.Future[Any]) -> object:
 
 
 def started_of(
-    task: asyncio.Future[Any], record: TaskRecord | None, starts: dict[int, Any] | None
+    task: asyncio.Future[Any], record: TaskRecord | None, starts: Starts | None
 ) -> tuple[int | None, int]:
     """When a running task was created (``perf_counter_ns``; None: unknown) and its trace id.
 

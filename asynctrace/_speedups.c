@@ -33,6 +33,7 @@ typedef struct {
     PyTypeObject *lean_done_type;
     PyTypeObject *span_hooks_type;
     PyTypeObject *span_ids_type;
+    PyTypeObject *starts_type;
     PyObject *mark_name; /* "mark" */
 #define DECLARE(n) PyObject *s_##n;
     STATE_STRINGS(DECLARE)
@@ -254,6 +255,474 @@ PyDict_Pop(PyObject *dict, PyObject *key, PyObject **result)
 #define Py_END_CRITICAL_SECTION() }
 #endif
 
+/* ---------------------------------------------------------------------------------------
+ * Starts: the lean path's table, id(task) -> what was noted at the task's creation (see
+ * _speedups_py.LeanDone, whose dict it stands for): its creation time (perf_counter_ns), or
+ * an instrument's entry (a traced task's span handle). An open-addressing table of
+ * (task address, value) pairs: a time is kept as a tagged integer, not an int object, and
+ * no int object is made for the key, so a pending task costs the table one 16-byte slot
+ * (at a load between 3/8 and 3/4). Linear probing; deletion shifts the run back (no
+ * tombstones), and the table shrinks when mostly empty, so its size follows the tasks
+ * pending, not the tasks ever made. Read from Python as a mapping (get, pop, clear,
+ * [], in, len).
+ * --------------------------------------------------------------------------------------- */
+
+typedef struct {
+    uintptr_t key;   /* the task's address; 0: empty */
+    uintptr_t value; /* (time << 1) | 1, or an object (a new reference; aligned, low bit 0) */
+} StartsSlot;
+
+typedef struct {
+    PyObject_HEAD
+    StartsSlot *slots;
+    size_t mask; /* capacity - 1 (a power of two) */
+    size_t used;
+} StartsObject;
+
+#define STARTS_MIN 8
+#define STARTS_TAGGED(v) ((v) & 1)
+#define STARTS_TIME_MAX ((long long)(((unsigned long long)1 << 62) - 1))
+
+static size_t
+starts_home(StartsObject *self, uintptr_t key)
+{
+    unsigned long long h = (unsigned long long)(key >> 4) * 0x9E3779B97F4A7C15ULL;
+    return (size_t)(h ^ (h >> 32)) & self->mask;
+}
+
+/* The slot holding key, or NULL. */
+static StartsSlot *
+starts_find(StartsObject *self, uintptr_t key)
+{
+    for (size_t i = starts_home(self, key);; i = (i + 1) & self->mask) {
+        StartsSlot *slot = &self->slots[i];
+        if (slot->key == key) {
+            return slot;
+        }
+        if (slot->key == 0) {
+            return NULL;
+        }
+    }
+}
+
+static int
+starts_resize(StartsObject *self, size_t capacity)
+{
+    StartsSlot *slots = PyMem_Calloc(capacity, sizeof(StartsSlot));
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    StartsSlot *old = self->slots;
+    size_t old_capacity = old ? self->mask + 1 : 0;
+    self->slots = slots;
+    self->mask = capacity - 1;
+    for (size_t j = 0; j < old_capacity; j++) {
+        if (old[j].key != 0) {
+            size_t i = starts_home(self, old[j].key);
+            while (slots[i].key != 0) {
+                i = (i + 1) & self->mask;
+            }
+            slots[i] = old[j];
+        }
+    }
+    PyMem_Free(old);
+    return 0;
+}
+
+/* Note value (a new reference is taken, or the time tagged) for key; replaces any. */
+static int
+starts_put(StartsObject *self, uintptr_t key, uintptr_t value)
+{
+    if ((self->used + 1) * 4 > (self->mask + 1) * 3 &&
+        starts_resize(self, (self->mask + 1) * 2) < 0) {
+        return -1;
+    }
+    size_t i = starts_home(self, key);
+    while (self->slots[i].key != 0 && self->slots[i].key != key) {
+        i = (i + 1) & self->mask;
+    }
+    StartsSlot *slot = &self->slots[i];
+    uintptr_t old = slot->key == key ? slot->value : 1;
+    if (slot->key == 0) {
+        self->used++;
+    }
+    slot->key = key;
+    slot->value = value;
+    if (!STARTS_TAGGED(old)) {
+        Py_DECREF((PyObject *)old);
+    }
+    return 0;
+}
+
+static uintptr_t
+starts_time(long long created_ns)
+{
+    return ((uintptr_t)created_ns << 1) | 1;
+}
+
+/* Remove the slot, shifting back the run after it; its value is the caller's. */
+static void
+starts_remove(StartsObject *self, StartsSlot *slot)
+{
+    size_t hole = (size_t)(slot - self->slots);
+    for (size_t i = (hole + 1) & self->mask; self->slots[i].key != 0; i = (i + 1) & self->mask) {
+        size_t home = starts_home(self, self->slots[i].key);
+        /* the entry at i may fill the hole when its home is not in (hole, i] (cyclically) */
+        if (((i - home) & self->mask) >= ((i - hole) & self->mask)) {
+            self->slots[hole] = self->slots[i];
+            hole = i;
+        }
+    }
+    self->slots[hole].key = 0;
+    self->slots[hole].value = 0;
+    self->used--;
+    if (self->mask + 1 > 64 && self->used * 8 < self->mask + 1) {
+        (void)starts_resize(self, (self->mask + 1) / 2); /* on no memory, stays as it is */
+        PyErr_Clear();
+    }
+}
+
+/* Pop key: 1 with *value (a new reference, or the time with *created_ns), 0 if absent. */
+static int
+starts_pop(StartsObject *self, uintptr_t key, PyObject **value, long long *created_ns)
+{
+    int found = 0;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    StartsSlot *slot = starts_find(self, key);
+    if (slot != NULL) {
+        uintptr_t v = slot->value;
+        starts_remove(self, slot);
+        if (STARTS_TAGGED(v)) {
+            *value = NULL;
+            *created_ns = (long long)(v >> 1);
+        }
+        else {
+            *value = (PyObject *)v; /* the table's reference, now the caller's */
+        }
+        found = 1;
+    }
+    Py_END_CRITICAL_SECTION();
+    return found;
+}
+
+static int
+starts_note(StartsObject *self, PyObject *task, PyObject *entry, long long created_ns)
+{
+    int rc;
+    uintptr_t value;
+    if (entry != NULL && entry != Py_None) {
+        value = (uintptr_t)Py_NewRef(entry);
+    }
+    else if (created_ns >= 0 && created_ns <= STARTS_TIME_MAX) {
+        value = starts_time(created_ns);
+    }
+    else { /* out of the tagged range: kept as an int object */
+        PyObject *created = PyLong_FromLongLong(created_ns);
+        if (created == NULL) {
+            return -1;
+        }
+        value = (uintptr_t)created;
+    }
+    Py_BEGIN_CRITICAL_SECTION(self);
+    rc = starts_put(self, (uintptr_t)task, value);
+    Py_END_CRITICAL_SECTION();
+    if (rc < 0 && !STARTS_TAGGED(value)) {
+        Py_DECREF((PyObject *)value);
+    }
+    return rc;
+}
+
+/* A Python key (an int: id(task)) as an address; 0 with an error naming it otherwise. */
+static uintptr_t
+starts_key(PyObject *key)
+{
+    if (!PyLong_Check(key)) {
+        PyErr_Format(PyExc_TypeError, "Starts: a key is a task's id (an int), got %R", key);
+        return 0;
+    }
+    unsigned long long k = PyLong_AsUnsignedLongLong(key);
+    if ((k == (unsigned long long)-1 && PyErr_Occurred()) || k == 0 || k > UINTPTR_MAX) {
+        PyErr_Clear();
+        PyErr_SetObject(PyExc_KeyError, key);
+        return 0;
+    }
+    return (uintptr_t)k;
+}
+
+static PyObject *
+starts_value_object(uintptr_t v)
+{
+    return STARTS_TAGGED(v) ? PyLong_FromLongLong((long long)(v >> 1))
+                            : Py_NewRef((PyObject *)v);
+}
+
+static PyObject *
+starts_lookup(StartsObject *self, PyObject *key, PyObject *missing)
+{
+    uintptr_t k = starts_key(key);
+    if (k == 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
+            return NULL;
+        }
+        PyErr_Clear();
+    }
+    PyObject *result = NULL;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    StartsSlot *slot = k ? starts_find(self, k) : NULL;
+    result = slot ? starts_value_object(slot->value) : NULL;
+    Py_END_CRITICAL_SECTION();
+    if (result == NULL && !PyErr_Occurred()) {
+        if (missing == NULL) {
+            PyErr_SetObject(PyExc_KeyError, key);
+            return NULL;
+        }
+        return Py_NewRef(missing);
+    }
+    return result;
+}
+
+static PyObject *
+starts_subscript(PyObject *op, PyObject *key)
+{
+    return starts_lookup((StartsObject *)op, key, NULL);
+}
+
+static int
+starts_ass_subscript(PyObject *op, PyObject *key, PyObject *value)
+{
+    StartsObject *self = (StartsObject *)op;
+    uintptr_t k = starts_key(key);
+    if (k == 0) {
+        if (value != NULL && PyErr_ExceptionMatches(PyExc_KeyError)) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "Starts: a key is a task's id, got %R", key);
+        }
+        return -1;
+    }
+    if (value == NULL) {
+        PyObject *old = NULL;
+        long long created;
+        if (starts_pop(self, k, &old, &created) == 0) {
+            PyErr_SetObject(PyExc_KeyError, key);
+            return -1;
+        }
+        Py_XDECREF(old);
+        return 0;
+    }
+    if (PyLong_CheckExact(value)) {
+        long long created = PyLong_AsLongLong(value);
+        if (created >= 0 && created <= STARTS_TIME_MAX) {
+            int rc;
+            Py_BEGIN_CRITICAL_SECTION(self);
+            rc = starts_put(self, k, starts_time(created));
+            Py_END_CRITICAL_SECTION();
+            return rc;
+        }
+        PyErr_Clear(); /* out of the tagged range: kept as the object */
+    }
+    int rc;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    rc = starts_put(self, k, (uintptr_t)Py_NewRef(value));
+    if (rc < 0) {
+        Py_DECREF(value);
+    }
+    Py_END_CRITICAL_SECTION();
+    return rc;
+}
+
+static Py_ssize_t
+starts_length(PyObject *op)
+{
+    return (Py_ssize_t)((StartsObject *)op)->used;
+}
+
+static int
+starts_contains(PyObject *op, PyObject *key)
+{
+    StartsObject *self = (StartsObject *)op;
+    uintptr_t k = starts_key(key);
+    if (k == 0) {
+        if (!PyErr_ExceptionMatches(PyExc_KeyError)) {
+            return -1;
+        }
+        PyErr_Clear();
+        return 0;
+    }
+    int present;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    present = starts_find(self, k) != NULL;
+    Py_END_CRITICAL_SECTION();
+    return present;
+}
+
+static PyObject *
+starts_get(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "Starts.get takes 1 or 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    return starts_lookup((StartsObject *)op, args[0], nargs == 2 ? args[1] : Py_None);
+}
+
+static PyObject *
+starts_pop_method(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2) {
+        PyErr_Format(PyExc_TypeError, "Starts.pop takes 1 or 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    uintptr_t k = starts_key(args[0]);
+    if (k == 0 && !PyErr_ExceptionMatches(PyExc_KeyError)) {
+        return NULL;
+    }
+    PyErr_Clear();
+    PyObject *value = NULL;
+    long long created = 0;
+    if (k == 0 || starts_pop((StartsObject *)op, k, &value, &created) == 0) {
+        if (nargs == 2) {
+            return Py_NewRef(args[1]);
+        }
+        PyErr_SetObject(PyExc_KeyError, args[0]);
+        return NULL;
+    }
+    return value != NULL ? value : PyLong_FromLongLong(created);
+}
+
+/* Drop every entry (their references released after the table is empty). */
+static int
+starts_clear_all(StartsObject *self)
+{
+    StartsSlot *old = NULL;
+    size_t capacity = 0;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    old = self->slots;
+    capacity = old ? self->mask + 1 : 0;
+    self->slots = NULL;
+    self->used = 0;
+    self->mask = 0;
+    Py_END_CRITICAL_SECTION();
+    int rc = 0;
+    if (old != NULL) {
+        for (size_t i = 0; i < capacity; i++) {
+            if (old[i].key != 0 && !STARTS_TAGGED(old[i].value)) {
+                Py_DECREF((PyObject *)old[i].value);
+            }
+        }
+        PyMem_Free(old);
+    }
+    Py_BEGIN_CRITICAL_SECTION(self);
+    if (self->slots == NULL) {
+        rc = starts_resize(self, STARTS_MIN);
+    }
+    Py_END_CRITICAL_SECTION();
+    return rc;
+}
+
+static PyObject *
+starts_clear_method(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    return starts_clear_all((StartsObject *)op) < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+static PyObject *
+starts_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    if (PyTuple_GET_SIZE(args) != 0 || (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "Starts() takes no arguments");
+        return NULL;
+    }
+    StartsObject *self = (StartsObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    if (starts_resize(self, STARTS_MIN) < 0) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static int
+starts_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    StartsObject *self = (StartsObject *)op;
+    Py_VISIT(Py_TYPE(op));
+    for (size_t i = 0; self->slots != NULL && i <= self->mask; i++) {
+        if (self->slots[i].key != 0 && !STARTS_TAGGED(self->slots[i].value)) {
+            Py_VISIT((PyObject *)self->slots[i].value);
+        }
+    }
+    return 0;
+}
+
+static int
+starts_tp_clear(PyObject *op)
+{
+    StartsObject *self = (StartsObject *)op;
+    StartsSlot *old = self->slots;
+    size_t capacity = old ? self->mask + 1 : 0;
+    self->slots = NULL;
+    self->used = 0;
+    self->mask = 0;
+    for (size_t i = 0; i < capacity; i++) {
+        if (old[i].key != 0 && !STARTS_TAGGED(old[i].value)) {
+            Py_DECREF((PyObject *)old[i].value);
+        }
+    }
+    PyMem_Free(old);
+    return 0;
+}
+
+static void
+starts_dealloc(PyObject *op)
+{
+    gc_heap_dealloc(op, starts_tp_clear);
+}
+
+static PyObject *
+starts_repr(PyObject *op)
+{
+    return PyUnicode_FromFormat("<Starts: %zu pending>", ((StartsObject *)op)->used);
+}
+
+static PyMethodDef starts_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))starts_get, METH_FASTCALL,
+     "get(task_id, default=None): what was noted for the task, else default."},
+    {"pop", (PyCFunction)(void (*)(void))starts_pop_method, METH_FASTCALL,
+     "pop(task_id[, default]): remove and return what was noted for the task."},
+    {"clear", starts_clear_method, METH_NOARGS, "clear(): forget every task."},
+    {NULL},
+};
+
+PyDoc_STRVAR(starts_doc,
+"Starts()\n--\n\n"
+"The lean path's table: id(task) -> its creation time (perf_counter_ns) or an\n"
+"instrument's entry (see _speedups_py.LeanDone.starts, a dict there).");
+
+static PyType_Slot starts_slots[] = {
+    {Py_tp_new, starts_new},
+    {Py_tp_traverse, starts_traverse},
+    {Py_tp_clear, starts_tp_clear},
+    {Py_tp_dealloc, starts_dealloc},
+    {Py_tp_repr, starts_repr},
+    {Py_tp_methods, starts_methods},
+    {Py_tp_doc, (void *)starts_doc},
+    {Py_mp_length, starts_length},
+    {Py_mp_subscript, starts_subscript},
+    {Py_mp_ass_subscript, starts_ass_subscript},
+    {Py_sq_contains, starts_contains},
+    {0, NULL},
+};
+
+static PyType_Spec starts_spec = {
+    .name = "asynctrace._speedups.Starts",
+    .basicsize = sizeof(StartsObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = starts_slots,
+};
+
 typedef struct {
     PyObject_HEAD
     PyObject *fallback;       /* the Python factory: every call off the common path */
@@ -266,7 +735,7 @@ typedef struct {
     PyObject *validate;       /* _metadata.validate_metadata */
     PyObject *task_type;      /* asyncio.Task */
     PyObject *lean_done;      /* the shared done callback */
-    PyObject *starts;         /* id(task) -> creation time (ns) */
+    PyObject *starts;         /* the Starts table: id(task) -> creation time (ns) or entry */
     PyObject *on_error;       /* called with (hook, exception) when a started hook raises */
     PyObject *lean_finish;    /* for an eager task done in its first step */
     PyObject *last;           /* (correlation id, metadata) last made, or NULL */
@@ -739,13 +1208,7 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
         Py_DECREF(r);
     }
     else {
-        PyObject *key = PyLong_FromVoidPtr(task);
-        PyObject *value = key == NULL ? NULL
-                          : entry != Py_None ? Py_NewRef(entry) : PyLong_FromLongLong(created_ns);
-        int bad = (value == NULL) || PyDict_SetItem(self->starts, key, value) < 0;
-        Py_XDECREF(key);
-        Py_XDECREF(value);
-        if (bad) {
+        if (starts_note((StartsObject *)self->starts, task, entry, created_ns) < 0) {
             goto done;
         }
         PyObject *cb_args[3] = {task, self->lean_done, ctx};
@@ -791,8 +1254,10 @@ lf_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
                      "ContextVars, got %R and %R", a[3], a[4]);
         return NULL;
     }
-    if (!PyDict_CheckExact(a[10])) {
-        PyErr_Format(PyExc_TypeError, "LeanFactory: starts must be a dict, got %R", a[10]);
+    speedups_state *st = PyType_GetModuleState(type);
+    if (!Py_IS_TYPE(a[10], st->starts_type)) {
+        PyErr_Format(PyExc_TypeError,
+                     "LeanFactory: starts must be a Starts table (a LeanDone's), got %R", a[10]);
         return NULL;
     }
     LeanFactoryObject *self = (LeanFactoryObject *)type->tp_alloc(type, 0);
@@ -1387,7 +1852,7 @@ static PyType_Spec counts_spec = {
 
 typedef struct {
     PyObject_HEAD
-    PyObject *starts;       /* id(task) -> creation time (ns) */
+    PyObject *starts;       /* the Starts table: id(task) -> creation time (ns) or entry */
     PyObject *metadata_var;
     PyObject *no_metadata;  /* for a task whose context has none */
     PyObject *state;        /* STATE: .hooks.finished, .hooks.cancelled */
@@ -1435,26 +1900,20 @@ ld_finish(LeanDoneObject *self, PyObject *task)
 {
     long long finished_ns = perf_counter_ns();
     speedups_state *st = PyType_GetModuleState(Py_TYPE(self));
-    PyObject *key = PyLong_FromVoidPtr(task);
-    if (key == NULL) {
-        return -1;
+    PyObject *entry = NULL;
+    long long created_ns = 0;
+    if (starts_pop((StartsObject *)self->starts, (uintptr_t)task, &entry, &created_ns) == 0) {
+        return 0; /* not noted (forgotten at uninstall) */
     }
-    PyObject *created = NULL, *entry = NULL;
-    int found = PyDict_Pop(self->starts, key, &created);
-    Py_DECREF(key);
-    if (found <= 0) {
-        return found; /* not noted (forgotten at uninstall), or an error */
+    if (entry != NULL && PyLong_CheckExact(entry)) { /* a time out of the tagged range */
+        created_ns = PyLong_AsLongLong(entry);
+        Py_CLEAR(entry);
     }
-    if (!PyLong_CheckExact(created)) {  /* hooks.begin's entry: it has created_ns */
-        entry = created;
-        created = PyObject_GetAttr(entry, st->s_created_ns);
-        if (created == NULL) {
-            Py_DECREF(entry);
-            return -1;
-        }
+    else if (entry != NULL) { /* hooks.begin's entry: it has created_ns */
+        PyObject *created = PyObject_GetAttr(entry, st->s_created_ns);
+        created_ns = created ? PyLong_AsLongLong(created) : -1;
+        Py_XDECREF(created);
     }
-    long long created_ns = PyLong_AsLongLong(created);
-    Py_DECREF(created);
     if (created_ns == -1 && PyErr_Occurred()) {
         Py_XDECREF(entry);
         return -1;
@@ -1578,7 +2037,8 @@ ld_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (self == NULL) {
         return NULL;
     }
-    self->starts = PyDict_New();
+    speedups_state *st = PyType_GetModuleState(type);
+    self->starts = PyObject_CallNoArgs((PyObject *)st->starts_type);
     self->metadata_var = Py_NewRef(a[0]);
     self->no_metadata = Py_NewRef(a[1]);
     self->state = Py_NewRef(a[2]);
@@ -2773,6 +3233,10 @@ speedups_exec(PyObject *module)
     if (!state->kw_loop_context || !state->kw_loop_context_name || !state->kw_context) {
         return -1;
     }
+    state->starts_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &starts_spec, NULL);
+    if (state->starts_type == NULL || PyModule_AddType(module, state->starts_type) < 0) {
+        return -1;
+    }
     state->lean_factory_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &lf_spec, NULL);
     if (state->lean_factory_type == NULL) {
         return -1;
@@ -2799,8 +3263,8 @@ speedups_exec(PyObject *module)
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[sssssssss]", "Counts", "IMPLEMENTATION", "LeanDone",
-                                  "LeanFactory", "SpanHooks", "SpanIds", "Tap",
+    PyObject *all = Py_BuildValue("[ssssssssss]", "Counts", "IMPLEMENTATION", "LeanDone",
+                                  "LeanFactory", "SpanHooks", "SpanIds", "Starts", "Tap",
                                   "encode_task_span", "gc_track");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
         Py_XDECREF(all);
@@ -2819,6 +3283,7 @@ speedups_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->lean_done_type);
     Py_VISIT(state->span_hooks_type);
     Py_VISIT(state->span_ids_type);
+    Py_VISIT(state->starts_type);
     return 0;
 }
 
@@ -2832,6 +3297,7 @@ speedups_clear(PyObject *module)
     Py_CLEAR(state->lean_done_type);
     Py_CLEAR(state->span_hooks_type);
     Py_CLEAR(state->span_ids_type);
+    Py_CLEAR(state->starts_type);
     Py_CLEAR(state->mark_name);
 #define CLEAR_S(n) Py_CLEAR(state->s_##n);
     STATE_STRINGS(CLEAR_S)

@@ -31,6 +31,7 @@ __all__ = [
     "LeanFactory",
     "SpanHooks",
     "SpanIds",
+    "Starts",
     "Tap",
     "encode_task_span",
     "gc_track",
@@ -309,6 +310,13 @@ _UNSET = object()
 _OUTCOMES = ("finished", "exception", "cancelled")
 
 
+Starts = dict
+"""The lean path's table (``LeanDone.starts``): ``id(task)`` -> the task's creation time
+(``perf_counter_ns``) or an instrument's entry. Here a plain ``dict``; the C version is a
+table of its own with the same reading (``get``, ``pop``, ``clear``, ``[]``, ``in``,
+``len``) that keeps a time as an integer in the table and no ``int`` object for the key."""
+
+
 @final
 class LeanDone:
     """The done callback of every task on one factory's lean path (no record per task).
@@ -340,7 +348,7 @@ class LeanDone:
         if not isinstance(metadata_var, contextvars.ContextVar):
             msg = f"LeanDone: metadata_var must be a ContextVar, got {metadata_var!r}"
             raise TypeError(msg)
-        self.starts: dict[int, Any] = {}
+        self.starts: dict[int, Any] = Starts()
         self.metadata_var: contextvars.ContextVar[Any] = metadata_var
         self.no_metadata = no_metadata
         self.state: Any = state

@@ -76,6 +76,7 @@ def test_implementation_names(impl: ModuleType) -> None:
         "LeanFactory",
         "SpanHooks",
         "SpanIds",
+        "Starts",
         "Tap",
         "encode_task_span",
         "gc_track",
@@ -426,7 +427,7 @@ class LeanParts:
         self.slot = types.SimpleNamespace(value=None)
         self.cid_var: contextvars.ContextVar[str] = contextvars.ContextVar("cid")
         self.meta_var: contextvars.ContextVar[Meta] = contextvars.ContextVar("meta")
-        self.starts: dict[int, int] = {}
+        self.starts = impl.Starts()
         parts = self
 
         def make(op: object, cid: object, prio: object) -> Meta:
@@ -559,10 +560,48 @@ def test_lean_factory_hook_errors_and_eager_tasks(impl: ModuleType) -> None:
         assert task2 is made
         assert ns >= 0
         assert meta.correlation_id is None  # no id generator: none
-        assert eager.starts == {}
+        assert len(eager.starts) == 0
         assert eager.done == []
 
     asyncio.run(main())
+
+
+def test_starts_table_notes_and_forgets_tasks(impl: ModuleType) -> None:
+    """The lean path's table: id(task) -> creation time or entry, as a dict would keep them."""
+    table, model = impl.Starts(), {}
+    entry = object()
+    base = id(entry)
+    keys = [base + 16 * i for i in range(3000)]  # addresses, as id(task) gives
+    for i, key in enumerate(keys):
+        table[key] = model[key] = entry if i % 3 == 0 else time.perf_counter_ns() + i
+    for key in keys[::2]:
+        assert table.pop(key) == model.pop(key)
+    table[keys[1]] = model[keys[1]] = 7  # replaced
+    assert len(table) == len(model) == 1500
+    for key in keys:
+        assert (key in table) == (key in model)
+        assert table.get(key) == model.get(key)
+        assert table.get(key, "absent") == model.get(key, "absent")
+    assert table.pop(keys[0], "absent") == "absent"
+    with pytest.raises(KeyError):
+        table.pop(keys[0])
+    with pytest.raises(KeyError):
+        table[keys[0]]
+    del table[keys[1]]
+    assert keys[1] not in table
+    table.clear()
+    assert len(table) == 0
+    assert table.get(keys[3]) is None
+    table[keys[3]] = 5
+    assert table[keys[3]] == 5
+    if impl.IMPLEMENTATION == "c":  # times kept as integers in the table, not int objects
+        table[keys[4]] = entry
+        assert [o for o in gc.get_referents(table) if not isinstance(o, type)] == [entry]
+        with pytest.raises(TypeError, match="a key is a task's id \\(an int\\), got 'x'"):
+            table["x"] = 1
+        with pytest.raises(ValueError, match="a key is a task's id, got -1"):
+            table[-1] = 1
+        assert len(table) == 2
 
 
 def test_lean_factory_rejects_bad_parts(impl: ModuleType) -> None:
@@ -571,10 +610,10 @@ def test_lean_factory_rejects_bad_parts(impl: ModuleType) -> None:
         impl.LeanFactory(
             fallback=print, state=parts.state, slot=parts.slot, cid_var="x",
             metadata_var=parts.meta_var, make_metadata=Meta, new_cid=print, validate=print,
-            task_type=asyncio.Task, lean_done=print, starts={}, on_error=print,
+            task_type=asyncio.Task, lean_done=print, starts=impl.Starts(), on_error=print,
             lean_finish=print,
         )  # fmt: skip
-    with pytest.raises(TypeError, match="starts must be a dict"):
+    with pytest.raises(TypeError, match=r"starts must be a (dict|Starts table).*, got \[\]"):
         impl.LeanFactory(
             fallback=print, state=parts.state, slot=parts.slot, cid_var=parts.cid_var,
             metadata_var=parts.meta_var, make_metadata=Meta, new_cid=print, validate=print,
@@ -794,7 +833,7 @@ def test_lean_factory_begin_runs_in_the_task_context_and_its_entry_is_kept(
         assert task2 is made
         assert isinstance(entry2, Entry)
         assert ns >= 0
-        assert eager.starts == {}
+        assert len(eager.starts) == 0
 
     asyncio.run(main())
 
@@ -837,7 +876,7 @@ def test_lean_done_hands_an_entry_to_the_end_hook(impl: ModuleType) -> None:
     ((hook, exc),) = errors
     assert hook is end
     assert isinstance(exc, RuntimeError)
-    assert done.starts == {}
+    assert len(done.starts) == 0
 
 
 def test_lean_done_records_each_outcome(impl: ModuleType) -> None:
@@ -879,7 +918,7 @@ def test_lean_done_records_each_outcome(impl: ModuleType) -> None:
     assert cancelled == [(stopped, none)]
     assert len(errors) == 3
     assert all(isinstance(e, RuntimeError) for _, e in errors)
-    assert done.starts == {}
+    assert len(done.starts) == 0
     with pytest.raises(TypeError, match="metadata_var must be a ContextVar"):
         impl.LeanDone(
             metadata_var="x", no_metadata=none, state=None, on_error=print, on_cancelled=print

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final, final
 
+from asynctrace._factory import Starts
 from asynctrace._hooks import Hooks, Instrument, call_each
 from asynctrace._introspect import (
     lean_starts,
@@ -209,7 +210,7 @@ class StuckWatch(Instrument):
         task: asyncio.Task[Any],
         state: _LoopState,
         now_ns: int,
-        starts: dict[int, int] | None,
+        starts: Starts | None,
         hooks: Hooks,
     ) -> None:
         metadata = task_metadata(task)

@@ -574,7 +574,6 @@ def encode_task_span(span: object) -> None:  # noqa: ARG001 - the C version's si
     return
 
 
-@final
 class SpanIds:
     """A span handle's ids and creation time: the base of the span sink's handle class.
 
@@ -591,6 +590,7 @@ class SpanIds:
     created_ns: int
 
 
+@final
 class SpanHooks:
     """The span sink's ``task_begin``/``task_end`` for the common task, with no detour.
 

@@ -2191,16 +2191,38 @@ si_get_trace_id(PyObject *op, void *closure)
     return int_from_u128(self->trace_high, self->trace_low);
 }
 
+/* value, to be written to SpanIds's field `name`: 0 if it may be (not a deletion, an int). */
+static int
+si_check(PyObject *value, const char *name)
+{
+    if (value == NULL) {
+        PyErr_Format(PyExc_AttributeError, "SpanIds: %s cannot be deleted", name);
+        return -1;
+    }
+    if (!PyLong_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "SpanIds: %s must be an int, got %R", name, value);
+        return -1;
+    }
+    return 0;
+}
+
+/* An error naming the value and the range of SpanIds's field `name`; -1. */
+static int
+si_out_of_range(PyObject *value, const char *name, const char *range)
+{
+    PyErr_Clear();
+    PyErr_Format(PyExc_ValueError, "SpanIds: %s must be an int in %s, got %R", name, range,
+                 value);
+    return -1;
+}
+
 static int
 si_set_trace_id(PyObject *op, PyObject *value, void *closure)
 {
     SpanIdsObject *self = (SpanIdsObject *)op;
-    if (value == NULL) {
-        PyErr_SetString(PyExc_AttributeError, "SpanIds: trace_id cannot be deleted");
-        return -1;
-    }
     unsigned long long high, low;
-    if (int_to_u128(value, "SpanIds: trace_id", &high, &low) < 0) {
+    if (si_check(value, "trace_id") < 0 ||
+        int_to_u128(value, "SpanIds: trace_id", &high, &low) < 0) {
         return -1;
     }
     self->trace_high = high;
@@ -2217,16 +2239,12 @@ si_get_span_id(PyObject *op, void *closure)
 static int
 si_set_span_id(PyObject *op, PyObject *value, void *closure)
 {
-    if (value == NULL || !PyLong_Check(value)) {
-        PyErr_Format(PyExc_TypeError, "SpanIds: span_id must be an int, got %R", value);
+    if (si_check(value, "span_id") < 0) {
         return -1;
     }
     unsigned long long span_id = PyLong_AsUnsignedLongLong(value);
     if (span_id == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_ValueError, "SpanIds: span_id must be an int in [0, 2**64), got %R",
-                     value);
-        return -1;
+        return si_out_of_range(value, "span_id", "[0, 2**64)");
     }
     ((SpanIdsObject *)op)->span_id = span_id;
     return 0;
@@ -2241,16 +2259,12 @@ si_get_created_ns(PyObject *op, void *closure)
 static int
 si_set_created_ns(PyObject *op, PyObject *value, void *closure)
 {
-    if (value == NULL || !PyLong_Check(value)) {
-        PyErr_Format(PyExc_TypeError, "SpanIds: created_ns must be an int, got %R", value);
+    if (si_check(value, "created_ns") < 0) {
         return -1;
     }
     long long created = PyLong_AsLongLong(value);
     if (created == -1 && PyErr_Occurred()) {
-        PyErr_Clear();
-        PyErr_Format(PyExc_ValueError,
-                     "SpanIds: created_ns must be an int in [-2**63, 2**63), got %R", value);
-        return -1;
+        return si_out_of_range(value, "created_ns", "[-2**63, 2**63)");
     }
     ((SpanIdsObject *)op)->created_ns = created;
     return 0;

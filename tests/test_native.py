@@ -717,6 +717,10 @@ def test_span_ids_read_back_what_was_set(impl: ModuleType) -> None:
             handle.span_id = 2**64
         with pytest.raises(TypeError, match="created_ns must be an int, got '7'"):
             handle.created_ns = "7"
+        with pytest.raises(ValueError, match=r"created_ns must be an int in \[-2\*\*63, 2\*\*63\)"):
+            handle.created_ns = 2**63
+        with pytest.raises(AttributeError, match="span_id cannot be deleted"):
+            del handle.span_id
         assert (handle.trace_id, handle.span_id, handle.created_ns) == (2**64 + 3, 1, 12_345)
 
 

@@ -67,6 +67,7 @@ from asynctrace._hooks import Instrument, call_each
 from asynctrace._introspect import lean_entry, task_record
 from asynctrace._metadata import TaskMetadata
 from asynctrace._record import CANCELLED, EXCEPTION, FINISHED, Outcome, TaskRecord
+from asynctrace._speedups_py import SpanIds as _TwinSpanIds
 from asynctrace._state import STATE
 from asynctrace_context import TASK_SPAN, TaskSpanRuntimeContext
 
@@ -164,9 +165,8 @@ def span_name(task: asyncio.Task[Any], metadata: TaskMetadata, name: str | None 
 
 
 if TYPE_CHECKING:
-    from asynctrace._speedups_py import SpanIds
 
-    class _SpanIds(SpanIds, NonRecordingSpan):
+    class _SpanIds(_TwinSpanIds, NonRecordingSpan):
         """To the type checker: the C SpanIds reads as the twin's slots, and a span."""
 
 else:

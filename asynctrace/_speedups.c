@@ -294,6 +294,9 @@ starts_home(StartsObject *self, uintptr_t key)
 static StartsSlot *
 starts_find(StartsObject *self, uintptr_t key)
 {
+    if (self->slots == NULL) {
+        return NULL;
+    }
     for (size_t i = starts_home(self, key);; i = (i + 1) & self->mask) {
         StartsSlot *slot = &self->slots[i];
         if (slot->key == key) {
@@ -330,12 +333,14 @@ starts_resize(StartsObject *self, size_t capacity)
     return 0;
 }
 
-/* Note value (a new reference is taken, or the time tagged) for key; replaces any. */
+/* Note value (a tagged time, or an object reference the table takes) for key; replaces
+   any. The caller holds the table's critical section (see starts_store). */
 static int
 starts_put(StartsObject *self, uintptr_t key, uintptr_t value)
 {
-    if ((self->used + 1) * 4 > (self->mask + 1) * 3 &&
-        starts_resize(self, (self->mask + 1) * 2) < 0) {
+    size_t capacity = self->slots ? self->mask + 1 : 0;
+    if ((self->used + 1) * 4 > capacity * 3 &&
+        starts_resize(self, capacity ? capacity * 2 : STARTS_MIN) < 0) {
         return -1;
     }
     size_t i = starts_home(self, key);
@@ -406,10 +411,24 @@ starts_pop(StartsObject *self, uintptr_t key, PyObject **value, long long *creat
     return found;
 }
 
+/* Note value for key under the table's critical section; an object reference given is the
+   table's, or released here when the table cannot take it. */
+static int
+starts_store(StartsObject *self, uintptr_t key, uintptr_t value)
+{
+    int rc;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    rc = starts_put(self, key, value);
+    Py_END_CRITICAL_SECTION();
+    if (rc < 0 && !STARTS_TAGGED(value)) {
+        Py_DECREF((PyObject *)value);
+    }
+    return rc;
+}
+
 static int
 starts_note(StartsObject *self, PyObject *task, PyObject *entry, long long created_ns)
 {
-    int rc;
     uintptr_t value;
     if (entry != NULL && entry != Py_None) {
         value = (uintptr_t)Py_NewRef(entry);
@@ -424,13 +443,7 @@ starts_note(StartsObject *self, PyObject *task, PyObject *entry, long long creat
         }
         value = (uintptr_t)created;
     }
-    Py_BEGIN_CRITICAL_SECTION(self);
-    rc = starts_put(self, (uintptr_t)task, value);
-    Py_END_CRITICAL_SECTION();
-    if (rc < 0 && !STARTS_TAGGED(value)) {
-        Py_DECREF((PyObject *)value);
-    }
-    return rc;
+    return starts_store(self, (uintptr_t)task, value);
 }
 
 /* A Python key (an int: id(task)) as an address; 0 with an error naming it otherwise. */
@@ -513,22 +526,11 @@ starts_ass_subscript(PyObject *op, PyObject *key, PyObject *value)
     if (PyLong_CheckExact(value)) {
         long long created = PyLong_AsLongLong(value);
         if (created >= 0 && created <= STARTS_TIME_MAX) {
-            int rc;
-            Py_BEGIN_CRITICAL_SECTION(self);
-            rc = starts_put(self, k, starts_time(created));
-            Py_END_CRITICAL_SECTION();
-            return rc;
+            return starts_store(self, k, starts_time(created));
         }
         PyErr_Clear(); /* out of the tagged range: kept as the object */
     }
-    int rc;
-    Py_BEGIN_CRITICAL_SECTION(self);
-    rc = starts_put(self, k, (uintptr_t)Py_NewRef(value));
-    if (rc < 0) {
-        Py_DECREF(value);
-    }
-    Py_END_CRITICAL_SECTION();
-    return rc;
+    return starts_store(self, k, (uintptr_t)Py_NewRef(value));
 }
 
 static Py_ssize_t
@@ -590,12 +592,14 @@ starts_pop_method(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     return value != NULL ? value : PyLong_FromLongLong(created);
 }
 
-/* Drop every entry (their references released after the table is empty). */
-static int
-starts_clear_all(StartsObject *self)
+/* Empty the table, leaving it valid (no slots: made again by the next note), and release
+   what it held afterwards: releasing an entry can run code (a weakref callback) that reads
+   the table. */
+static void
+starts_drop_all(StartsObject *self)
 {
-    StartsSlot *old = NULL;
-    size_t capacity = 0;
+    StartsSlot *old;
+    size_t capacity;
     Py_BEGIN_CRITICAL_SECTION(self);
     old = self->slots;
     capacity = old ? self->mask + 1 : 0;
@@ -603,27 +607,19 @@ starts_clear_all(StartsObject *self)
     self->used = 0;
     self->mask = 0;
     Py_END_CRITICAL_SECTION();
-    int rc = 0;
-    if (old != NULL) {
-        for (size_t i = 0; i < capacity; i++) {
-            if (old[i].key != 0 && !STARTS_TAGGED(old[i].value)) {
-                Py_DECREF((PyObject *)old[i].value);
-            }
+    for (size_t i = 0; i < capacity; i++) {
+        if (old[i].key != 0 && !STARTS_TAGGED(old[i].value)) {
+            Py_DECREF((PyObject *)old[i].value);
         }
-        PyMem_Free(old);
     }
-    Py_BEGIN_CRITICAL_SECTION(self);
-    if (self->slots == NULL) {
-        rc = starts_resize(self, STARTS_MIN);
-    }
-    Py_END_CRITICAL_SECTION();
-    return rc;
+    PyMem_Free(old);
 }
 
 static PyObject *
 starts_clear_method(PyObject *op, PyObject *Py_UNUSED(ignored))
 {
-    return starts_clear_all((StartsObject *)op) < 0 ? NULL : Py_NewRef(Py_None);
+    starts_drop_all((StartsObject *)op);
+    Py_RETURN_NONE;
 }
 
 static PyObject *
@@ -633,15 +629,7 @@ starts_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         PyErr_SetString(PyExc_TypeError, "Starts() takes no arguments");
         return NULL;
     }
-    StartsObject *self = (StartsObject *)type->tp_alloc(type, 0);
-    if (self == NULL) {
-        return NULL;
-    }
-    if (starts_resize(self, STARTS_MIN) < 0) {
-        Py_DECREF(self);
-        return NULL;
-    }
-    return (PyObject *)self;
+    return type->tp_alloc(type, 0); /* empty: the slots are made by the first note */
 }
 
 static int
@@ -660,18 +648,7 @@ starts_traverse(PyObject *op, visitproc visit, void *arg)
 static int
 starts_tp_clear(PyObject *op)
 {
-    StartsObject *self = (StartsObject *)op;
-    StartsSlot *old = self->slots;
-    size_t capacity = old ? self->mask + 1 : 0;
-    self->slots = NULL;
-    self->used = 0;
-    self->mask = 0;
-    for (size_t i = 0; i < capacity; i++) {
-        if (old[i].key != 0 && !STARTS_TAGGED(old[i].value)) {
-            Py_DECREF((PyObject *)old[i].value);
-        }
-    }
-    PyMem_Free(old);
+    starts_drop_all((StartsObject *)op);
     return 0;
 }
 
@@ -722,6 +699,16 @@ static PyType_Spec starts_spec = {
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = starts_slots,
 };
+
+/* SpanIds: the span handle's ids and creation time as native integers (the base of the sink's
+   _TaskSpan; see _speedups_py.SpanIds), not one int object each per task. */
+typedef struct {
+    PyObject_HEAD
+    unsigned long long trace_high, trace_low, span_id;
+    long long created_ns;
+} SpanIdsObject;
+
+#define IDS(obj) ((SpanIdsObject *)(obj))
 
 typedef struct {
     PyObject_HEAD
@@ -1909,7 +1896,10 @@ ld_finish(LeanDoneObject *self, PyObject *task)
         created_ns = PyLong_AsLongLong(entry);
         Py_CLEAR(entry);
     }
-    else if (entry != NULL) { /* hooks.begin's entry: it has created_ns */
+    else if (entry != NULL && PyObject_TypeCheck(entry, st->span_ids_type)) {
+        created_ns = IDS(entry)->created_ns; /* a span handle */
+    }
+    else if (entry != NULL) { /* another hooks.begin's entry: it has created_ns */
         PyObject *created = PyObject_GetAttr(entry, st->s_created_ns);
         created_ns = created ? PyLong_AsLongLong(created) : -1;
         Py_XDECREF(created);
@@ -2137,14 +2127,6 @@ static PyType_Spec ld_spec = {
  * does not make one on a free-threaded build): the counts below rely on it.
  * --------------------------------------------------------------------------------------- */
 
-/* SpanIds: the span handle's ids and creation time as native integers (the base of the sink's
-   _TaskSpan; see _speedups_py.SpanIds), not one int object each per task. */
-typedef struct {
-    PyObject_HEAD
-    unsigned long long trace_high, trace_low, span_id;
-    long long created_ns;
-} SpanIdsObject;
-
 /* An int from a 128-bit value given as its two halves (new reference). */
 static PyObject *
 int_from_u128(unsigned long long high, unsigned long long low)
@@ -2165,16 +2147,22 @@ int_to_u128(PyObject *value, const char *what, unsigned long long *high, unsigne
         PyErr_Format(PyExc_TypeError, "%s must be an int, got %R", what, value);
         return -1;
     }
-    PyObject *zero = PyLong_FromLong(0), *sixty_four = PyLong_FromLong(64);
+    PyObject *zero = PyLong_FromLong(0);
     int negative = zero ? PyObject_RichCompareBool(value, zero, Py_LT) : -1;
-    PyObject *top = negative == 0 && sixty_four ? PyNumber_Rshift(value, sixty_four) : NULL;
     Py_XDECREF(zero);
-    Py_XDECREF(sixty_four);
-    if (top == NULL && negative <= 0) {
+    if (negative < 0) {
         return -1;
     }
-    *high = top ? PyLong_AsUnsignedLongLong(top) : 0;
-    Py_XDECREF(top);
+    if (!negative) {
+        PyObject *sixty_four = PyLong_FromLong(64);
+        PyObject *top = sixty_four ? PyNumber_Rshift(value, sixty_four) : NULL;
+        Py_XDECREF(sixty_four);
+        if (top == NULL) {
+            return -1;
+        }
+        *high = PyLong_AsUnsignedLongLong(top);
+        Py_DECREF(top);
+    }
     if (negative || (*high == (unsigned long long)-1 && PyErr_Occurred())) {
         PyErr_Clear();
         PyErr_Format(PyExc_ValueError, "%s must be an int in [0, 2**128), got %R", what, value);
@@ -2309,7 +2297,6 @@ static PyType_Spec si_spec = {
 #define HANDLE_SLOTS(X) X(_context) X(_current) X(correlation_id) X(inherited) X(late) X(links) \
     X(parent) X(sampler_attributes) X(trace_flags) X(trace_state)
 
-#define IDS(obj) ((SpanIdsObject *)(obj))
 
 #define SH_FIELDS(X) X(sink) X(handle_type) X(task_span) X(context_module) X(random_module) \
     X(sampled) X(finished) X(internal) X(unnamed) X(provisional) X(state) X(on_error) X(lock) \
@@ -3089,15 +3076,10 @@ encode_body(Buf *b, PyObject *span)
 {
     PyObject **f = &PyTuple_GET_ITEM(span, 0);
     /* trace id: 16 bytes, big-endian */
-    PyObject *sixty_four = PyLong_FromLong(64);
-    PyObject *high_obj = sixty_four == NULL ? NULL : PyNumber_Rshift(f[0], sixty_four);
-    Py_XDECREF(sixty_four);
-    if (high_obj == NULL) {
+    unsigned long long high, low;
+    if (int_to_u128(f[0], "encode_task_span: the trace id", &high, &low) < 0) {
         return -1;
     }
-    unsigned long long high = PyLong_AsUnsignedLongLong(high_obj);
-    Py_DECREF(high_obj);
-    unsigned long long low = PyLong_AsUnsignedLongLongMask(f[0]);
     unsigned long long span_id = PyLong_AsUnsignedLongLong(f[1]);
     unsigned long long parent = PyLong_AsUnsignedLongLong(f[2]);
     unsigned long long start = PyLong_AsUnsignedLongLong(f[6]);

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import weakref
 from types import ModuleType
 from typing import Any
 
@@ -602,6 +603,29 @@ def test_starts_table_notes_and_forgets_tasks(impl: ModuleType) -> None:
         with pytest.raises(ValueError, match="a key is a task's id, got -1"):
             table[-1] = 1
         assert len(table) == 2
+
+
+def test_starts_table_may_be_read_while_it_releases_its_entries(impl: ModuleType) -> None:
+    """Releasing an entry can run code that reads the table (a weakref callback): safe."""
+
+    class Entry:
+        pass
+
+    table, seen = impl.Starts(), []
+    entry = Entry()
+    table[id(entry)] = entry
+    table[id(seen)] = 5
+
+    def read_back(_: object) -> None:
+        seen.append((table.get(id(seen)), id(seen) in table, len(table)))
+        table[id(read_back)] = 7
+
+    probe = weakref.ref(entry, read_back)
+    del entry
+    table.clear()
+    assert probe() is None
+    assert seen == [(None, False, 0)]
+    assert table[id(read_back)] == 7  # the table took a note again after being emptied
 
 
 def test_lean_factory_rejects_bad_parts(impl: ModuleType) -> None:

@@ -10,11 +10,12 @@ OpenTelemetry's default one (see :func:`asynctrace.sinks.tracing` for when).
 
 How it works: asynctrace's task factory does not attach a new OpenTelemetry ``Context`` to
 each traced task. It sets :data:`TASK_SPAN` in the task's context to the task's span handle,
-which remembers the OpenTelemetry context the task inherited. :meth:`get_current` returns that
-context with the task's span in it, built on the first call, while the task's current context
-is still the one it inherited. Once code in the task attaches a context of its own (a span of
-another instrumentation made current), that context is current, as it would be anyway; when it
-is detached, the task's span is current again.
+which remembers the OpenTelemetry context the task inherited. While the task's current context
+is still the one it inherited, :meth:`get_current` returns that context with the task's span in
+it, made at the first call and set then as the current context in the task's own context (as if
+attached, with no token: nothing detaches it), where the next calls find it. Once code in the
+task attaches a context of its own (a span of another instrumentation made current), that
+context is current, as it would be anyway; when it is detached, the task's span is current again.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class LazySpan(Protocol):
     inherited: Context | None
 
     def current_context(self) -> Context:
-        """``inherited`` with this span as its current span (built once)."""
+        """``inherited`` with this span as its current span (a new context at each call)."""
         ...
 
 
@@ -61,4 +62,9 @@ class TaskSpanRuntimeContext(ContextVarsRuntimeContext):
         span = TASK_SPAN.get()
         if span is None or span.inherited is not context:
             return context
-        return span.current_context()  # type: ignore[no-any-return]
+        # The first ask here: the context with the task's span becomes the current one in this
+        # context (the task's, or a copy made for a callback or a thread); no token is made,
+        # and a context attached later and detached returns to it.
+        current: Context = span.current_context()
+        self._current_context.set(current)
+        return current

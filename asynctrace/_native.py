@@ -21,7 +21,6 @@ __all__ = [
     "SpanIds",
     "Tap",
     "encode_task_span",
-    "gc_track",
     "load",
 ]
 
@@ -53,9 +52,6 @@ encode_task_span: Final = getattr(  # an extension built before the encoder: Pyt
     _module, "encode_task_span", importlib.import_module("asynctrace._speedups_py").encode_task_span
 )
 Counts: Final = _module.Counts
-gc_track: Final = getattr(
-    _module, "gc_track", importlib.import_module("asynctrace._speedups_py").gc_track
-)
 # The span handle's base and the hooks that write it go together: an extension built before
 # SpanIds (its SpanHooks wrote the ids as object slots) gives way to Python's pair.
 _spans = (

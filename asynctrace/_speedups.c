@@ -21,7 +21,7 @@
     X(correlation_id) X(priority_hint) X(name) X(context) X(eager_start) X(done)     \
     X(add_done_callback) X(cancelled) X(_exception) X(finished) X(begin) X(end) X(created_ns) \
     X(getrandbits) X(_common) X(_RUNTIME_CONTEXT) X(_tracer) X(span_processor)               \
-    X(_span_processors) X(_checked_processors) X(trace_id) X(trace_state) X(_closed)           \
+    X(_span_processors) X(_checked_processors) X(trace_id) X(trace_state) X(trace_flags) X(_closed)           \
     X(_count_unfinished) X(_runtime) X(_current_context) X(get_span_context) X(task_begin)     \
     X(task_end) X(span_id) X(is_remote) X(exemplars) X(_lanes) X(get_coro)            \
     X(__qualname__) X(get_name) X(add_task)
@@ -701,11 +701,14 @@ static PyType_Spec starts_spec = {
 };
 
 /* SpanIds: the span handle's ids and creation time as native integers (the base of the sink's
-   _TaskSpan; see _speedups_py.SpanIds), not one int object each per task. */
+   _TaskSpan; see _speedups_py.SpanIds), not one int object each per task; and its weak
+   reference list, here rather than a __weakref__ slot of the subclass (which 3.12+ keeps in a
+   two-pointer header before the object: 8 bytes more). */
 typedef struct {
     PyObject_HEAD
     unsigned long long trace_high, trace_low, span_id;
     long long created_ns;
+    PyObject *weakreflist;
 } SpanIdsObject;
 
 #define IDS(obj) ((SpanIdsObject *)(obj))
@@ -2120,8 +2123,8 @@ static PyType_Spec ld_spec = {
  * SpanHooks: the span sink's task_begin/task_end for the common task (see
  * _speedups_py.SpanHooks; the sink's own methods are the general path and the
  * specification). begin makes the task's span handle (an instance of the sink's _TaskSpan,
- * its __slots__ written directly), hidden from the cycle collector while it can be in no
- * cycle (see gc_track), and sets it in TASK_SPAN; end hands the finished span to
+ * its __slots__ written directly), hidden from the cycle collector (it refers to nothing
+ * that refers back to it), and sets it in TASK_SPAN; end hands the finished span to
  * the OTLP lane as a tuple and calls the exemplar hooks. Every other case goes, before
  * anything is done, to the sink's methods. Used only where the build has a GIL (the sink
  * does not make one on a free-threaded build): the counts below rely on it.
@@ -2266,10 +2269,18 @@ static PyGetSetDef si_getset[] = {
     {NULL},
 };
 
+static PyMemberDef si_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(SpanIdsObject, weakreflist), READONLY},
+    {NULL},
+};
+
 static void
 si_dealloc(PyObject *op)
 {
     PyTypeObject *type = Py_TYPE(op);
+    if (((SpanIdsObject *)op)->weakreflist != NULL) {
+        PyObject_ClearWeakRefs(op);
+    }
     type->tp_free(op);
     Py_DECREF(type);
 }
@@ -2283,6 +2294,7 @@ static PyType_Slot si_slots[] = {
     {Py_tp_new, PyType_GenericNew},
     {Py_tp_dealloc, si_dealloc},
     {Py_tp_getset, si_getset},
+    {Py_tp_members, si_members},
     {Py_tp_doc, (void *)si_doc},
     {0, NULL},
 };
@@ -2294,11 +2306,12 @@ static PyType_Spec si_spec = {
     .slots = si_slots,
 };
 
-#define HANDLE_SLOTS(X) X(_context) X(_current) X(correlation_id) X(inherited) X(late) X(links) \
-    X(parent) X(sampler_attributes) X(trace_flags) X(trace_state)
+/* The span handle's object slots (sinks/tracing._TaskSpan). _rare is None for the common span:
+   sampled, its trace state its parent's, no sampler attributes, links or late events. */
+#define HANDLE_SLOTS(X) X(_context) X(_rare) X(correlation_id) X(inherited) X(parent)
 
 
-#define SH_FIELDS(X) X(sink) X(handle_type) X(task_span) X(context_module) X(random_module) \
+#define SH_FIELDS(X) X(sink) X(handle_type) X(task_span) X(span_key) X(context_module) X(random_module) \
     X(sampled) X(finished) X(internal) X(unnamed) X(provisional) X(state) X(on_error) X(lock) \
     X(empty_args) X(n128) X(n64) X(task_prefix) X(empty_str)
 
@@ -2433,20 +2446,18 @@ sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, PyObject *created, 
         return NULL;
     }
     unsigned long long trace_high, trace_low;
-    PyObject *trace_state = NULL;
-    if (creator != NULL) { /* the parent's trace (parent is its SpanContext) */
+    int bad = 0;
+    if (creator != NULL) { /* the parent's trace (parent is its SpanContext), and trace state */
         trace_high = IDS(creator)->trace_high;
         trace_low = IDS(creator)->trace_low;
-        trace_state = PyObject_GetAttr(parent, st->s_trace_state);
     }
     else {
         PyObject *trace_id = sh_random_id(self, self->n128, st);
-        int bad = trace_id == NULL ||
-                  int_to_u128(trace_id, "random.getrandbits(128)", &trace_high, &trace_low) < 0;
+        bad = trace_id == NULL ||
+              int_to_u128(trace_id, "random.getrandbits(128)", &trace_high, &trace_low) < 0;
         Py_XDECREF(trace_id);
-        trace_state = bad ? NULL : Py_NewRef(Py_None);
     }
-    PyObject *span_id = trace_state ? sh_random_id(self, self->n64, st) : NULL;
+    PyObject *span_id = bad ? NULL : sh_random_id(self, self->n64, st);
     unsigned long long span_value = 0;
     int drawn = 0;
     if (span_id != NULL) {
@@ -2457,7 +2468,6 @@ sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, PyObject *created, 
     PyTypeObject *type = (PyTypeObject *)self->handle_type;
     PyObject *handle = drawn ? type->tp_new(type, self->empty_args, NULL) : NULL;
     if (handle == NULL) {
-        Py_XDECREF(trace_state);
         return NULL;
     }
     IDS(handle)->trace_high = trace_high;
@@ -2465,17 +2475,12 @@ sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, PyObject *created, 
     IDS(handle)->span_id = span_value;
     IDS(handle)->created_ns = created_ns;
     SLOT(handle, _context) = Py_NewRef(Py_None);
-    SLOT(handle, _current) = Py_NewRef(Py_None);
+    SLOT(handle, _rare) = Py_NewRef(Py_None);
     SLOT(handle, correlation_id) = Py_NewRef(metadata_cid);
     SLOT(handle, inherited) = Py_NewRef(current);
-    SLOT(handle, late) = Py_NewRef(Py_None);
-    SLOT(handle, links) = Py_NewRef(self->empty_args);
     SLOT(handle, parent) = Py_NewRef(parent != NULL ? parent : Py_None);
-    SLOT(handle, sampler_attributes) = Py_NewRef(Py_None);
-    SLOT(handle, trace_flags) = Py_NewRef(self->sampled);
-    SLOT(handle, trace_state) = trace_state;
-    /* It refers to nothing that refers back to it (until its current context is made, which
-       tracks it again: gc_track), so the collector need not walk it while the task runs. */
+    /* It refers to nothing that refers back to it (its current context, which does, is kept
+       in the task's context, not in it), so the collector need not walk it. */
     PyObject_GC_UnTrack(handle);
     PyObject *token = PyContextVar_Set(self->task_span, handle);
     if (token == NULL) {
@@ -2537,25 +2542,42 @@ sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         common = -1;
         goto other;
     }
-    if (creator != NULL && Py_TYPE(creator) == (PyTypeObject *)self->handle_type &&
-        SLOT(creator, inherited) == current) {
-        PyObject *owner = SLOT(creator, correlation_id);
+    PyTypeObject *handle_type = (PyTypeObject *)self->handle_type;
+    PyObject *here = NULL; /* the current span, a task's (borrowed), or NULL: no span */
+    if (creator != NULL && Py_TYPE(creator) == handle_type && SLOT(creator, inherited) == current) {
+        here = creator; /* the creating task's, current as nothing was attached there */
+    }
+    else if (!PyDict_Check(current)) {
+        common = 0;
+        goto other;
+    }
+    else if (PyDict_GET_SIZE(current) != 0) { /* a task's made current when asked for? */
+        here = PyDict_GetItemWithError(current, self->span_key);
+        if (here == NULL || Py_TYPE(here) != handle_type) {
+            /* another instrumentation's span, or a remote parent: the general path */
+            common = here == NULL && PyErr_Occurred() ? -1 : 0;
+            goto other;
+        }
+    }
+    if (here != NULL) {
+        PyObject *owner = SLOT(here, correlation_id);
         int same = owner == NULL ? 0 : PyObject_RichCompareBool(owner, cid, Py_EQ);
-        if (same <= 0 || SLOT(creator, trace_flags) != self->sampled) {
+        if (same > 0 && SLOT(here, _rare) != Py_None) { /* sampled unless it says not */
+            PyObject *flags = PyObject_GetAttr(here, st->s_trace_flags);
+            same = flags == NULL ? -1 : flags == self->sampled;
+            Py_XDECREF(flags);
+        }
+        if (same <= 0) {
             common = same < 0 ? -1 : 0; /* a new trace (linked), or not sampled */
             goto other;
         }
-        parent = PyObject_CallMethodNoArgs(creator, st->s_get_span_context);
+        parent = PyObject_CallMethodNoArgs(here, st->s_get_span_context);
         if (parent == NULL) {
             common = -1;
             goto other;
         }
     }
-    else if (!PyDict_Check(current) || PyDict_GET_SIZE(current) != 0) {
-        common = 0; /* another instrumentation's span, or a remote parent: the general path */
-        goto other;
-    }
-    result = sh_new_handle(self, cid, args[1], current, parent ? creator : NULL, parent, st);
+    result = sh_new_handle(self, cid, args[1], current, here, parent, st);
     common = result ? 1 : -1;
 other:
     Py_DECREF(runtime);
@@ -2593,7 +2615,8 @@ is_default_task_name(SpanHooksObject *self, PyObject *name)
 
 /* 1 when end may take the span (see _speedups_py.SpanHooks.end), 0 if not, -1 on error. */
 static int
-sh_lane_shape(SpanHooksObject *self, PyObject *entry, PyObject *outcome, PyObject *lanes)
+sh_lane_shape(SpanHooksObject *self, PyObject *entry, PyObject *outcome, PyObject *lanes,
+              speedups_state *st)
 {
     if (Py_TYPE(entry) != (PyTypeObject *)self->handle_type || !PyTuple_Check(lanes) ||
         PyTuple_GET_SIZE(lanes) == 0) {
@@ -2603,18 +2626,17 @@ sh_lane_shape(SpanHooksObject *self, PyObject *entry, PyObject *outcome, PyObjec
     if (finished <= 0) {
         return finished;
     }
-    PyObject *fields[4] = {SLOT(entry, links), SLOT(entry, sampler_attributes), SLOT(entry, late),
-                           SLOT(entry, trace_state)};
-    for (int i = 0; i < 4; i++) {
-        if (fields[i] == NULL) {
-            return 0;
-        }
-        int set = PyObject_IsTrue(fields[i]);
-        if (set != 0) {
-            return set < 0 ? -1 : 0;
-        }
+    PyObject *parent = SLOT(entry, parent);
+    if (SLOT(entry, _rare) != Py_None || parent == NULL) {
+        return 0; /* anything uncommon: links, sampler attributes, late events, trace state */
     }
-    return SLOT(entry, parent) != NULL;
+    if (parent == Py_None) {
+        return 1;
+    }
+    PyObject *state = PyObject_GetAttr(parent, st->s_trace_state); /* the span's: its parent's */
+    int set = state == NULL ? -1 : PyObject_IsTrue(state);
+    Py_XDECREF(state);
+    return set == 0 ? 1 : (set < 0 ? -1 : 0);
 }
 
 /* The span's name (new reference): operation, a name the user gave, else the coroutine's. */
@@ -2747,7 +2769,7 @@ sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     }
     PyObject *operation = NULL, *coro = NULL, *coro_name = NULL, *task_name = NULL;
     PyObject *name = NULL, *span = NULL, *trace_id = NULL, *span_id = NULL;
-    int rc = sh_lane_shape(self, entry, outcome, lanes);
+    int rc = sh_lane_shape(self, entry, outcome, lanes, st);
     if (rc <= 0) {
         goto other;
     }
@@ -2788,7 +2810,6 @@ sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_DECREF(res);
     }
-    Py_XSETREF(SLOT(entry, _current), Py_NewRef(Py_None));
     rc = sh_exemplars(self, entry, metadata, outcome, args[4], trace_id, span_id, st) < 0 ? -1 : 1;
 other:
     Py_DECREF(lanes);
@@ -2811,11 +2832,11 @@ sh_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
     static char *keywords[] = {"sink", "handle_type", "task_span", "context_module",
                                "random_module", "sampled", "finished", "internal", "unnamed",
-                               "provisional", "state", "on_error", NULL};
-    PyObject *a[12];
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOOOOOOOO:SpanHooks", keywords, &a[0],
+                               "provisional", "state", "on_error", "span_key", NULL};
+    PyObject *a[13];
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOOOOOOOOO:SpanHooks", keywords, &a[0],
                                      &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7], &a[8],
-                                     &a[9], &a[10], &a[11])) {
+                                     &a[9], &a[10], &a[11], &a[12])) {
         return NULL;
     }
     speedups_state *st = PyType_GetModuleState(type);
@@ -2848,11 +2869,12 @@ sh_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     if (self->epoch_offset == -1 && PyErr_Occurred()) {
         goto error;
     }
-    PyObject **fields[12] = {&self->sink, &self->handle_type, &self->task_span,
+    PyObject **fields[13] = {&self->sink, &self->handle_type, &self->task_span,
                              &self->context_module, &self->random_module, &self->sampled,
                              &self->finished, &self->internal, &self->unnamed,
-                             &self->provisional, &self->state, &self->on_error};
-    for (int i = 0; i < 12; i++) {
+                             &self->provisional, &self->state, &self->on_error,
+                             &self->span_key};
+    for (int i = 0; i < 13; i++) {
         *fields[i] = Py_NewRef(a[i]);
     }
     PyObject *threading = PyImport_ImportModule("threading");
@@ -2922,7 +2944,7 @@ static PyMemberDef sh_members[] = {
 
 PyDoc_STRVAR(sh_doc,
 "SpanHooks(*, sink, handle_type, task_span, context_module, random_module, sampled,\n"
-"          finished, internal, unnamed, provisional, state, on_error)\n--\n\n"
+"          finished, internal, unnamed, provisional, state, on_error, span_key)\n--\n\n"
 "The span sink's begin and end for the common task in C (see _speedups_py.SpanHooks).");
 
 static PyType_Slot sh_slots[] = {
@@ -3188,18 +3210,7 @@ speedups_encode_task_span(PyObject *module, PyObject *span)
     return out;
 }
 
-static PyObject *
-speedups_gc_track(PyObject *module, PyObject *obj)
-{
-    if (PyObject_IS_GC(obj) && !PyObject_GC_IsTracked(obj)) {
-        PyObject_GC_Track(obj);
-    }
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef speedups_methods[] = {
-    {"gc_track", speedups_gc_track, METH_O,
-     "gc_track(obj): let the cycle collector see obj again (SpanHooks.begin's handles)."},
     {"encode_task_span", speedups_encode_task_span, METH_O,
      "encode_task_span(span) -> bytes, or None where the Python encoder must write it."},
     {NULL},
@@ -3259,9 +3270,9 @@ speedups_exec(PyObject *module)
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[ssssssssss]", "Counts", "IMPLEMENTATION", "LeanDone",
+    PyObject *all = Py_BuildValue("[sssssssss]", "Counts", "IMPLEMENTATION", "LeanDone",
                                   "LeanFactory", "SpanHooks", "SpanIds", "Starts", "Tap",
-                                  "encode_task_span", "gc_track");
+                                  "encode_task_span");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
         Py_XDECREF(all);
         return -1;

@@ -34,7 +34,6 @@ __all__ = [
     "Starts",
     "Tap",
     "encode_task_span",
-    "gc_track",
 ]
 
 IMPLEMENTATION = "python"
@@ -554,17 +553,6 @@ class Counts:
         return created, series
 
 
-def gc_track(obj: object) -> None:
-    """Nothing: objects made in Python are always seen by the cycle collector.
-
-    The C version's ``SpanHooks.begin`` hides each span handle it makes from the collector
-    while the handle can be in no cycle (it refers to no container that refers back to it),
-    which spares the collector a walk of every pending traced task's handle. The handle's
-    current context (made when code in the task asks for its span) refers back to it: the
-    handle calls this then, so that the cycle can be collected.
-    """
-
-
 def encode_task_span(span: object) -> None:  # noqa: ARG001 - the C version's signature
     """None: the task span is for the Python encoder to write.
 
@@ -581,9 +569,10 @@ class SpanIds:
     each an ``int``. Here they are three object slots; the C version keeps them as native
     integers in the handle itself (no ``int`` object per task while the task runs), builds an
     ``int`` when one is read, and refuses a value out of its range with an error naming it.
+    A handle can be weakly referenced, as any span can.
     """
 
-    __slots__ = ("created_ns", "span_id", "trace_id")
+    __slots__ = ("__weakref__", "created_ns", "span_id", "trace_id")
 
     trace_id: int
     span_id: int
@@ -607,7 +596,8 @@ class SpanHooks:
     arguments as ``_TaskSpan``) is set in ``task_span`` and returned.
 
     :meth:`end` takes such a handle of a task that finished (no exception, not cancelled),
-    with no links, sampler attributes, late events or trace state, when the provider's
+    with nothing uncommon (its ``_rare`` None: no links, sampler attributes or late events)
+    and no trace state, when the provider's
     processors are all lanes (``sink._lanes``) and the task is not one of the loop's own
     (``internal``, by coroutine qualname): the span goes to each lane as a tuple
     (``otlp_encode.TaskSpan``), then to the metrics' exemplar hooks (``state.hooks.exemplars``;
@@ -627,6 +617,7 @@ class SpanHooks:
         "_provisional",
         "_random",
         "_sampled",
+        "_span_key",
         "_state",
         "_task_span",
         "_unnamed",
@@ -648,8 +639,12 @@ class SpanHooks:
         provisional: str,
         state: Any,  # noqa: ANN401
         on_error: Callable[[Any, BaseException], Any],
+        span_key: str,
     ) -> None:
-        """Hooks for ``sink``; the rest are the constants its fast path compares with."""
+        """Hooks for ``sink``; the rest are the constants its fast path compares with.
+
+        ``span_key`` is the key of the current span in an OpenTelemetry context.
+        """
         if not isinstance(task_span, contextvars.ContextVar):
             msg = f"SpanHooks: task_span must be a ContextVar, got {task_span!r}"
             raise TypeError(msg)
@@ -665,6 +660,7 @@ class SpanHooks:
         self._provisional = provisional
         self._state = state
         self._on_error = on_error
+        self._span_key = span_key
 
     def _random_id(self, bits: int) -> int:
         value: int = self._random.getrandbits(bits)
@@ -688,15 +684,25 @@ class SpanHooks:
         creator = self._task_span.get()
         correlation_id = metadata.correlation_id
         if type(creator) is self._handle and creator.inherited is current:
-            if creator.correlation_id != correlation_id or creator.trace_flags is not self._sampled:
-                return sink.task_begin(metadata, created_ns)  # a new trace, or not sampled
-            parent = creator.get_span_context()
-            trace_id, trace_state = parent.trace_id, parent.trace_state
-        elif isinstance(current, dict) and not current:
-            parent = trace_state = None  # no current span: the root of a new trace
-            trace_id = self._random_id(128)
-        else:
+            here = creator  # the creating task's, current as nothing was attached there
+        elif not isinstance(current, dict):
             return sink.task_begin(metadata, created_ns)
+        elif current:  # a task's span made current when asked for?
+            here = current.get(self._span_key)
+            if type(here) is not self._handle:  # another's span, or a remote parent
+                return sink.task_begin(metadata, created_ns)
+        else:
+            here = None  # no current span: the root of a new trace
+        if here is not None:
+            if here.correlation_id != correlation_id or (
+                here._rare is not None and here.trace_flags is not self._sampled
+            ):
+                return sink.task_begin(metadata, created_ns)  # a new trace, or not sampled
+            parent = here.get_span_context()
+            trace_id, trace_state = parent.trace_id, parent.trace_state  # the parent's
+        else:
+            parent = trace_state = None
+            trace_id = self._random_id(128)
         handle = self._handle(
             trace_id,
             self._random_id(64),
@@ -723,10 +729,8 @@ class SpanHooks:
             type(entry) is not self._handle
             or outcome != self._finished
             or not lanes
-            or entry.links
-            or entry.sampler_attributes
-            or entry.late
-            or entry.trace_state
+            or entry._rare is not None  # links, sampler attributes, late events, or the like
+            or entry.trace_state  # its parent's (the common span's)
         ):
             sink.task_end(task, entry, metadata, outcome, finished_ns)
             return
@@ -769,7 +773,6 @@ class SpanHooks:
         )
         for lane in lanes:
             lane.add_task(span)
-        entry._current = None
         exemplars = self._state.hooks.exemplars
         if exemplars:
             duration = finished_ns - entry.created_ns

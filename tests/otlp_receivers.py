@@ -47,6 +47,7 @@ class Received:
                             "trace_id": s.trace_id.hex(),
                             "span_id": s.span_id.hex(),
                             "parent_span_id": s.parent_span_id.hex() or None,
+                            "trace_state": s.trace_state,
                             "attributes": {a.key: _value(a.value) for a in s.attributes},
                             "status_code": s.status.code,
                             "links": [(ln.trace_id.hex(), ln.span_id.hex()) for ln in s.links],

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
@@ -309,6 +311,46 @@ async def test_burst_exported_whole_through_the_lane(otlp_http: tuple[str, Recei
     scope = [s for s in spans if s["name"] == "request"]  # a ReadableSpan, in the same lane
     assert len(scope) == 1
     assert all(s["trace_id"] == scope[0]["trace_id"] for s in tasks)
+
+
+@pytest.mark.asyncio
+async def test_a_remote_parents_trace_state_goes_with_every_task_span(
+    otlp_http: tuple[str, Received],
+) -> None:
+    """Under a remote parent with a trace state, each task span carries it: the first task's
+    span has it from the remote parent, its children's from theirs (none of them keeps it).
+    """
+    url, received = otlp_http
+    asynctrace.install(otlp_endpoint=url, registry=CollectorRegistry())
+    remote = SpanContext(
+        0xABC,
+        0xDEF,
+        is_remote=True,
+        trace_flags=TraceFlags(TraceFlags.SAMPLED),
+        trace_state=TraceState([("vendor", "x"), ("other", "y")]),
+    )
+
+    async def leaf() -> None:
+        await asyncio.sleep(0)
+
+    async def handler() -> None:
+        await asynctrace.create_task(leaf(), operation_name="child")
+        trace.get_current_span()  # its span made current: its next child still its own
+        await asynctrace.create_task(leaf(), operation_name="second")
+
+    token = otel_context.attach(trace.set_span_in_context(trace.NonRecordingSpan(remote)))
+    try:
+        await asynctrace.create_task(handler(), operation_name="handler")
+    finally:
+        otel_context.detach(token)
+    assert asynctrace.flush(20)
+    asynctrace.uninstall()
+    spans = {s["name"]: s for s in received.snapshot()}
+    assert {s["trace_state"] for s in spans.values()} == {"vendor=x,other=y"}
+    assert {s["trace_id"] for s in spans.values()} == {f"{0xABC:032x}"}
+    handler_id = spans["handler"]["span_id"]
+    assert spans["handler"]["parent_span_id"] == f"{0xDEF:016x}"
+    assert spans["child"]["parent_span_id"] == spans["second"]["parent_span_id"] == handler_id
 
 
 @pytest.mark.asyncio

@@ -56,21 +56,28 @@ def test_task_span_is_current_without_a_context_attached(
 
     async def leaf() -> None:
         seen["raw"] = _raw_context()
-        seen["handle_context"] = TASK_SPAN.get().current_context()  # before anyone asked
-        seen["current"] = trace.get_current_span().get_span_context()
+        seen["handle"] = TASK_SPAN.get()
+        seen["current"] = trace.get_current_span().get_span_context()  # the first ask
+        seen["raw_after"] = _raw_context()
         seen["again"] = otel_context.get_current()
 
     async def main() -> None:
         _install(sdk)
         seen["outside"] = _raw_context()
         await asynctrace.create_task(leaf(), operation_name="leaf")
+        seen["outside_after"] = _raw_context()
 
     asyncio.run(main())
     (span,) = [s for s in exporter.get_finished_spans() if s.name == "leaf"]
     assert seen["raw"] is seen["outside"]  # nothing attached for the task
     assert seen["current"].span_id == span.context.span_id
     assert seen["current"].trace_id == span.context.trace_id
-    assert seen["again"] is seen["handle_context"]  # built once, then reused
+    # The first ask made the context holding the span current in the task's context (built
+    # once, then found there), and in no other context.
+    assert trace.get_current_span(seen["raw_after"]) is seen["handle"]
+    assert seen["again"] is seen["raw_after"]
+    assert seen["outside_after"] is seen["outside"]
+    assert seen["handle"].current_context() == seen["again"]  # made anew at each call
 
 
 def test_spans_opened_inside_nest_and_detach_returns_to_the_task_span(

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import Event, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
@@ -329,6 +329,48 @@ def test_a_span_handle_is_a_non_recording_span_with_no_dict() -> None:
         assert entered is handle
     context = handle.get_span_context()
     assert (context.trace_id, context.span_id, context.trace_flags.sampled) == (7, 9, True)
+
+
+def test_a_common_span_handle_keeps_its_uncommon_state_nowhere() -> None:
+    """Sampled, its parent's trace state, no sampler attributes, links or late events: the
+    handle's one slot for all of these stays None; anything else is kept in an object of its
+    own (unsampled handles share one, which a late event does not change).
+    """
+    sampled, unsampled = trace.TraceFlags(1), trace.TraceFlags(0)
+    state = trace.TraceState([("vendor", "x")])
+    remote = trace.SpanContext(1, 2, is_remote=True, trace_flags=sampled, trace_state=state)
+    root = _TaskSpan(7, 9, sampled, None, None, None, "cid", ())
+    child = _TaskSpan(7, 10, sampled, state, remote, None, "cid", ())
+    assert root._rare is None
+    assert child._rare is None
+    assert (root.trace_flags, root.trace_state, root.sampler_attributes, root.links, root.late) == (
+        sampled,
+        None,
+        None,
+        (),
+        None,
+    )
+    assert child.trace_state is state  # its parent's
+    assert child.get_span_context().trace_state is state
+    link = trace.Link(remote)
+    own = trace.TraceState([("mine", "y")])
+    odd = _TaskSpan(7, 11, sampled, own, remote, {"a": 1}, "cid", (link,))
+    assert (odd.trace_state, odd.sampler_attributes, odd.links) == (own, {"a": 1}, (link,))
+    cleared = _TaskSpan(7, 12, sampled, None, remote, None, "cid", ())  # the sampler's: none
+    assert cleared.trace_state is not None
+    assert not cleared.trace_state
+    assert not cleared.get_span_context().trace_state
+    first = _TaskSpan(7, 13, unsampled, None, None, None, "cid", ())
+    second = _TaskSpan(7, 14, unsampled, None, None, None, "cid", ())
+    assert first._rare is second._rare
+    assert not first.trace_flags.sampled
+    event = Event("asynctrace.stuck", {}, 1)
+    first.add_late(event)
+    root.add_late(event)
+    assert (first.late, second.late, root.late) == ([event], None, [event])
+    assert not first.trace_flags.sampled
+    assert root.trace_flags == sampled
+    assert root.trace_state is None
 
 
 def test_a_traced_task_that_asked_for_its_span_leaves_no_cycle() -> None:

@@ -80,7 +80,6 @@ def test_implementation_names(impl: ModuleType) -> None:
         "Starts",
         "Tap",
         "encode_task_span",
-        "gc_track",
     ]
 
 
@@ -746,6 +745,25 @@ def test_span_ids_read_back_what_was_set(impl: ModuleType) -> None:
         with pytest.raises(AttributeError, match="span_id cannot be deleted"):
             del handle.span_id
         assert (handle.trace_id, handle.span_id, handle.created_ns) == (2**64 + 3, 1, 12_345)
+
+
+def test_span_ids_can_be_weakly_referenced(impl: ModuleType) -> None:
+    """A handle can be weakly referenced (as any span can) with no slot of its own for it."""
+
+    class Handle(impl.SpanIds):  # type: ignore[name-defined,misc]
+        __slots__ = ("other",)
+
+    freed: list[object] = []
+    handle = Handle()
+    handle.other = handle  # a cycle: freed by the collector, weak references cleared first
+    ref = weakref.ref(handle, freed.append)
+    assert ref() is handle
+    with pytest.raises(TypeError, match="__weakref__ slot disallowed"):
+        type("Twice", (impl.SpanIds,), {"__slots__": ("__weakref__",)})
+    del handle
+    gc.collect()
+    assert ref() is None
+    assert freed == [ref]
 
 
 def test_counts_keep_the_latest_exemplar_per_bucket(impl: ModuleType) -> None:

@@ -106,6 +106,9 @@ _UNSET: Final = Status(StatusCode.UNSET)
 # which the fast path takes inline instead of calling it for every task.
 _DEFAULT_SAMPLER_DESCRIPTION: Final[str] = ParentBased(ALWAYS_ON).get_description()  # type: ignore[no-untyped-call]
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+# The key under which a context holds its current span: OpenTelemetry's own (private) key,
+# learnt from its public set_span_in_context.
+_SPAN_KEY: Final[str] = next(iter(trace.set_span_in_context(INVALID_SPAN, otel_context.Context())))
 _NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
 # Whether the interpreter runs without the GIL (free-threaded 3.13t/3.14t): then the per-thread
 # span counts take their lock (see _Counts); under the GIL the count needs none.
@@ -173,6 +176,38 @@ else:
     _SpanIds = _native.SpanIds
 
 
+@final
+class _Rare:
+    """A span handle's uncommon state, kept in one object apart from the handle.
+
+    Most task spans are sampled, take their trace state from their parent, and have no
+    attributes from the sampler, no links and no late events: their handles keep ``None``
+    in place of this object (a handle's eight bytes instead of forty). ``trace_state`` here
+    is None when it is the parent's (as the handle's own is then).
+    """
+
+    __slots__ = ("late", "links", "sampler_attributes", "trace_flags", "trace_state")
+
+    def __init__(
+        self,
+        trace_flags: TraceFlags,
+        trace_state: TraceState | None,
+        sampler_attributes: Any,  # noqa: ANN401 - the sampler's Attributes, as it gave them
+        links: tuple[Link, ...],
+    ) -> None:
+        self.trace_flags = trace_flags
+        self.trace_state = trace_state
+        self.sampler_attributes = sampler_attributes
+        self.links = links
+        self.late: list[sdk_trace.Event] | None = None
+
+
+# Shared by the unsampled handles with nothing else uncommon (never given late events: an
+# unsampled span is not ended, so no task keeps its handle as its entry).
+_UNSAMPLED: Final = _Rare(_NOT_SAMPLED, None, None, ())
+_EMPTY_TRACE_STATE: Final = TraceState()
+
+
 class _TaskSpan(_SpanIds):
     """The fast path's handle: the span as its children see it, and its state till it ends.
 
@@ -185,20 +220,18 @@ class _TaskSpan(_SpanIds):
     A ``NonRecordingSpan`` to OpenTelemetry (registered as its virtual subclass, with its
     no-op methods), not a subclass: ``Span`` gives its subclasses a ``__dict__``, which costs
     each handle 8 bytes on 3.11 and about 140 on 3.13+ (the space kept for inline values).
+
+    ``trace_flags``, ``trace_state``, ``sampler_attributes``, ``links`` and ``late`` are read
+    from ``_rare`` (see :class:`_Rare`): None for the common span, sampled, whose trace
+    state is its parent's.
     """
 
     __slots__ = (
-        "__weakref__",  # a span, as OpenTelemetry's are, can be weakly referenced
         "_context",
-        "_current",
+        "_rare",
         "correlation_id",
         "inherited",
-        "late",
-        "links",
         "parent",
-        "sampler_attributes",
-        "trace_flags",
-        "trace_state",
     )
 
     def __init__(  # noqa: PLR0917 - one per task: positional arguments
@@ -215,35 +248,74 @@ class _TaskSpan(_SpanIds):
         self._context: SpanContext | None = None  # type: ignore[assignment]
         self.trace_id = trace_id
         self.span_id = span_id
-        self.trace_flags = trace_flags
-        self.trace_state = trace_state
         self.parent = parent
-        self.sampler_attributes = sampler_attributes
         self.correlation_id = correlation_id
-        self.links = links
-        # A task's: its creation time (perf_counter_ns) and the events noted while it runs
-        # (stuck), exported with the span.
+        if trace_state is (parent.trace_state if parent is not None else None):
+            trace_state = None  # the parent's: read from it
+        elif trace_state is None:
+            trace_state = _EMPTY_TRACE_STATE  # none, where the parent has one
+        self._rare: _Rare | None = None
+        if trace_state is not None or sampler_attributes or links:
+            self._rare = _Rare(trace_flags, trace_state, sampler_attributes, links)
+        elif trace_flags == _NOT_SAMPLED:
+            self._rare = _UNSAMPLED
+        elif trace_flags != _SAMPLED:
+            self._rare = _Rare(trace_flags, None, None, ())
+        # A task's creation time (perf_counter_ns).
         self.created_ns = 0
-        self.late: list[sdk_trace.Event] | None = None
         # The lazy current span (asynctrace_context): the OpenTelemetry context the task
-        # inherited, and that context with this span in it, made when first asked for.
+        # inherited, where this span is made current when first asked for.
         self.inherited: otel_context.Context | None = None
-        self._current: otel_context.Context | None = None
+
+    @property
+    def trace_flags(self) -> TraceFlags:
+        rare = self._rare
+        return _SAMPLED if rare is None else rare.trace_flags
+
+    @property
+    def trace_state(self) -> TraceState | None:
+        rare = self._rare
+        if rare is not None and rare.trace_state is not None:
+            return rare.trace_state
+        parent = self.parent
+        return parent.trace_state if parent is not None else None
+
+    @property
+    def sampler_attributes(self) -> Any:  # noqa: ANN401 - the sampler's Attributes
+        rare = self._rare
+        return None if rare is None else rare.sampler_attributes
+
+    @property
+    def links(self) -> tuple[Link, ...]:
+        rare = self._rare
+        return () if rare is None else rare.links
+
+    @property
+    def late(self) -> list[sdk_trace.Event] | None:
+        """The events noted while the task runs (stuck), exported with its span."""
+        rare = self._rare
+        return None if rare is None else rare.late
+
+    def add_late(self, event: sdk_trace.Event) -> None:
+        """Note ``event`` for the span's export (the shared unsampled state is not changed)."""
+        rare = self._rare
+        if rare is None or rare is _UNSAMPLED:
+            flags = self.trace_flags
+            rare = self._rare = _Rare(flags, None, None, ())
+        if rare.late is None:
+            rare.late = []
+        rare.late.append(event)
 
     def current_context(self) -> otel_context.Context:
         """The task's current context while it attached none: ``inherited`` with this span.
 
-        Cached while the task runs; the cache refers back to this handle, so the span's end
-        drops it (else each handle asked for its span would wait for the cycle collector),
-        and the collector is to see the handle from now on (``_native.gc_track``: a handle
-        made in C is hidden from it till then).
+        Made at each call: the runtime context sets it as the current context in the task's
+        context at the first ask (``asynctrace_context``), and keeps it there, not here. So
+        the handle refers to nothing that refers back to it, and goes with its task by
+        reference counting (a handle made in C is never seen by the cycle collector).
         """
-        current = self._current
-        if current is None:
-            assert self.inherited is not None  # noqa: S101 - only a task's handle is asked
-            current = self._current = trace.set_span_in_context(self, self.inherited)
-            _native.gc_track(self)
-        return current
+        assert self.inherited is not None  # noqa: S101 - only a task's handle is asked
+        return trace.set_span_in_context(self, self.inherited)
 
     def get_span_context(self) -> SpanContext:
         context = self._context
@@ -664,6 +736,7 @@ class SpanSink(Instrument):
             provisional=_PROVISIONAL_NAME,
             state=STATE,
             on_error=hook_failed,
+            span_key=_SPAN_KEY,
         )
         if hasattr(hooks, "started"):  # the C version counts its spans itself: summed at close
             with self._counts_lock:
@@ -907,8 +980,6 @@ class SpanSink(Instrument):
             if type(record) is int:
                 record = _record_of(task, span, record, metadata, outcome, finished_ns)
             self._end_other(task, record, span, end, exc)  # type: ignore[arg-type]
-        if fast:
-            span._current = None  # type: ignore[union-attr]  # see _TaskSpan.current_context
         return True
 
     def _end_other(
@@ -946,10 +1017,7 @@ class SpanSink(Instrument):
         now = time.time_ns()
         if type(data) is _TaskSpan:
             # Kept on the handle: it goes with the span, or with the task if never done.
-            event = sdk_trace.Event(STUCK_EVENT, attributes, now)
-            if data.late is None:
-                data.late = []
-            data.late.append(event)
+            data.add_late(sdk_trace.Event(STUCK_EVENT, attributes, now))
         elif isinstance(data, trace.Span):
             data.add_event(STUCK_EVENT, attributes, timestamp=now)
 
@@ -1010,7 +1078,9 @@ def _lane_shape(handle: _TaskSpan, outcome: Outcome | None) -> bool:
     No links, no attributes from the sampler, neither cancelled nor stuck (those take the
     SDK's path, with their attributes and events).
     """
-    return not (handle.links or handle.sampler_attributes or handle.late) and outcome != CANCELLED
+    rare = handle._rare
+    common = rare is None or not (rare.links or rare.sampler_attributes or rare.late)
+    return common and outcome != CANCELLED
 
 
 @final

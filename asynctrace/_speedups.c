@@ -21,9 +21,9 @@
     X(correlation_id) X(priority_hint) X(name) X(context) X(eager_start) X(done)     \
     X(add_done_callback) X(cancelled) X(_exception) X(finished) X(begin) X(end) X(created_ns) \
     X(getrandbits) X(_common) X(_RUNTIME_CONTEXT) X(_tracer) X(span_processor)               \
-    X(_span_processors) X(_checked_processors) X(trace_id) X(trace_state) X(trace_flags) X(_closed)           \
-    X(_count_unfinished) X(_runtime) X(_current_context) X(get_span_context) X(task_begin)     \
-    X(task_end) X(span_id) X(is_remote) X(exemplars) X(_lanes) X(get_coro)            \
+    X(_span_processors) X(_checked_processors) X(trace_id) X(trace_state) X(trace_flags)      \
+    X(_closed) X(_count_unfinished) X(_runtime) X(_current_context) X(get_span_context)        \
+    X(task_begin) X(task_end) X(span_id) X(is_remote) X(exemplars) X(_lanes) X(get_coro)       \
     X(__qualname__) X(get_name) X(add_task)
 
 typedef struct {
@@ -2310,10 +2310,9 @@ static PyType_Spec si_spec = {
    sampled, its trace state its parent's, no sampler attributes, links or late events. */
 #define HANDLE_SLOTS(X) X(_context) X(_rare) X(correlation_id) X(inherited) X(parent)
 
-
-#define SH_FIELDS(X) X(sink) X(handle_type) X(task_span) X(span_key) X(context_module) X(random_module) \
-    X(sampled) X(finished) X(internal) X(unnamed) X(provisional) X(state) X(on_error) X(lock) \
-    X(empty_args) X(n128) X(n64) X(task_prefix) X(empty_str)
+#define SH_FIELDS(X) X(sink) X(handle_type) X(task_span) X(span_key) X(context_module)        \
+    X(random_module) X(sampled) X(finished) X(internal) X(unnamed) X(provisional) X(state)     \
+    X(on_error) X(lock) X(empty_args) X(n128) X(n64) X(task_prefix) X(empty_str)
 
 typedef struct {
     PyObject_HEAD
@@ -2447,7 +2446,7 @@ sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, PyObject *created, 
     }
     unsigned long long trace_high, trace_low;
     int bad = 0;
-    if (creator != NULL) { /* the parent's trace (parent is its SpanContext), and trace state */
+    if (creator != NULL) { /* the parent's trace (parent is its SpanContext) */
         trace_high = IDS(creator)->trace_high;
         trace_low = IDS(creator)->trace_low;
     }
@@ -2544,7 +2543,8 @@ sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     }
     PyTypeObject *handle_type = (PyTypeObject *)self->handle_type;
     PyObject *here = NULL; /* the current span, a task's (borrowed), or NULL: no span */
-    if (creator != NULL && Py_TYPE(creator) == handle_type && SLOT(creator, inherited) == current) {
+    if (creator != NULL && Py_TYPE(creator) == handle_type &&
+        SLOT(creator, inherited) == current) {
         here = creator; /* the creating task's, current as nothing was attached there */
     }
     else if (!PyDict_Check(current)) {

@@ -106,10 +106,10 @@ _UNSET: Final = Status(StatusCode.UNSET)
 # which the fast path takes inline instead of calling it for every task.
 _DEFAULT_SAMPLER_DESCRIPTION: Final[str] = ParentBased(ALWAYS_ON).get_description()  # type: ignore[no-untyped-call]
 _SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
+_NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
 # The key under which a context holds its current span: OpenTelemetry's own (private) key,
 # learnt from its public set_span_in_context.
 _SPAN_KEY: Final[str] = next(iter(trace.set_span_in_context(INVALID_SPAN, otel_context.Context())))
-_NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
 # Whether the interpreter runs without the GIL (free-threaded 3.13t/3.14t): then the per-thread
 # span counts take their lock (see _Counts); under the GIL the count needs none.
 _FREE_THREADED: Final = not getattr(sys, "_is_gil_enabled", lambda: True)()
@@ -300,8 +300,7 @@ class _TaskSpan(_SpanIds):
         """Note ``event`` for the span's export (the shared unsampled state is not changed)."""
         rare = self._rare
         if rare is None or rare is _UNSAMPLED:
-            flags = self.trace_flags
-            rare = self._rare = _Rare(flags, None, None, ())
+            rare = self._rare = _Rare(self.trace_flags, None, None, ())
         if rare.late is None:
             rare.late = []
         rare.late.append(event)

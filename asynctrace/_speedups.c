@@ -24,7 +24,7 @@
     X(_span_processors) X(_checked_processors) X(trace_id) X(trace_state) X(trace_flags)      \
     X(_closed) X(_count_unfinished) X(_runtime) X(_current_context) X(get_span_context)        \
     X(task_begin) X(task_end) X(span_id) X(is_remote) X(exemplars) X(_lanes) X(get_coro)       \
-    X(__qualname__) X(get_name) X(add_task)
+    X(__qualname__) X(get_name) X(add_task) X(call_soon) X(_callbacks)
 
 typedef struct {
     PyTypeObject *tap_type;
@@ -49,7 +49,20 @@ typedef struct {
     PyObject *markers;   /* tuple of types whose instances are run on the spot */
     PyObject *mark_name;
     vectorcallfunc vectorcall;
+    /* The batched check (see tap_check below): NULL kept means none on this loop. */
+    PyObject *kept;      /* code objects and functions of done callbacks never removed */
+    PyObject *done;      /* the LeanDone of the tasks batched last (NULL before any) */
+    PyObject *task_type; /* their type (asyncio.Task): ends of its noted tasks are marked */
+    PyObject *step_type; /* the type of a C task's scheduled step, once seen */
+    PyObject **batch;    /* (task, context) pairs made while a check is pending (owned) */
+    Py_ssize_t batch_len, batch_cap; /* in pairs */
+    int expect;  /* 1: the factory is making a task; 2: its first step was seen */
+    int pending; /* a check is scheduled (and has not run yet) */
 } TapObject;
+
+static int tap_mark_task(TapObject *self, PyObject *task);
+static PyObject *tap_schedule_check(TapObject *self, PyObject *step, PyObject *context);
+static int tap_is_step(TapObject *self, PyObject *callback);
 
 /* tp_dealloc of this module's collected heap types: untrack, clear, free, release the type. */
 static void
@@ -101,15 +114,28 @@ tap_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwn
             }
         }
     }
+    else if (nargs == 2 && self->done != NULL && Py_IS_TYPE(args[1], (PyTypeObject *)self->task_type)
+             && tap_mark_task(self, args[1]) < 0) {
+        PyErr_WriteUnraisable(args[0]);  /* a callback of a task that ended: marked first */
+    }
+    else if (self->expect == 1 && nargs == 1 && kwnames != NULL && PyTuple_GET_SIZE(kwnames) == 1
+             && PyContext_CheckExact(args[1]) && tap_is_step(self, args[0])) {
+        /* The first step of a task the factory is making (see tap_check). */
+        self->expect = 2;
+        if (!self->pending) {
+            return tap_schedule_check(self, args[0], args[1]);
+        }
+    }
     return PyObject_Vectorcall(self->call_soon, args, nargsf, kwnames);
 }
 
 static PyObject *
 tap_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"call_soon", "markers", NULL};
-    PyObject *call_soon, *markers;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO:Tap", keywords, &call_soon, &markers)) {
+    static char *keywords[] = {"call_soon", "markers", "kept", NULL};
+    PyObject *call_soon, *markers, *kept = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OO|$O:Tap", keywords, &call_soon, &markers,
+                                     &kept)) {
         return NULL;
     }
     if (!PyCallable_Check(call_soon)) {
@@ -124,6 +150,10 @@ tap_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         PyErr_Format(PyExc_TypeError, "Tap: markers must be a tuple of types, got %R", markers);
         return NULL;
     }
+    if (kept != Py_None && !PyTuple_Check(kept)) {
+        PyErr_Format(PyExc_TypeError, "Tap: kept must be a tuple or None, got %R", kept);
+        return NULL;
+    }
     PyObject *module = PyType_GetModule(type);
     if (module == NULL) {
         return NULL;
@@ -136,6 +166,10 @@ tap_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->markers = Py_NewRef(markers);
     self->mark_name = Py_NewRef(get_state(module)->mark_name);
     self->vectorcall = tap_vectorcall;
+#ifndef Py_GIL_DISABLED
+    /* Not on a free-threaded build: there the factory adds its callback to every task. */
+    self->kept = kept == Py_None ? NULL : Py_NewRef(kept);
+#endif
     return (PyObject *)self;
 }
 
@@ -146,7 +180,25 @@ tap_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(op));
     Py_VISIT(self->call_soon);
     Py_VISIT(self->markers);
+    Py_VISIT(self->kept);
+    Py_VISIT(self->done);
+    Py_VISIT(self->task_type);
+    Py_VISIT(self->step_type);
+    for (Py_ssize_t i = 0; i < 2 * self->batch_len; i++) {
+        Py_VISIT(self->batch[i]);
+    }
     return 0;
+}
+
+/* Drop the batch (its references released); the array's memory stays for the next. */
+static void
+tap_drop_batch(TapObject *self)
+{
+    while (self->batch_len > 0) {
+        self->batch_len--;
+        Py_CLEAR(self->batch[2 * self->batch_len + 1]);
+        Py_CLEAR(self->batch[2 * self->batch_len]);
+    }
 }
 
 static int
@@ -156,6 +208,14 @@ tap_clear(PyObject *op)
     Py_CLEAR(self->call_soon);
     Py_CLEAR(self->markers);
     Py_CLEAR(self->mark_name);
+    Py_CLEAR(self->kept);
+    Py_CLEAR(self->done);
+    Py_CLEAR(self->task_type);
+    Py_CLEAR(self->step_type);
+    tap_drop_batch(self);
+    PyMem_Free(self->batch);
+    self->batch = NULL;
+    self->batch_cap = 0;
     return 0;
 }
 
@@ -179,12 +239,18 @@ static PyMemberDef tap_members[] = {
     {"call_soon", T_OBJECT, offsetof(TapObject, call_soon), READONLY,
      "The loop's own call_soon (a bound method), which gets every other call."},
     {"markers", T_OBJECT, offsetof(TapObject, markers), READONLY, "The marker types."},
+    {"kept", T_OBJECT, offsetof(TapObject, kept), READONLY,
+     "The done callbacks never removed (code objects, functions), or None: no batched check."},
+    {"done", T_OBJECT, offsetof(TapObject, done), READONLY,
+     "The LeanDone of the tasks batched last, or None."},
+    {"pending", T_INT, offsetof(TapObject, pending), READONLY,
+     "Whether a batched check is scheduled."},
     {"__vectorcalloffset__", T_PYSSIZET, offsetof(TapObject, vectorcall), READONLY},
     {NULL},
 };
 
 PyDoc_STRVAR(tap_doc,
-"Tap(call_soon, markers)\n--\n\n"
+"Tap(call_soon, markers, *, kept=None)\n--\n\n"
 "A loop's call_soon that runs completion markers on the spot (see _speedups_py.Tap).");
 
 static PyType_Slot tap_slots[] = {
@@ -739,6 +805,9 @@ typedef struct {
     vectorcallfunc vectorcall;
 } LeanFactoryObject;
 
+static TapObject *lf_batching_tap(LeanFactoryObject *self, PyObject *loop, speedups_state *st);
+static int tap_batch_add(TapObject *self, PyObject *task, PyObject *context);
+
 static long long
 perf_counter_ns(void)
 {
@@ -1079,6 +1148,7 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
 
     PyObject *ctx = NULL, *inherited = NULL, *metadata = NULL, *task = NULL, *result = NULL;
     PyObject *own_cid = NULL, *entry = NULL;
+    TapObject *tap = NULL;
     ctx = PyContext_CopyCurrent();
     if (ctx == NULL || PyContextVar_Get(self->cid_var, NULL, &inherited) < 0) {
         goto done;
@@ -1165,6 +1235,12 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     if (entry == NULL) {
         goto done;
     }
+    /* The loop's tap sees the task's first step (expect 2) when the task can be batched. */
+    tap = lf_batching_tap(self, loop, st);
+    int saved_expect = tap != NULL ? tap->expect : 0;
+    if (tap != NULL) {
+        tap->expect = 1;
+    }
     PyObject *call_args[4] = {NULL, coro, loop, ctx};
     if (name != Py_None) {
         PyObject *with_name[5] = {NULL, coro, loop, ctx, name};
@@ -1174,6 +1250,11 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     else {
         task = PyObject_Vectorcall(self->task_type, call_args + 1,
                                    1 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_loop_context);
+    }
+    int batch = 0;
+    if (tap != NULL) {
+        batch = (tap->expect == 2);
+        tap->expect = saved_expect;
     }
     if (task == NULL) {
         goto done;
@@ -1201,6 +1282,12 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
         if (starts_note((StartsObject *)self->starts, task, entry, created_ns) < 0) {
             goto done;
         }
+        batch = batch ? tap_batch_add(tap, task, ctx) : 0;
+        if (batch < 0) {
+            goto done;
+        }
+    }
+    if (!finished && !batch) {
         PyObject *cb_args[3] = {task, self->lean_done, ctx};
         PyObject *r = PyObject_VectorcallMethod(st->s_add_done_callback, cb_args,
                                                 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
@@ -1212,6 +1299,7 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     }
     result = Py_NewRef(task);
 done:
+    Py_XDECREF(tap);
     Py_XDECREF(task);
     Py_XDECREF(entry);
     Py_XDECREF(metadata);
@@ -2117,6 +2205,223 @@ static PyType_Spec ld_spec = {
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = ld_slots,
 };
+
+
+/* ---------------------------------------------------------------------------------------
+ * The batched check: a task's end without a done callback of asynctrace's own.
+ *
+ * asynctrace's done callback takes a task's first callback slot, so the callback of whatever
+ * awaits the task (gather's, a TaskGroup's, an awaiting task's wakeup) goes to the list
+ * CPython makes for a second one: a list and a tuple more per pending task, walked by the
+ * cycle collector. Most tasks do not need asynctrace's: a callback that is never removed is
+ * scheduled through the loop's call_soon, the tap, the moment the task ends, inside its last
+ * step, and the tap records the end then (tap_mark_task), as it does for its own marker.
+ *
+ * Whether a task has such a callback is known only once its creator has attached it, after
+ * the task is made. So the tasks the factory makes while a check is pending go to the loop's
+ * batch (task and context), and only the first one's first step is scheduled through the
+ * check (tap_schedule_check): the loop's ready queue is first in, first out, so the check
+ * runs after the step that made them (which attached its callbacks: gather, TaskGroup and
+ * an awaiting task all do so before that step ends) and before any of their first steps.
+ * It adds asynctrace's callback to each batched task that has no callback known never to be
+ * removed (an awaiting task's wakeup, gather's, TaskGroup's; asyncio.wait, wait_for,
+ * as_completed and shield remove theirs), then runs the step it stands in for.
+ * Only with the GIL (a free-threaded build keeps the callback per task) and only for
+ * asyncio's C Task (its step is a TaskStepMethWrapper; anything else is not batched).
+ * --------------------------------------------------------------------------------------- */
+
+/* Whether callback is a C task's step (the type of _asyncio's TaskStepMethWrapper). */
+static int
+tap_is_step(TapObject *self, PyObject *callback)
+{
+    PyTypeObject *type = Py_TYPE(callback);
+    if ((PyObject *)type == self->step_type) {
+        return 1;
+    }
+    if (self->step_type != NULL) {
+        return 0;
+    }
+    const char *name = strrchr(type->tp_name, '.');
+    name = name == NULL ? type->tp_name : name + 1;
+    if (strcmp(name, "TaskStepMethWrapper") != 0) {
+        return 0;
+    }
+    self->step_type = Py_NewRef(type);
+    return 1;
+}
+
+/* The first step of a batch's first task, scheduled through the check instead. */
+static PyObject *tap_check(PyObject *op, PyObject *step);
+
+static PyMethodDef tap_check_def = {
+    "asynctrace_batch_check", tap_check, METH_O,
+    "asynctrace's check of the tasks made since it was scheduled; then the step it stands for."};
+
+static PyObject *
+tap_schedule_check(TapObject *self, PyObject *step, PyObject *context)
+{
+    PyObject *check = PyCFunction_New(&tap_check_def, (PyObject *)self);
+    if (check == NULL) {
+        return NULL;
+    }
+    speedups_state *st = PyType_GetModuleState(Py_TYPE(self));
+    PyObject *stack[3] = {check, step, context};
+    PyObject *handle = PyObject_Vectorcall(self->call_soon, stack, 2, st->kw_context);
+    Py_DECREF(check);
+    if (handle != NULL) {
+        self->pending = 1;
+    }
+    return handle;
+}
+
+/* 1 when task has a done callback that is never removed (see above), 0 when not, -1 error. */
+static int
+tap_keeps_callback(TapObject *self, PyObject *task, speedups_state *st)
+{
+    PyObject *callbacks = PyObject_GetAttr(task, st->s__callbacks);
+    if (callbacks == NULL) {
+        return -1;
+    }
+    int found = 0;
+    Py_ssize_t n = PyList_Check(callbacks) ? PyList_GET_SIZE(callbacks) : 0;
+    for (Py_ssize_t i = 0; i < n && !found; i++) {
+        PyObject *item = PyList_GET_ITEM(callbacks, i);
+        PyObject *callback = PyTuple_Check(item) && PyTuple_GET_SIZE(item) > 0
+                             ? PyTuple_GET_ITEM(item, 0) : item;
+        PyObject *known = NULL;
+        if (PyCFunction_Check(callback)) {
+            found = strcmp(((PyCFunctionObject *)callback)->m_ml->ml_name, "task_wakeup") == 0;
+        }
+        else if (PyMethod_Check(callback)) {
+            known = PyMethod_GET_FUNCTION(callback);
+        }
+        else if (PyFunction_Check(callback)) {
+            known = PyFunction_GET_CODE(callback);
+        }
+        for (Py_ssize_t k = 0; known != NULL && !found && k < PyTuple_GET_SIZE(self->kept); k++) {
+            found = PyTuple_GET_ITEM(self->kept, k) == known;
+        }
+    }
+    Py_DECREF(callbacks);
+    return found;
+}
+
+static PyObject *
+tap_check(PyObject *op, PyObject *step)
+{
+    TapObject *self = (TapObject *)op;
+    speedups_state *st = PyType_GetModuleState(Py_TYPE(op));
+    /* Taken out first: a task made from here on starts the next batch. */
+    PyObject **batch = self->batch;
+    Py_ssize_t len = self->batch_len;
+    self->batch = NULL;
+    self->batch_len = self->batch_cap = 0;
+    self->pending = 0;
+    PyObject *done = Py_XNewRef(self->done);
+    for (Py_ssize_t i = 0; i < len; i++) {
+        PyObject *task = batch[2 * i], *context = batch[2 * i + 1];
+        int keeps = tap_keeps_callback(self, task, st);
+        if (keeps < 0) {
+            PyErr_Clear();  /* not known: asynctrace's callback, as without the check */
+            keeps = 0;
+        }
+        if (!keeps && done != NULL) {
+            PyObject *args[3] = {task, done, context};
+            PyObject *r = PyObject_VectorcallMethod(st->s_add_done_callback, args,
+                                                    2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                                    st->kw_context);
+            if (r == NULL) {
+                PyErr_WriteUnraisable(task);
+            }
+            Py_XDECREF(r);
+        }
+        Py_DECREF(task);
+        Py_DECREF(context);
+    }
+    PyMem_Free(batch);
+    Py_XDECREF(done);
+    return PyObject_CallNoArgs(step);
+}
+
+/* A noted task's callback is being scheduled: if the task is done, its end is now. */
+static int
+tap_mark_task(TapObject *self, PyObject *task)
+{
+    LeanDoneObject *done = (LeanDoneObject *)self->done;
+    if (done->starts == NULL || starts_find((StartsObject *)done->starts, (uintptr_t)task) == NULL) {
+        return 0;
+    }
+    speedups_state *st = PyType_GetModuleState(Py_TYPE(self));
+    PyObject *is_done = PyObject_CallMethodNoArgs(task, st->s_done);
+    if (is_done == NULL) {
+        return -1;
+    }
+    int ended = (is_done == Py_True);
+    Py_DECREF(is_done);
+    if (!ended) {
+        return 0;  /* someone's call_soon(callback, task) while it runs */
+    }
+    Py_INCREF(done);
+    int rc = ld_finish(done, task);
+    Py_DECREF(done);
+    return rc;
+}
+
+/* The loop's tap when this factory's next task may be batched (a new reference), else NULL.
+   The tap takes this factory's LeanDone when no batch is pending and the one it had has no
+   task left to mark. */
+static TapObject *
+lf_batching_tap(LeanFactoryObject *self, PyObject *loop, speedups_state *st)
+{
+    if (!PyType_Check(self->task_type) || !Py_IS_TYPE(self->lean_done, st->lean_done_type)
+        || ((LeanDoneObject *)self->lean_done)->starts != self->starts) {
+        return NULL;  /* asyncio's eager factory chained (no first step is scheduled), or a
+                         done callback that is not the LeanDone of this factory's table */
+    }
+    PyObject *found = PyObject_GetAttr(loop, st->s_call_soon);
+    if (found == NULL) {
+        PyErr_Clear();
+        return NULL;
+    }
+    TapObject *tap = (TapObject *)found;
+    if (!Py_IS_TYPE(found, st->tap_type) || tap->kept == NULL) {
+        Py_DECREF(found);
+        return NULL;
+    }
+    if (tap->done != self->lean_done) {
+        if (tap->pending || (tap->done != NULL
+                             && ((StartsObject *)((LeanDoneObject *)tap->done)->starts)->used)) {
+            Py_DECREF(found);
+            return NULL;
+        }
+        Py_XSETREF(tap->done, Py_NewRef(self->lean_done));
+        Py_XSETREF(tap->task_type, Py_NewRef(self->task_type));
+    }
+    return tap;
+}
+
+/* Put task in the tap's pending batch: 1 done, 0 not (no check pending), -1 error. */
+static int
+tap_batch_add(TapObject *self, PyObject *task, PyObject *context)
+{
+    if (!self->pending) {
+        return 0;
+    }
+    if (self->batch_len == self->batch_cap) {
+        Py_ssize_t cap = self->batch_cap ? 2 * self->batch_cap : 64;
+        PyObject **grown = PyMem_Realloc(self->batch, (size_t)cap * 2 * sizeof(PyObject *));
+        if (grown == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        self->batch = grown;
+        self->batch_cap = cap;
+    }
+    self->batch[2 * self->batch_len] = Py_NewRef(task);
+    self->batch[2 * self->batch_len + 1] = Py_NewRef(context);
+    self->batch_len++;
+    return 1;
+}
 
 
 /* ---------------------------------------------------------------------------------------

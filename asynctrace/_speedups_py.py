@@ -22,6 +22,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
+from types import FunctionType, MethodType
 from typing import Any, final
 
 __all__ = [
@@ -50,14 +51,40 @@ class Tap:
     ``sys.unraisablehook`` and never reaches the task) schedules the marker as usual, through
     the loop's ``call_soon``, so it is still called once more from a ``Handle``.
 
+    With ``kept`` (a tuple; None turns it off) the tap also runs the *batched check* for
+    a :class:`LeanFactory` whose ``lean_done`` is a :class:`LeanDone`: the tasks it makes
+    while a check is pending go to :attr:`batch`, without asynctrace's done callback, and
+    only the first one's first step is scheduled through :meth:`check`, which runs before
+    any of their first steps (the ready queue is first in, first out) and after the step that
+    made them (which attached its own callbacks). The check adds ``done`` as the done
+    callback of each batched task that has none known never to be removed: an awaiting
+    task's wakeup (a C function named ``task_wakeup``), or a function whose code object, or a
+    bound method whose function, is in ``kept``. Then it runs the step. The other tasks' ends
+    are taken when their first callback is scheduled: a call ``call_soon(callback, task,
+    ...)`` for a task of ``task_type`` that is in ``done.starts`` and done calls
+    ``done.mark(task)`` first (an exception is reported to ``sys.unraisablehook``).
+
     Attributes:
         call_soon: The loop's own ``call_soon`` (a bound method), which gets every other call.
         markers: The marker types.
+        kept: The done callbacks never removed (code objects, functions), or None.
+        done: The :class:`LeanDone` of the tasks batched last, or None.
+        pending: Whether a check is scheduled.
     """
 
-    __slots__ = ("call_soon", "markers")
+    __slots__ = (
+        "_step_type",
+        "batch",
+        "call_soon",
+        "done",
+        "expect",
+        "kept",
+        "markers",
+        "pending",
+        "task_type",
+    )
 
-    def __init__(self, call_soon: object, markers: object) -> None:
+    def __init__(self, call_soon: object, markers: object, *, kept: object = None) -> None:
         """Tap ``call_soon`` for callbacks whose type is one of ``markers``."""
         if not callable(call_soon):
             msg = f"Tap: call_soon must be callable, got {call_soon!r}"
@@ -65,8 +92,19 @@ class Tap:
         if not isinstance(markers, tuple) or not all(isinstance(t, type) for t in markers):
             msg = f"Tap: markers must be a tuple of types, got {markers!r}"
             raise TypeError(msg)
+        if kept is not None and not isinstance(kept, tuple):
+            msg = f"Tap: kept must be a tuple or None, got {kept!r}"
+            raise TypeError(msg)
         self.call_soon: Callable[..., Any] = call_soon
         self.markers: tuple[type, ...] = markers
+        # A free-threaded build keeps asynctrace's callback on every task (as the C one).
+        self.kept: tuple[object, ...] | None = None if _FREE_THREADED else kept
+        self.done: LeanDone | None = None
+        self.task_type: type | None = None
+        self.batch: list[tuple[Any, Any]] = []
+        self.expect = 0  # _MAKING, then _STEP_SEEN once the task's first step is seen
+        self.pending = False
+        self._step_type: type | None = None
 
     def __call__(
         self,
@@ -81,11 +119,100 @@ class Tap:
                     return None
             except BaseException:
                 sys.unraisablehook(_unraisable(sys.exc_info()[1], callback))
+        elif len(args) == 1 and self.done is not None and type(args[0]) is self.task_type:
+            try:
+                self._mark_task(args[0])
+            except BaseException:
+                sys.unraisablehook(_unraisable(sys.exc_info()[1], callback))
+        elif (
+            self.expect == _MAKING
+            and not args
+            and type(context) is contextvars.Context
+            and self._is_step(callback)
+        ):
+            self.expect = _STEP_SEEN  # the first step of the task a LeanFactory is making
+            if not self.pending:
+                handle = self.call_soon(self.check, callback, context=context)
+                self.pending = True
+                return handle
         return self.call_soon(callback, *args, context=context)
+
+    def _mark_task(self, task: Any) -> None:  # noqa: ANN401
+        """A callback of ``task`` is being scheduled: when it is done, its end is now."""
+        done = self.done
+        if done is not None and id(task) in done.starts and task.done():
+            done.mark(task)
+
+    def _is_step(self, callback: object) -> bool:
+        kind = type(callback)
+        if kind is self._step_type:
+            return True
+        if self._step_type is None and kind.__name__ == "TaskStepMethWrapper":
+            self._step_type = kind
+            return True
+        return False
+
+    def check(self, step: Callable[[], object]) -> object:
+        """Give each batched task ``done`` unless a kept callback will report its end; step."""
+        batch, self.batch, self.pending = self.batch, [], False
+        done = self.done
+        for task, context in batch:
+            try:
+                keeps = self._keeps_callback(task)
+            except Exception:
+                keeps = False  # not known: asynctrace's callback, as without the check
+            if not keeps and done is not None:
+                try:
+                    task.add_done_callback(done, context=context)
+                except BaseException:
+                    sys.unraisablehook(_unraisable(sys.exc_info()[1], task))
+        return step()
+
+    def _keeps_callback(self, task: Any) -> bool:  # noqa: ANN401
+        kept = self.kept or ()
+        for item in task._callbacks or ():
+            callback = item[0] if type(item) is tuple and item else item
+            if type(callback) is _BUILTIN_FUNCTION and callback.__name__ == "task_wakeup":
+                return True
+            if type(callback) is MethodType:
+                known: object = callback.__func__
+            elif type(callback) is FunctionType:
+                known = callback.__code__
+            else:
+                continue
+            if any(k is known for k in kept):
+                return True
+        return False
+
+    def batching_for(self, factory: LeanFactory) -> bool:
+        """Whether ``factory``'s next task may be batched here (taking its ``lean_done``).
+
+        The tap takes the factory's ``LeanDone`` when no batch is pending and the one it had
+        has no task left to mark.
+        """
+        lean_done = factory.lean_done
+        if (
+            self.kept is None
+            or not isinstance(factory.task_type, type)
+            or type(lean_done) is not LeanDone
+            or lean_done.starts is not factory.starts
+        ):
+            return False
+        if self.done is not lean_done:
+            if self.pending or (self.done is not None and self.done.starts):
+                return False
+            self.done, self.task_type = lean_done, factory.task_type
+        return True
 
     def __repr__(self) -> str:
         """Show the tapped ``call_soon``."""
         return f"<asynctrace Tap of {self.call_soon!r}>"
+
+
+_MAKING = 1  # Tap.expect: a LeanFactory is making a task
+_STEP_SEEN = 2  # Tap.expect: and the tap saw its first step
+_BUILTIN_FUNCTION = type(len)
+_FREE_THREADED = not getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 def _unraisable(exc: BaseException | None, callback: object) -> Any:  # noqa: ANN401
@@ -126,7 +253,10 @@ class LeanFactory:
        ``on_error(hook, exception)``, which counts it, or re-raises what must not be swallowed);
     6. an eager task done already: ``lean_finish(task, metadata, duration_ns, entry)``; else
        ``starts[id(task)] = entry`` (``created_ns`` when there is none) and
-       ``task.add_done_callback(lean_done, context=...)``.
+       ``task.add_done_callback(lean_done, context=...)``, or, when the loop's ``call_soon``
+       is a :class:`Tap` that batches for this factory (:meth:`Tap.batching_for`) and saw
+       the task's first step, the task and its context put in the tap's batch (the tap's
+       check adds the callback where it is needed).
 
     Every other call goes to ``fallback`` unchanged (metadata keywords that fail
     ``validate`` too: the fallback raises, and closes the coroutine). The C version
@@ -265,10 +395,22 @@ class LeanFactory:
             except BaseException as exc:
                 self.on_error(begin, exc)
         name = kwargs.get("name")
-        if name is not None:
-            task = self.task_type(coro, loop=loop, context=context, name=name)
-        else:
-            task = self.task_type(coro, loop=loop, context=context)
+        # The loop's tap sees the task's first step (expect 2) when it can be batched.
+        tap = getattr(loop, "call_soon", None)
+        if type(tap) is not Tap or not tap.batching_for(self):
+            tap = None
+        saved_expect = 0
+        if tap is not None:
+            saved_expect, tap.expect = tap.expect, _MAKING
+        try:
+            if name is not None:
+                task = self.task_type(coro, loop=loop, context=context, name=name)
+            else:
+                task = self.task_type(coro, loop=loop, context=context)
+        finally:
+            batch = tap is not None and tap.expect == _STEP_SEEN
+            if tap is not None:
+                tap.expect = saved_expect
         for hook in hooks.started:
             try:
                 hook(metadata)
@@ -278,7 +420,10 @@ class LeanFactory:
             self.lean_finish(task, metadata, time.perf_counter_ns() - created_ns, entry)
         else:
             self.starts[id(task)] = created_ns if entry is None else entry
-            task.add_done_callback(self.lean_done, context=context)
+            if batch and tap is not None and tap.pending:
+                tap.batch.append((task, context))
+            else:
+                task.add_done_callback(self.lean_done, context=context)
         return task
 
     def _metadata(self, op: Any, cid: Any, prio: Any) -> Any:  # noqa: ANN401

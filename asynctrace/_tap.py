@@ -16,20 +16,55 @@ pure-Python twin's tap adds a Python frame to every ``call_soon`` of the loop, w
 more than the ``Handle`` it saves (bench: fan-out 2.03x against 1.85x on 3.11), so without
 the extension ends are taken from the callback's turn unless ``ASYNCTRACE_TAP=1`` asks for
 exact ends anyway. ``ASYNCTRACE_TAP=0`` turns the tap off.
+
+The tap also runs the batched check (``_speedups.c``, *The batched check*): a task awaited
+by something that never removes its done callback (an awaiting task, ``gather``, a
+``TaskGroup``) gets no callback of asynctrace's; the tap takes its end from that callback's
+scheduling. :func:`kept_callbacks` names those callbacks; ``ASYNCTRACE_BATCH_CHECK=0`` turns
+the check off (asynctrace's callback on every task, as before).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from types import CodeType, FunctionType
 from typing import Final
 
 from asynctrace._factory import MARKERS, TapProbe
 from asynctrace._native import IMPLEMENTATION, Tap
 
-__all__ = ["TAP_ENV", "enabled", "is_tapped", "tap", "untap"]
+__all__ = ["BATCH_ENV", "TAP_ENV", "enabled", "is_tapped", "kept_callbacks", "tap", "untap"]
 
 TAP_ENV: Final = "ASYNCTRACE_TAP"
+BATCH_ENV: Final = "ASYNCTRACE_BATCH_CHECK"
+
+
+def kept_callbacks() -> tuple[object, ...]:
+    """The done callbacks asyncio never removes from the task they wait for, as they are now.
+
+    ``gather``'s (its inner ``_done_callback``: the code object, one per call's closure) and
+    ``TaskGroup._on_task_done`` (the function under each bound method: asynctrace's
+    cancellation patch's when it is on, and the one it wraps). An awaiting task's wakeup is a
+    C function found by its name. ``asyncio.wait``, ``wait_for``, ``as_completed`` and
+    ``shield`` remove theirs (on a timeout or a cancellation): not here. A callback not
+    named (someone's wrapper) only means asynctrace adds its own, as without the check.
+    """
+    kept: list[object] = [
+        const
+        for const in asyncio.gather.__code__.co_consts
+        if isinstance(const, CodeType) and const.co_name == "_done_callback"
+    ]
+    on_task_done = getattr(asyncio.TaskGroup, "_on_task_done", None)
+    while isinstance(on_task_done, FunctionType):
+        kept.append(on_task_done)
+        on_task_done = getattr(on_task_done, "__asynctrace_original__", None)
+    return tuple(kept)
+
+
+def _kept() -> tuple[object, ...] | None:
+    """The tap's ``kept``: None (no batched check) when ``ASYNCTRACE_BATCH_CHECK=0``."""
+    return None if os.environ.get(BATCH_ENV, "").strip() == "0" else kept_callbacks()
 
 
 def enabled() -> bool:
@@ -51,7 +86,7 @@ def tap(loop: asyncio.AbstractEventLoop) -> bool:
     if isinstance(attrs.get("call_soon"), Tap):
         return True  # tapped already (an earlier installation on this loop)
     try:
-        loop.call_soon = Tap(loop.call_soon, MARKERS)  # type: ignore[method-assign]
+        loop.call_soon = Tap(loop.call_soon, MARKERS, kept=_kept())  # type: ignore[method-assign]
     except (AttributeError, TypeError):
         return False  # a read-only or slotted call_soon
     if _reaches_tap(loop):

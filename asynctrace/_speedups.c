@@ -54,10 +54,13 @@ typedef struct {
     PyObject *done;      /* the LeanDone of the tasks batched last (NULL before any) */
     PyObject *task_type; /* their type (asyncio.Task): ends of its noted tasks are marked */
     PyObject *step_type; /* the type of a C task's scheduled step, once seen */
+    PyObject *step;      /* the step the pending check stands for */
+    PyObject *check;     /* the check, bound to this tap (made once) */
     PyObject **batch;    /* (task, context) pairs made while a check is pending (owned) */
     Py_ssize_t batch_len, batch_cap; /* in pairs */
     int expect;  /* 1: the factory is making a task; 2: its first step was seen */
     int pending; /* a check is scheduled (and has not run yet) */
+    int layout;  /* the future's callback fields: 0 not probed yet, 1 read, -1 not readable */
 } TapObject;
 
 static int tap_mark_task(TapObject *self, PyObject *task);
@@ -184,6 +187,8 @@ tap_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->done);
     Py_VISIT(self->task_type);
     Py_VISIT(self->step_type);
+    Py_VISIT(self->step);
+    Py_VISIT(self->check);
     for (Py_ssize_t i = 0; i < 2 * self->batch_len; i++) {
         Py_VISIT(self->batch[i]);
     }
@@ -212,6 +217,8 @@ tap_clear(PyObject *op)
     Py_CLEAR(self->done);
     Py_CLEAR(self->task_type);
     Py_CLEAR(self->step_type);
+    Py_CLEAR(self->step);
+    Py_CLEAR(self->check);
     tap_drop_batch(self);
     PyMem_Free(self->batch);
     self->batch = NULL;
@@ -245,6 +252,9 @@ static PyMemberDef tap_members[] = {
      "The LeanDone of the tasks batched last, or None."},
     {"pending", T_INT, offsetof(TapObject, pending), READONLY,
      "Whether a batched check is scheduled."},
+    {"layout", T_INT, offsetof(TapObject, layout), READONLY,
+     "How the check reads a task's callbacks: 0 not yet, 1 the C Future's fields, -1 "
+     "task._callbacks."},
     {"__vectorcalloffset__", T_PYSSIZET, offsetof(TapObject, vectorcall), READONLY},
     {NULL},
 };
@@ -2251,33 +2261,135 @@ tap_is_step(TapObject *self, PyObject *callback)
 }
 
 /* The first step of a batch's first task, scheduled through the check instead. */
-static PyObject *tap_check(PyObject *op, PyObject *step);
+static PyObject *tap_check(PyObject *op, PyObject *unused);
 
 static PyMethodDef tap_check_def = {
-    "asynctrace_batch_check", tap_check, METH_O,
+    "asynctrace_batch_check", tap_check, METH_NOARGS,
     "asynctrace's check of the tasks made since it was scheduled; then the step it stands for."};
 
+/* call_soon(check, context=context) in place of call_soon(step, context=context): the
+   Handle the step would have had, with no arguments; the step is kept here till then (one
+   check is pending at a time). */
 static PyObject *
 tap_schedule_check(TapObject *self, PyObject *step, PyObject *context)
 {
-    PyObject *check = PyCFunction_New(&tap_check_def, (PyObject *)self);
-    if (check == NULL) {
-        return NULL;
+    if (self->check == NULL) {
+        self->check = PyCFunction_New(&tap_check_def, (PyObject *)self);
+        if (self->check == NULL) {
+            return NULL;
+        }
     }
     speedups_state *st = PyType_GetModuleState(Py_TYPE(self));
-    PyObject *stack[3] = {check, step, context};
-    PyObject *handle = PyObject_Vectorcall(self->call_soon, stack, 2, st->kw_context);
-    Py_DECREF(check);
+    PyObject *stack[2] = {self->check, context};
+    PyObject *handle = PyObject_Vectorcall(self->call_soon, stack, 1, st->kw_context);
     if (handle != NULL) {
         self->pending = 1;
+        Py_XSETREF(self->step, Py_NewRef(step));
     }
     return handle;
+}
+
+/* Whether callback is one asyncio never removes (see above). */
+static int
+tap_is_kept(TapObject *self, PyObject *callback)
+{
+    PyObject *known;
+    if (PyCFunction_Check(callback)) {
+        return strcmp(((PyCFunctionObject *)callback)->m_ml->ml_name, "task_wakeup") == 0;
+    }
+    else if (PyMethod_Check(callback)) {
+        known = PyMethod_GET_FUNCTION(callback);
+    }
+    else if (PyFunction_Check(callback)) {
+        known = PyFunction_GET_CODE(callback);
+    }
+    else {
+        return 0;
+    }
+    for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(self->kept); k++) {
+        if (PyTuple_GET_ITEM(self->kept, k) == known) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* The C Future's callback fields: the first callback and its context inline, the others in
+   a list of (callback, context) tuples. CPython's private struct (Modules/_asynciomodule.c,
+   FutureObj_HEAD), the same first fields from 3.7 to 3.14: read on those versions with the
+   GIL once a probe (tap_probe_layout) found them where expected, else task._callbacks,
+   which builds that list anew. */
+#if PY_VERSION_HEX >= 0x030B0000 && PY_VERSION_HEX < 0x030F0000 && !defined(Py_GIL_DISABLED)
+#define FUTURE_FIELDS 1
+typedef struct {
+    PyObject_HEAD
+    PyObject *fut_loop;
+    PyObject *fut_callback0;
+    PyObject *fut_context0;
+    PyObject *fut_callbacks;
+} FutureFields;
+#else
+#define FUTURE_FIELDS 0
+#endif
+
+/* 1 when task's fields are where FutureFields says (its loop and its callbacks as
+   task._callbacks gives them), -1 when not, -2 on error. */
+static int
+tap_probe_layout(PyObject *task, speedups_state *st)
+{
+#if FUTURE_FIELDS
+    PyObject *loop = PyObject_GetAttrString(task, "_loop");
+    PyObject *callbacks = loop == NULL ? NULL : PyObject_GetAttr(task, st->s__callbacks);
+    if (callbacks == NULL) {
+        Py_XDECREF(loop);
+        return -2;
+    }
+    FutureFields *f = (FutureFields *)task;
+    Py_ssize_t given = PyList_Check(callbacks) ? PyList_GET_SIZE(callbacks) : 0;
+    int ok = f->fut_loop == loop
+             && (f->fut_callbacks == NULL || PyList_CheckExact(f->fut_callbacks))
+             && (f->fut_callback0 == NULL || f->fut_context0 != NULL)
+             && given == (f->fut_callback0 != NULL)
+                         + (f->fut_callbacks ? PyList_GET_SIZE(f->fut_callbacks) : 0)
+             && (given == 0 || f->fut_callback0 == NULL
+                 || PyTuple_GET_ITEM(PyList_GET_ITEM(callbacks, 0), 0) == f->fut_callback0);
+    Py_DECREF(loop);
+    Py_DECREF(callbacks);
+    return ok ? 1 : -1;
+#else
+    (void)task, (void)st;
+    return -1;
+#endif
 }
 
 /* 1 when task has a done callback that is never removed (see above), 0 when not, -1 error. */
 static int
 tap_keeps_callback(TapObject *self, PyObject *task, speedups_state *st)
 {
+    if (self->layout == 0) {
+        int probed = tap_probe_layout(task, st);
+        if (probed == -2) {
+            return -1;
+        }
+        self->layout = probed;
+    }
+#if FUTURE_FIELDS
+    if (self->layout == 1) {
+        FutureFields *f = (FutureFields *)task;
+        if (f->fut_callback0 != NULL && tap_is_kept(self, f->fut_callback0)) {
+            return 1;
+        }
+        PyObject *list = f->fut_callbacks;
+        for (Py_ssize_t i = 0; list != NULL && i < PyList_GET_SIZE(list); i++) {
+            PyObject *item = PyList_GET_ITEM(list, i);
+            if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) > 0
+                && tap_is_kept(self, PyTuple_GET_ITEM(item, 0))) {
+                return 1;
+            }
+        }
+        return 0;
+    }
+#endif
     PyObject *callbacks = PyObject_GetAttr(task, st->s__callbacks);
     if (callbacks == NULL) {
         return -1;
@@ -2286,32 +2398,21 @@ tap_keeps_callback(TapObject *self, PyObject *task, speedups_state *st)
     Py_ssize_t n = PyList_Check(callbacks) ? PyList_GET_SIZE(callbacks) : 0;
     for (Py_ssize_t i = 0; i < n && !found; i++) {
         PyObject *item = PyList_GET_ITEM(callbacks, i);
-        PyObject *callback = PyTuple_Check(item) && PyTuple_GET_SIZE(item) > 0
-                             ? PyTuple_GET_ITEM(item, 0) : item;
-        PyObject *known = NULL;
-        if (PyCFunction_Check(callback)) {
-            found = strcmp(((PyCFunctionObject *)callback)->m_ml->ml_name, "task_wakeup") == 0;
-        }
-        else if (PyMethod_Check(callback)) {
-            known = PyMethod_GET_FUNCTION(callback);
-        }
-        else if (PyFunction_Check(callback)) {
-            known = PyFunction_GET_CODE(callback);
-        }
-        for (Py_ssize_t k = 0; known != NULL && !found && k < PyTuple_GET_SIZE(self->kept); k++) {
-            found = PyTuple_GET_ITEM(self->kept, k) == known;
-        }
+        found = tap_is_kept(self, PyTuple_Check(item) && PyTuple_GET_SIZE(item) > 0
+                                  ? PyTuple_GET_ITEM(item, 0) : item);
     }
     Py_DECREF(callbacks);
     return found;
 }
 
 static PyObject *
-tap_check(PyObject *op, PyObject *step)
+tap_check(PyObject *op, PyObject *unused)
 {
     TapObject *self = (TapObject *)op;
     speedups_state *st = PyType_GetModuleState(Py_TYPE(op));
     /* Taken out first: a task made from here on starts the next batch. */
+    PyObject *step = self->step;
+    self->step = NULL;
     PyObject **batch = self->batch;
     Py_ssize_t len = self->batch_len;
     self->batch = NULL;
@@ -2340,7 +2441,12 @@ tap_check(PyObject *op, PyObject *step)
     }
     PyMem_Free(batch);
     Py_XDECREF(done);
-    return PyObject_CallNoArgs(step);
+    if (step == NULL) {
+        Py_RETURN_NONE;  /* cleared meanwhile (the tap was collected) */
+    }
+    PyObject *result = PyObject_CallNoArgs(step);
+    Py_DECREF(step);
+    return result;
 }
 
 /* A noted task's callback is being scheduled: if the task is done, its end is now. */

@@ -54,7 +54,8 @@ class Tap:
     With ``kept`` (a tuple; None turns it off) the tap also runs the *batched check* for
     a :class:`LeanFactory` whose ``lean_done`` is a :class:`LeanDone`: the tasks it makes
     while a check is pending go to :attr:`batch`, without asynctrace's done callback, and
-    only the first one's first step is scheduled through :meth:`check`, which runs before
+    only the first one's first step is scheduled through :meth:`check` (in the step's place:
+    the same ``Handle``, the step kept in the tap till then), which runs before
     any of their first steps (the ready queue is first in, first out) and after the step that
     made them (which attached its own callbacks). The check adds ``done`` as the done
     callback of each batched task that has none known never to be removed: an awaiting
@@ -73,6 +74,7 @@ class Tap:
     """
 
     __slots__ = (
+        "_step",
         "_step_type",
         "batch",
         "call_soon",
@@ -105,6 +107,7 @@ class Tap:
         self.expect = 0  # _MAKING, then _STEP_SEEN once the task's first step is seen
         self.pending = False
         self._step_type: type | None = None
+        self._step: Callable[[], object] | None = None
 
     def __call__(
         self,
@@ -132,8 +135,9 @@ class Tap:
         ):
             self.expect = _STEP_SEEN  # the first step of the task a LeanFactory is making
             if not self.pending:
-                handle = self.call_soon(self.check, callback, context=context)
-                self.pending = True
+                # The Handle the step would have had, for the check; the step kept till then.
+                handle = self.call_soon(self.check, context=context)
+                self.pending, self._step = True, callback
                 return handle
         return self.call_soon(callback, *args, context=context)
 
@@ -152,8 +156,9 @@ class Tap:
             return True
         return False
 
-    def check(self, step: Callable[[], object]) -> object:
+    def check(self) -> object:
         """Give each batched task ``done`` unless a kept callback will report its end; step."""
+        step, self._step = self._step, None
         batch, self.batch, self.pending = self.batch, [], False
         done = self.done
         for task, context in batch:
@@ -166,7 +171,7 @@ class Tap:
                     task.add_done_callback(done, context=context)
                 except BaseException:
                     sys.unraisablehook(_unraisable(sys.exc_info()[1], task))
-        return step()
+        return None if step is None else step()
 
     def _keeps_callback(self, task: Any) -> bool:  # noqa: ANN401
         kept = self.kept or ()

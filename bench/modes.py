@@ -15,6 +15,7 @@ MODES = [
     "asynctrace-metrics",
     "asynctrace-metrics-pure",
     "asynctrace-metrics-handle",
+    "asynctrace-metrics-unbatched",
     "asynctrace-metrics-stuck",
     "asynctrace-metrics-sites",
     "asynctrace-tracing",
@@ -25,10 +26,12 @@ MODES = [
     "sentry",
 ]
 # What a mode's worker process gets in its environment (read when asynctrace is imported or
-# installed): the pure-Python twin, and the previous release's path (ends from a Handle).
+# installed): the pure-Python twin, the previous releases' paths (ends from a Handle; a done
+# callback on every task, no batched check).
 MODE_ENV = {
     "asynctrace-metrics-pure": {"ASYNCTRACE_PURE_PYTHON": "1"},
     "asynctrace-metrics-handle": {"ASYNCTRACE_TAP": "0"},
+    "asynctrace-metrics-unbatched": {"ASYNCTRACE_BATCH_CHECK": "0"},
 }
 # The real OTLP/HTTP receiver (bench/receiver.py) the "-otlp" modes export to.
 RECEIVER_ENV = "ASYNCTRACE_BENCH_RECEIVER"

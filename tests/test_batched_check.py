@@ -420,3 +420,20 @@ def test_kept_callbacks_name_gather_and_task_group() -> None:
     assert functions
     assert all(f.__name__ == "_on_task_done" for f in functions)
     assert LeanDone is _native.LeanDone
+
+
+@pytest.mark.skipif(len(IMPLEMENTATIONS) < 2 or FREE_THREADED, reason="the C check, with a GIL")
+def test_the_c_check_reads_the_futures_fields_where_its_probe_found_them() -> None:
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        pieces = Pieces(_speedups, loop)
+        try:
+            assert pieces.tap.layout == 0
+            tasks = [asyncio.create_task(asyncio.sleep(0)) for _ in range(2)]
+            await asyncio.gather(*tasks)
+            return int(pieces.tap.layout)
+        finally:
+            pieces.undo(loop)
+
+    # 3.11 to 3.14 share the fields read (their callbacks as task._callbacks lists them)
+    assert asyncio.run(main()) == (1 if sys.version_info < (3, 15) else -1)

@@ -2495,8 +2495,8 @@ lf_batching_tap(LeanFactoryObject *self, PyObject *loop, speedups_state *st)
         return NULL;
     }
     if (tap->done != self->lean_done) {
-        if (tap->pending || (tap->done != NULL
-                             && ((StartsObject *)((LeanDoneObject *)tap->done)->starts)->used)) {
+        PyObject *other = tap->done == NULL ? NULL : ((LeanDoneObject *)tap->done)->starts;
+        if (tap->pending || (other != NULL && ((StartsObject *)other)->used)) {
             Py_DECREF(found);
             return NULL;
         }

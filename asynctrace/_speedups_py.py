@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import sys
+import sysconfig
 import threading
 import time
 from bisect import bisect_left
@@ -217,7 +218,7 @@ class Tap:
 _MAKING = 1  # Tap.expect: a LeanFactory is making a task
 _STEP_SEEN = 2  # Tap.expect: and the tap saw its first step
 _BUILTIN_FUNCTION = type(len)
-_FREE_THREADED = not getattr(sys, "_is_gil_enabled", lambda: True)()
+_FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))  # the C one's build flag
 
 
 def _unraisable(exc: BaseException | None, callback: object) -> Any:  # noqa: ANN401

@@ -10,7 +10,9 @@
  *
  * Multi-phase initialisation, per-module state and a heap type: the module can be loaded in
  * several (sub)interpreters, each with its own GIL, and declares it needs no GIL (3.13+).
- * A Tap never changes after it is made, so it needs no lock.
+ * A Tap's call_soon and markers never change after it is made; its batched check's state
+ * (see "The batched check" below) changes only on its loop's thread and only on builds with
+ * a GIL (a free-threaded build has no check), so it needs no lock.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -2314,6 +2316,20 @@ tap_is_kept(TapObject *self, PyObject *callback)
     return 0;
 }
 
+/* Whether a list of (callback, context) tuples (NULL, None: none) holds a kept callback. */
+static int
+tap_list_keeps(TapObject *self, PyObject *list)
+{
+    for (Py_ssize_t i = 0; list != NULL && PyList_Check(list) && i < PyList_GET_SIZE(list); i++) {
+        PyObject *item = PyList_GET_ITEM(list, i);
+        if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) > 0
+            && tap_is_kept(self, PyTuple_GET_ITEM(item, 0))) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* The C Future's callback fields: the first callback and its context inline, the others in
    a list of (callback, context) tuples. CPython's private struct (Modules/_asynciomodule.c,
    FutureObj_HEAD), the same first fields from 3.7 to 3.14: read on those versions with the
@@ -2379,28 +2395,14 @@ tap_keeps_callback(TapObject *self, PyObject *task, speedups_state *st)
         if (f->fut_callback0 != NULL && tap_is_kept(self, f->fut_callback0)) {
             return 1;
         }
-        PyObject *list = f->fut_callbacks;
-        for (Py_ssize_t i = 0; list != NULL && i < PyList_GET_SIZE(list); i++) {
-            PyObject *item = PyList_GET_ITEM(list, i);
-            if (PyTuple_Check(item) && PyTuple_GET_SIZE(item) > 0
-                && tap_is_kept(self, PyTuple_GET_ITEM(item, 0))) {
-                return 1;
-            }
-        }
-        return 0;
+        return tap_list_keeps(self, f->fut_callbacks);
     }
 #endif
     PyObject *callbacks = PyObject_GetAttr(task, st->s__callbacks);
     if (callbacks == NULL) {
         return -1;
     }
-    int found = 0;
-    Py_ssize_t n = PyList_Check(callbacks) ? PyList_GET_SIZE(callbacks) : 0;
-    for (Py_ssize_t i = 0; i < n && !found; i++) {
-        PyObject *item = PyList_GET_ITEM(callbacks, i);
-        found = tap_is_kept(self, PyTuple_Check(item) && PyTuple_GET_SIZE(item) > 0
-                                  ? PyTuple_GET_ITEM(item, 0) : item);
-    }
+    int found = tap_list_keeps(self, callbacks);
     Py_DECREF(callbacks);
     return found;
 }

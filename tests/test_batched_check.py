@@ -437,3 +437,22 @@ def test_the_c_check_reads_the_futures_fields_where_its_probe_found_them() -> No
 
     # 3.11 to 3.14 share the fields read (their callbacks as task._callbacks lists them)
     assert asyncio.run(main()) == (1 if sys.version_info < (3, 15) else -1)
+
+
+@pytest.mark.skipif(not FREE_THREADED, reason="the free-threaded build's path")
+def test_a_free_threaded_build_gives_every_task_the_callback(impl: types.ModuleType) -> None:
+    """No batch without the GIL: the tap's check state is per loop, without a lock."""
+    assert impl.Tap(print, (int,), kept=_tap.kept_callbacks()).kept is None
+
+    async def main() -> list[int]:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        try:
+            tasks = [asyncio.create_task(leaf(i)) for i in (1, 2)]
+            outer = asyncio.gather(*tasks)
+            await asyncio.sleep(0)
+            counts = [ours(t) for t in tasks]
+            return counts + await outer
+        finally:
+            asynctrace.uninstall()
+
+    assert asyncio.run(main()) == [1, 1, 1, 2]

@@ -819,6 +819,7 @@ typedef struct {
 
 static TapObject *lf_batching_tap(LeanFactoryObject *self, PyObject *loop, speedups_state *st);
 static int tap_batch_add(TapObject *self, PyObject *task, PyObject *context);
+static PyObject *tap_schedule_check(TapObject *self, PyObject *step, PyObject *context);
 
 static long long
 perf_counter_ns(void)
@@ -1247,11 +1248,20 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     if (entry == NULL) {
         goto done;
     }
-    /* The loop's tap sees the task's first step (expect 2) when the task can be batched. */
+    /* The loop's tap sees the task's first step (expect 2) when the task can be batched.
+       An eager task's first step runs in Task(): a check is scheduled before it instead. */
     tap = lf_batching_tap(self, loop, st);
+    int eager = !PyType_Check(self->task_type);
     int saved_expect = tap != NULL ? tap->expect : 0;
+    if (tap != NULL && eager && !tap->pending) {
+        PyObject *handle = tap_schedule_check(tap, NULL, ctx);
+        if (handle == NULL) {
+            goto done;
+        }
+        Py_DECREF(handle);
+    }
     if (tap != NULL) {
-        tap->expect = 1;
+        tap->expect = eager ? 2 : 1;
     }
     PyObject *call_args[4] = {NULL, coro, loop, ctx};
     if (name != Py_None) {
@@ -2271,7 +2281,8 @@ static PyMethodDef tap_check_def = {
 
 /* call_soon(check, context=context) in place of call_soon(step, context=context): the
    Handle the step would have had, with no arguments; the step is kept here till then (one
-   check is pending at a time). */
+   check is pending at a time). For an eager task (step NULL) it is scheduled before the
+   task's first step runs, in Task(), so it comes before whatever that step schedules. */
 static PyObject *
 tap_schedule_check(TapObject *self, PyObject *step, PyObject *context)
 {
@@ -2286,7 +2297,7 @@ tap_schedule_check(TapObject *self, PyObject *step, PyObject *context)
     PyObject *handle = PyObject_Vectorcall(self->call_soon, stack, 1, st->kw_context);
     if (handle != NULL) {
         self->pending = 1;
-        Py_XSETREF(self->step, Py_NewRef(step));
+        Py_XSETREF(self->step, Py_XNewRef(step));
     }
     return handle;
 }
@@ -2481,10 +2492,9 @@ tap_mark_task(TapObject *self, PyObject *task)
 static TapObject *
 lf_batching_tap(LeanFactoryObject *self, PyObject *loop, speedups_state *st)
 {
-    if (!PyType_Check(self->task_type) || !Py_IS_TYPE(self->lean_done, st->lean_done_type)
+    if (!Py_IS_TYPE(self->lean_done, st->lean_done_type)
         || ((LeanDoneObject *)self->lean_done)->starts != self->starts) {
-        return NULL;  /* asyncio's eager factory chained (no first step is scheduled), or a
-                         done callback that is not the LeanDone of this factory's table */
+        return NULL;  /* a done callback that is not the LeanDone of this factory's table */
     }
     PyObject *found = PyObject_GetAttr(loop, st->s_call_soon);
     if (found == NULL) {
@@ -2503,7 +2513,6 @@ lf_batching_tap(LeanFactoryObject *self, PyObject *loop, speedups_state *st)
             return NULL;
         }
         Py_XSETREF(tap->done, Py_NewRef(self->lean_done));
-        Py_XSETREF(tap->task_type, Py_NewRef(self->task_type));
     }
     return tap;
 }
@@ -2514,6 +2523,12 @@ tap_batch_add(TapObject *self, PyObject *task, PyObject *context)
 {
     if (!self->pending) {
         return 0;
+    }
+    if ((PyObject *)Py_TYPE(task) != self->task_type) {
+        if (self->task_type != NULL) {
+            return 0;  /* the tap marks the ends of one task type's tasks (asyncio.Task's) */
+        }
+        self->task_type = Py_NewRef(Py_TYPE(task));
     }
     if (self->batch_len == self->batch_cap) {
         Py_ssize_t cap = self->batch_cap ? 2 * self->batch_cap : 64;

@@ -56,7 +56,8 @@ class Tap:
     a :class:`LeanFactory` whose ``lean_done`` is a :class:`LeanDone`: the tasks it makes
     while a check is pending go to :attr:`batch`, without asynctrace's done callback, and
     only the first one's first step is scheduled through :meth:`check` (in the step's place:
-    the same ``Handle``, the step kept in the tap till then), which runs before
+    the same ``Handle``, the step kept in the tap till then; for an eager task, a ``Handle``
+    of its own scheduled before the task's first step runs), which runs before
     any of their first steps (the ready queue is first in, first out) and after the step that
     made them (which attached its own callbacks). The check adds ``done`` as the done
     callback of each batched task that has none known never to be removed: an awaiting
@@ -136,11 +137,30 @@ class Tap:
         ):
             self.expect = _STEP_SEEN  # the first step of the task a LeanFactory is making
             if not self.pending:
-                # The Handle the step would have had, for the check; the step kept till then.
-                handle = self.call_soon(self.check, context=context)
-                self.pending, self._step = True, callback
-                return handle
+                return self.schedule_check(callback, context)
         return self.call_soon(callback, *args, context=context)
+
+    def schedule_check(self, step: Callable[[], object] | None, context: Any) -> Any:  # noqa: ANN401
+        """``call_soon(check, context=context)``: in the ``Handle`` ``step`` would have had.
+
+        The step is kept here till the check runs it (one check is pending at a time). For
+        an eager task (``step`` None) the factory schedules it before the task's first step
+        runs (in the task's constructor), so it comes before whatever that step schedules.
+        """
+        handle = self.call_soon(self.check, context=context)
+        self.pending, self._step = True, step
+        return handle
+
+    def add(self, task: Any, context: Any) -> bool:  # noqa: ANN401
+        """Put ``task`` in the pending batch; False when none is pending (or another type)."""
+        if not self.pending:
+            return False
+        if type(task) is not self.task_type:
+            if self.task_type is not None:
+                return False  # the tap marks the ends of one task type's tasks (asyncio.Task's)
+            self.task_type = type(task)
+        self.batch.append((task, context))
+        return True
 
     def _mark_task(self, task: Any) -> None:  # noqa: ANN401
         """A callback of ``task`` is being scheduled: when it is done, its end is now."""
@@ -199,7 +219,6 @@ class Tap:
         lean_done = factory.lean_done
         if (
             self.kept is None
-            or not isinstance(factory.task_type, type)
             or type(lean_done) is not LeanDone
             or lean_done.starts is not factory.starts
         ):
@@ -207,7 +226,7 @@ class Tap:
         if self.done is not lean_done:
             if self.pending or (self.done is not None and self.done.starts):
                 return False
-            self.done, self.task_type = lean_done, factory.task_type
+            self.done = lean_done
         return True
 
     def __repr__(self) -> str:
@@ -401,13 +420,17 @@ class LeanFactory:
             except BaseException as exc:
                 self.on_error(begin, exc)
         name = kwargs.get("name")
-        # The loop's tap sees the task's first step (expect 2) when it can be batched.
+        # The loop's tap sees the task's first step (expect 2) when it can be batched. An
+        # eager task's first step runs in its constructor: a check is scheduled before it.
         tap = getattr(loop, "call_soon", None)
         if type(tap) is not Tap or not tap.batching_for(self):
             tap = None
+        eager = not isinstance(self.task_type, type)
         saved_expect = 0
         if tap is not None:
-            saved_expect, tap.expect = tap.expect, _MAKING
+            if eager and not tap.pending:
+                tap.schedule_check(None, context)
+            saved_expect, tap.expect = tap.expect, _STEP_SEEN if eager else _MAKING
         try:
             if name is not None:
                 task = self.task_type(coro, loop=loop, context=context, name=name)
@@ -426,9 +449,7 @@ class LeanFactory:
             self.lean_finish(task, metadata, time.perf_counter_ns() - created_ns, entry)
         else:
             self.starts[id(task)] = created_ns if entry is None else entry
-            if batch and tap is not None and tap.pending:
-                tap.batch.append((task, context))
-            else:
+            if not (batch and tap is not None and tap.add(task, context)):
                 task.add_done_callback(self.lean_done, context=context)
         return task
 

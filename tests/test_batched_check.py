@@ -121,10 +121,19 @@ def run(main: Callable[[], Coroutine[Any, Any, Any]], loop_name: str) -> Any:
     if loop_name == "uvloop":
         uvloop = pytest.importorskip("uvloop")
         return uvloop.run(main())
+    if loop_name == "eager":
+        if sys.version_info < (3, 12):
+            pytest.skip("eager tasks exist from Python 3.12")
+
+        async def eagerly() -> Any:
+            asyncio.get_running_loop().set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
+            return await main()
+
+        return asyncio.run(eagerly())
     return asyncio.run(main(), debug=loop_name == "debug")
 
 
-LOOPS = ["asyncio", "debug", "uvloop"]
+LOOPS = ["asyncio", "debug", "uvloop", "eager"]
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)
@@ -262,24 +271,41 @@ def test_uninstalled_with_a_check_pending() -> None:
 
 @needs_batch
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks exist from Python 3.12")
-def test_eager_tasks_keep_their_callback() -> None:
+def test_eager_tasks_are_checked_before_their_second_step() -> None:
+    """An eager task's first step runs in its constructor: the check is scheduled before it."""
     registry = CollectorRegistry()
 
-    async def main() -> tuple[list[int], tuple[float, float]]:
+    async def main() -> tuple[list[int], list[int], tuple[float, float]]:
         loop = asyncio.get_running_loop()
         loop.set_task_factory(asyncio.eager_task_factory)  # type: ignore[attr-defined]
         asynctrace.install(registry=registry, loop_monitor=False)
         try:
-            tasks = [asyncio.create_task(leaf(i)) for i in (1, 2)]
-            assert [ours(t) for t in tasks] == [1, 1]  # eager: no first step to stand in for
-            assert not vars(loop)["call_soon"].pending
-            got = await asyncio.gather(*tasks)
+            tap = vars(loop)["call_soon"]
+            gate = asyncio.Event()
+            gathered = [asyncio.create_task(gate.wait()) for _ in range(3)]
+            outer = asyncio.gather(*gathered)
+            loose = asyncio.create_task(gate.wait())
+            finished = asyncio.create_task(asyncio.sleep(0, result=7))  # pending: sleep(0)
+            at_once = asyncio.create_task(leaf_now())  # done in its first step
+            assert at_once.done()
+            assert tap.pending
+            await asyncio.sleep(0)  # the check ran
+            counts = [ours(t) for t in [*gathered, loose]]
+            gate.set()
+            got = [*(await outer), await loose, await finished, await at_once]
             await asyncio.sleep(0)
-            return got, counted(registry)
+            return counts, got, counted(registry)
         finally:
             asynctrace.uninstall()
 
-    assert asyncio.run(main()) == ([1, 2], (2, 2))
+    counts, got, (created, finished) = asyncio.run(main())
+    assert counts == [0, 0, 0, 1]
+    assert got == [True, True, True, True, 7, 5]
+    assert created == finished == 6
+
+
+async def leaf_now() -> int:
+    return 5
 
 
 def test_off_by_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

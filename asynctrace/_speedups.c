@@ -67,6 +67,9 @@ typedef struct {
 
 static int tap_mark_task(TapObject *self, PyObject *task);
 static PyObject *tap_schedule_check(TapObject *self, PyObject *step, PyObject *context);
+typedef struct LeanDoneObject LeanDoneObject;
+static int ld_record(LeanDoneObject *self, PyObject *task, PyObject *entry, PyObject *given,
+                     long long created_ns, long long finished_ns);
 static int tap_is_step(TapObject *self, PyObject *callback);
 
 /* tp_dealloc of this module's collected heap types: untrack, clear, free, release the type. */
@@ -819,7 +822,6 @@ typedef struct {
 
 static TapObject *lf_batching_tap(LeanFactoryObject *self, PyObject *loop, speedups_state *st);
 static int tap_batch_add(TapObject *self, PyObject *task, PyObject *context);
-static PyObject *tap_schedule_check(TapObject *self, PyObject *step, PyObject *context);
 
 static long long
 perf_counter_ns(void)
@@ -1290,7 +1292,14 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     }
     int finished = (is_done == Py_True);
     Py_DECREF(is_done);
-    if (finished) {  /* an eager task that finished in its first step */
+    if (finished && Py_IS_TYPE(self->lean_done, st->lean_done_type)) {
+        /* an eager task that finished in its first step: what lean_finish does, in C */
+        if (ld_record((LeanDoneObject *)self->lean_done, task, entry == Py_None ? NULL : entry,
+                      metadata, created_ns, perf_counter_ns()) < 0) {
+            goto done;
+        }
+    }
+    else if (finished) {  /* the same, through the Python lean_finish */
         PyObject *duration = PyLong_FromLongLong(perf_counter_ns() - created_ns);
         PyObject *r = duration == NULL ? NULL : PyObject_CallFunctionObjArgs(
             self->lean_finish, task, metadata, duration, entry, NULL);
@@ -1950,7 +1959,7 @@ static PyType_Spec counts_spec = {
  * is hooks.begin's (a traced task's span handle), then hooks.end with it.
  * --------------------------------------------------------------------------------------- */
 
-typedef struct {
+struct LeanDoneObject {
     PyObject_HEAD
     PyObject *starts;       /* the Starts table: id(task) -> creation time (ns) or entry */
     PyObject *metadata_var;
@@ -1959,7 +1968,7 @@ typedef struct {
     PyObject *on_error;     /* (hook, exception): counted, or re-raised */
     PyObject *on_cancelled; /* (task, metadata): the cancellation hooks */
     PyObject *outcomes[OUTCOMES];
-} LeanDoneObject;
+};
 
 /* hooks.end(task, entry, metadata, outcome, finished_ns): what hooks.begin started ends. */
 static int
@@ -2021,10 +2030,25 @@ ld_finish(LeanDoneObject *self, PyObject *task)
         Py_XDECREF(entry);
         return -1;
     }
+    int rc = ld_record(self, task, entry, NULL, created_ns, finished_ns);
+    Py_XDECREF(entry);
+    return rc;
+}
+
+/* What the end of a task reports (see _speedups_py.LeanDone.record): the finished hooks,
+   the cancellation hooks, hooks.end with entry (borrowed; NULL: none). metadata (borrowed)
+   NULL: read from the current context (the task's, inside its last step). */
+static int
+ld_record(LeanDoneObject *self, PyObject *task, PyObject *entry, PyObject *given,
+          long long created_ns, long long finished_ns)
+{
+    speedups_state *st = PyType_GetModuleState(Py_TYPE(self));
     PyObject *metadata = NULL, *hooks = NULL, *finished = NULL, *duration = NULL;
     int rc = -1;
-    if (PyContextVar_Get(self->metadata_var, NULL, &metadata) < 0) {
-        Py_XDECREF(entry);
+    if (given != NULL) {
+        metadata = Py_NewRef(given);
+    }
+    else if (PyContextVar_Get(self->metadata_var, NULL, &metadata) < 0) {
         return -1;
     }
     if (metadata == NULL || metadata == Py_None) {
@@ -2088,7 +2112,6 @@ ld_finish(LeanDoneObject *self, PyObject *task)
     }
     rc = 0;
 done:
-    Py_XDECREF(entry);
     Py_XDECREF(duration);
     Py_XDECREF(finished);
     Py_XDECREF(hooks);

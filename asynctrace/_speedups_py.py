@@ -276,7 +276,9 @@ class LeanFactory:
     4. ``task_type(coro, loop=loop, context=context[, name=name])``;
     5. each ``state.hooks.started`` hook called with the metadata (a hook that raises goes to
        ``on_error(hook, exception)``, which counts it, or re-raises what must not be swallowed);
-    6. an eager task done already: ``lean_finish(task, metadata, duration_ns, entry)``; else
+    6. an eager task done already: ``lean_done.record(task, entry, metadata, created_ns,
+       now)`` when ``lean_done`` is a :class:`LeanDone` (what ``lean_finish`` does), else
+       ``lean_finish(task, metadata, duration_ns, entry)``; else
        ``starts[id(task)] = entry`` (``created_ns`` when there is none) and
        ``task.add_done_callback(lean_done, context=...)``, or, when the loop's ``call_soon``
        is a :class:`Tap` that batches for this factory (:meth:`Tap.batching_for`) and saw
@@ -445,7 +447,9 @@ class LeanFactory:
                 hook(metadata)
             except BaseException as exc:
                 self.on_error(hook, exc)
-        if task.done():
+        if task.done() and type(self.lean_done) is LeanDone:  # what lean_finish does
+            self.lean_done.record(task, entry, metadata, created_ns, time.perf_counter_ns())
+        elif task.done():
             self.lean_finish(task, metadata, time.perf_counter_ns() - created_ns, entry)
         else:
             self.starts[id(task)] = created_ns if entry is None else entry
@@ -540,7 +544,25 @@ class LeanDone:
             created_ns, entry = entry, None
         else:
             created_ns = entry.created_ns
-        metadata = self.metadata_var.get(None) or self.no_metadata
+        self.record(task, entry, None, created_ns, finished_ns)
+        return True
+
+    def record(
+        self,
+        task: Any,  # noqa: ANN401
+        entry: Any,  # noqa: ANN401
+        metadata: Any,  # noqa: ANN401
+        created_ns: int,
+        finished_ns: int,
+    ) -> None:
+        """Report an end: the finished hooks, the cancellation hooks, ``end`` with ``entry``.
+
+        ``metadata`` None: read from the current context (the task's, in its last step);
+        ``entry`` None: nothing for ``end``. The factory calls it for an eager task done in
+        its first step (not noted in :attr:`starts`).
+        """
+        if metadata is None:
+            metadata = self.metadata_var.get(None) or self.no_metadata
         cancelled = task.cancelled()
         if cancelled:
             outcome = "cancelled"
@@ -560,7 +582,6 @@ class LeanDone:
                 end(task, entry, metadata, outcome, finished_ns)
             except BaseException as exc:
                 self.on_error(end, exc)
-        return True
 
 
 _NAMES_CACHED = 4096  # names beyond share "_other" anyway: not cached, asked each time

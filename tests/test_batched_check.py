@@ -335,16 +335,21 @@ def impl(request: pytest.FixtureRequest) -> types.ModuleType:
 class Pieces:
     """One implementation's LeanFactory, LeanDone and Tap, set on the running loop."""
 
-    def __init__(self, impl: types.ModuleType, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, impl: types.ModuleType, loop: asyncio.AbstractEventLoop, task_type: Any = asyncio.Task
+    ) -> None:
         import contextvars  # noqa: PLC0415
 
         self.ended: list[tuple[str, str]] = []
+        self.metadata: list[object] = []
+        self.lean_finished: list[object] = []
         self.errors: list[object] = []
         meta_var: contextvars.ContextVar[object] = contextvars.ContextVar("meta")
         pieces = self
 
         def finished(metadata: Any, outcome: str, duration: int) -> None:
             pieces.ended.append((asyncio.current_task().get_name(), outcome))  # type: ignore[union-attr]
+            pieces.metadata.append(metadata)
 
         hooks = types.SimpleNamespace(
             lean=True, started=(), begin=None, end=None, finished=(finished,)
@@ -358,9 +363,9 @@ class Pieces:
             fallback=lambda *a, **k: pytest.fail(f"fallback {a} {k}"), state=state,
             slot=types.SimpleNamespace(value=None), cid_var=contextvars.ContextVar("cid"),
             metadata_var=meta_var, make_metadata=lambda *a: a, new_cid=lambda: "c",
-            validate=lambda *_: None, task_type=asyncio.Task, lean_done=self.done,
+            validate=lambda *_: None, task_type=task_type, lean_done=self.done,
             starts=self.done.starts, on_error=lambda _hook, exc: pieces.errors.append(exc),
-            lean_finish=lambda *_: None,
+            lean_finish=lambda *a: pieces.lean_finished.append(a),
         )  # fmt: skip
         self.tap = impl.Tap(loop.call_soon, (impl.LeanDone,), kept=_tap.kept_callbacks())
         loop.call_soon = self.tap  # type: ignore[method-assign]
@@ -482,3 +487,30 @@ def test_a_free_threaded_build_gives_every_task_the_callback(impl: types.ModuleT
             asynctrace.uninstall()
 
     assert asyncio.run(main()) == [1, 1, 1, 2]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks exist from Python 3.12")
+def test_an_eager_task_done_at_once_is_recorded_by_the_lean_done(impl: types.ModuleType) -> None:
+    """What ``lean_finish`` does, done by the factory's ``LeanDone`` (no Python call in C)."""
+    import functools  # noqa: PLC0415
+
+    async def at_once() -> int:
+        return 3
+
+    async def main() -> tuple[int, Pieces]:
+        loop = asyncio.get_running_loop()
+        eager = functools.partial(asyncio.Task, eager_start=True)
+        pieces = Pieces(impl, loop, task_type=eager)
+        try:
+            task = asyncio.create_task(at_once())
+            assert task.done()
+            assert len(pieces.done.starts) == 0  # never noted
+            return await task, pieces
+        finally:
+            pieces.undo(loop)
+
+    got, pieces = asyncio.run(main())
+    assert got == 3
+    assert pieces.lean_finished == []
+    assert [outcome for _, outcome in pieces.ended] == ["finished"]
+    assert pieces.metadata == [(None, "c", None)]  # the task's (make_metadata's tuple)

@@ -60,10 +60,13 @@ typedef struct {
     PyObject *check;     /* the check, bound to this tap (made once) */
     PyObject **batch;    /* (task, context) pairs made while a check is pending (owned) */
     Py_ssize_t batch_len, batch_cap; /* in pairs */
-    int expect;  /* 1: the factory is making a task; 2: its first step was seen */
+    int expect;  /* EXPECT_MAKING, then EXPECT_STEP_SEEN (see tap_vectorcall) */
     int pending; /* a check is scheduled (and has not run yet) */
     int layout;  /* the future's callback fields: 0 not probed yet, 1 read, -1 not readable */
 } TapObject;
+
+#define EXPECT_MAKING 1    /* Tap.expect: a LeanFactory is making a task */
+#define EXPECT_STEP_SEEN 2 /* Tap.expect: and the tap saw its first step */
 
 static int tap_mark_task(TapObject *self, PyObject *task);
 static PyObject *tap_schedule_check(TapObject *self, PyObject *step, PyObject *context);
@@ -122,14 +125,16 @@ tap_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwn
             }
         }
     }
-    else if (nargs == 2 && self->done != NULL && Py_IS_TYPE(args[1], (PyTypeObject *)self->task_type)
+    else if (nargs == 2 && self->done != NULL
+             && Py_IS_TYPE(args[1], (PyTypeObject *)self->task_type)
              && tap_mark_task(self, args[1]) < 0) {
         PyErr_WriteUnraisable(args[0]);  /* a callback of a task that ended: marked first */
     }
-    else if (self->expect == 1 && nargs == 1 && kwnames != NULL && PyTuple_GET_SIZE(kwnames) == 1
-             && PyContext_CheckExact(args[1]) && tap_is_step(self, args[0])) {
+    else if (self->expect == EXPECT_MAKING && nargs == 1 && kwnames != NULL
+             && PyTuple_GET_SIZE(kwnames) == 1 && PyContext_CheckExact(args[1])
+             && tap_is_step(self, args[0])) {
         /* The first step of a task the factory is making (see tap_check). */
-        self->expect = 2;
+        self->expect = EXPECT_STEP_SEEN;
         if (!self->pending) {
             return tap_schedule_check(self, args[0], args[1]);
         }
@@ -1250,7 +1255,7 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     if (entry == NULL) {
         goto done;
     }
-    /* The loop's tap sees the task's first step (expect 2) when the task can be batched.
+    /* The loop's tap sees the task's first step (EXPECT_STEP_SEEN) when it can be batched.
        An eager task's first step runs in Task(): a check is scheduled before it instead. */
     tap = lf_batching_tap(self, loop, st);
     int eager = !PyType_Check(self->task_type);
@@ -1263,7 +1268,7 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
         Py_DECREF(handle);
     }
     if (tap != NULL) {
-        tap->expect = eager ? 2 : 1;
+        tap->expect = eager ? EXPECT_STEP_SEEN : EXPECT_MAKING;
     }
     PyObject *call_args[4] = {NULL, coro, loop, ctx};
     if (name != Py_None) {
@@ -1277,7 +1282,7 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     }
     int batch = 0;
     if (tap != NULL) {
-        batch = (tap->expect == 2);
+        batch = (tap->expect == EXPECT_STEP_SEEN);
         tap->expect = saved_expect;
     }
     if (task == NULL) {
@@ -2270,9 +2275,12 @@ static PyType_Spec ld_spec = {
  * an awaiting task all do so before that step ends) and before any of their first steps.
  * It adds asynctrace's callback to each batched task that has no callback known never to be
  * removed (an awaiting task's wakeup, gather's, TaskGroup's; asyncio.wait, wait_for,
- * as_completed and shield remove theirs), then runs the step it stands in for.
- * Only with the GIL (a free-threaded build keeps the callback per task) and only for
- * asyncio's C Task (its step is a TaskStepMethWrapper; anything else is not batched).
+ * as_completed and shield remove theirs), then runs the step it stands in for. An eager
+ * task's first step runs inside Task(), so for it the factory schedules the check (a Handle
+ * of its own, standing for no step) before making the task.
+ * Only with the GIL (a free-threaded build keeps the callback per task) and only for one
+ * task type per tap, asyncio's C Task (a first step not a TaskStepMethWrapper is not
+ * batched).
  * --------------------------------------------------------------------------------------- */
 
 /* Whether callback is a C task's step (the type of _asyncio's TaskStepMethWrapper). */
@@ -2478,7 +2486,7 @@ tap_check(PyObject *op, PyObject *unused)
     PyMem_Free(batch);
     Py_XDECREF(done);
     if (step == NULL) {
-        Py_RETURN_NONE;  /* cleared meanwhile (the tap was collected) */
+        Py_RETURN_NONE;  /* an eager task's check stands for no step (or the tap was cleared) */
     }
     PyObject *result = PyObject_CallNoArgs(step);
     Py_DECREF(step);
@@ -2490,7 +2498,8 @@ static int
 tap_mark_task(TapObject *self, PyObject *task)
 {
     LeanDoneObject *done = (LeanDoneObject *)self->done;
-    if (done->starts == NULL || starts_find((StartsObject *)done->starts, (uintptr_t)task) == NULL) {
+    if (done->starts == NULL
+        || starts_find((StartsObject *)done->starts, (uintptr_t)task) == NULL) {
         return 0;
     }
     speedups_state *st = PyType_GetModuleState(Py_TYPE(self));

@@ -422,7 +422,7 @@ class LeanFactory:
             except BaseException as exc:
                 self.on_error(begin, exc)
         name = kwargs.get("name")
-        # The loop's tap sees the task's first step (expect 2) when it can be batched. An
+        # The loop's tap sees the task's first step (_STEP_SEEN) when it can be batched. An
         # eager task's first step runs in its constructor: a check is scheduled before it.
         tap = getattr(loop, "call_soon", None)
         if type(tap) is not Tap or not tap.batching_for(self):
@@ -447,10 +447,12 @@ class LeanFactory:
                 hook(metadata)
             except BaseException as exc:
                 self.on_error(hook, exc)
-        if task.done() and type(self.lean_done) is LeanDone:  # what lean_finish does
-            self.lean_done.record(task, entry, metadata, created_ns, time.perf_counter_ns())
-        elif task.done():
-            self.lean_finish(task, metadata, time.perf_counter_ns() - created_ns, entry)
+        if task.done():  # an eager task done in its first step
+            now = time.perf_counter_ns()
+            if type(self.lean_done) is LeanDone:  # what lean_finish does
+                self.lean_done.record(task, entry, metadata, created_ns, now)
+            else:
+                self.lean_finish(task, metadata, now - created_ns, entry)
         else:
             self.starts[id(task)] = created_ns if entry is None else entry
             if not (batch and tap is not None and tap.add(task, context)):

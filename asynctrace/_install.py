@@ -402,7 +402,7 @@ class _Closing:
 
 def _watch_close(loop: asyncio.AbstractEventLoop) -> None:
     try:
-        if isinstance(vars(loop).get("close"), _Closing):
+        if isinstance(getattr(loop, "close", None), _Closing):  # not vars(loop): see _tap
             return
         loop.close = _Closing(loop, loop.close)  # type: ignore[method-assign]
     except (AttributeError, TypeError):
@@ -410,10 +410,7 @@ def _watch_close(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _unwatch_close(loop: asyncio.AbstractEventLoop) -> None:
-    try:
-        current = vars(loop).get("close")
-    except TypeError:
-        return
+    current = getattr(loop, "close", None)
     if isinstance(current, _Closing):
         original = current.close
         if getattr(original, "__func__", None) is getattr(type(loop), "close", None):

@@ -139,22 +139,50 @@ def create_task(
 
     Since: 0.1.0
     """
-    plain = task_group is None and name is None and context is None and eager_start is None
-    here = _c_factory_here() if plain and not unknown else None
-    if here is not None:
-        loop, factory = here
-        # What loop.create_task would do; the factory validates the metadata (and closes
-        # the coroutine when it raises).
-        return cast(
-            "asyncio.Task[_T]",
-            factory(
-                loop,
-                coro,
-                operation_name=operation_name,
-                correlation_id=correlation_id,
-                priority_hint=priority_hint,
-            ),
-        )
+    if (
+        _C_FACTORY is not None
+        and task_group is None
+        and name is None
+        and context is None
+        and eager_start is None
+        and not unknown
+    ):
+        # _c_factory_here() inlined (the helper's common call: a Python call less) and the
+        # factory read from the attribute BaseEventLoop.create_task reads.
+        loop = _running_loop()
+        if loop is not None and type(loop).create_task is _PLAIN_CREATE_TASK:
+            factory = loop._task_factory  # type: ignore[attr-defined]
+            if type(factory) is _C_FACTORY:
+                # What loop.create_task would do; the factory validates the metadata (and
+                # closes the coroutine when it raises).
+                return cast(
+                    "asyncio.Task[_T]",
+                    factory(
+                        loop,
+                        coro,
+                        operation_name=operation_name,
+                        correlation_id=correlation_id,
+                        priority_hint=priority_hint,
+                    ),
+                )
+    return _create_checked(
+        coro, task_group, name, context, eager_start, operation_name, correlation_id,
+        priority_hint, unknown,
+    )  # fmt: skip
+
+
+def _create_checked(  # noqa: PLR0917 - the helper's own arguments, passed on
+    coro: Coroutine[Any, Any, _T],
+    task_group: asyncio.TaskGroup | None,
+    name: str | None,
+    context: contextvars.Context | None,
+    eager_start: bool | None,
+    operation_name: str | None,
+    correlation_id: str | None,
+    priority_hint: int | None,
+    unknown: dict[str, object],
+) -> asyncio.Task[_T]:
+    """The helper's call past its fast path: arguments checked, the keywords through the slot."""
     try:
         if unknown:
             raise TypeError(

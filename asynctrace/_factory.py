@@ -399,6 +399,7 @@ def make_factory(  # noqa: C901, PLR0915 - the hot path stays one closure: no ex
             cid_var=cid_var,
             metadata_var=metadata_var,
             make_metadata=_make_metadata,
+            metadata_type=TaskMetadata,
             new_cid=new_correlation_id,
             validate=validate_metadata,
             task_type=constructor,

@@ -93,7 +93,8 @@ def check_text(what: str, value: object) -> None:
         raise ValueError(f"Invalid {what}: {value!r}; expected printable characters only.")
 
 
-_VALID_OPERATION: list[object] = [None]
+_VALID_OPERATIONS: Final[set[str]] = set()
+_VALID_OPERATIONS_MAX: Final = 256  # remembered as valid at most; then it starts anew
 
 
 def validate_metadata(
@@ -101,12 +102,17 @@ def validate_metadata(
 ) -> None:
     """Raise TypeError or ValueError naming the first field that is not acceptable.
 
-    The operation name last found valid is not checked again (a str never changes): tasks of
-    one call site pass the same object.
+    Operation names found valid are not checked again (a str never changes): the tasks of a
+    few call sites, in turn, pass the same few.
     """
-    if operation_name is not _VALID_OPERATION[0]:
+    if operation_name is not None and not (
+        type(operation_name) is str and operation_name in _VALID_OPERATIONS
+    ):
         check_text("operation_name", operation_name)
-        _VALID_OPERATION[0] = operation_name
+        if type(operation_name) is str:
+            if len(_VALID_OPERATIONS) >= _VALID_OPERATIONS_MAX:
+                _VALID_OPERATIONS.clear()
+            _VALID_OPERATIONS.add(operation_name)
     check_text("correlation_id", correlation_id)
     if priority_hint is not None and (
         not isinstance(priority_hint, int) or isinstance(priority_hint, bool)

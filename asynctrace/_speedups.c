@@ -807,6 +807,8 @@ typedef struct {
     PyObject *cid_var;
     PyObject *metadata_var;
     PyObject *make_metadata;  /* _metadata._make_metadata */
+    PyObject *metadata_type;  /* TaskMetadata when given: made here as make_metadata does */
+    PyObject *meta_op, *meta_cid, *meta_prio;  /* its slots' member descriptors */
     PyObject *new_cid;        /* _factory.new_correlation_id */
     PyObject *validate;       /* _metadata.validate_metadata */
     PyObject *task_type;      /* asyncio.Task */
@@ -816,7 +818,8 @@ typedef struct {
     PyObject *lean_finish;    /* for an eager task done in its first step */
     PyObject *last;           /* (correlation id, metadata) last made, or NULL */
     PyObject *named;          /* (operation, id, priority, metadata) last made, or NULL */
-    PyObject *validated_op;   /* the operation name last found valid (a str), or NULL */
+    PyObject *validated;      /* a set: operation names found valid (str), at most
+                                 LF_VALIDATED_MAX, then cleared */
     PyObject *derived_from;   /* the creator's variables (a HAMT) when last derived, or NULL */
     PyObject *derived;        /* that context with the task's variables set (see lf_reuse) */
     PyObject *derived_cid;    /* the correlation id set in it, or NULL */
@@ -824,6 +827,8 @@ typedef struct {
     PyObject *dict;
     vectorcallfunc vectorcall;
 } LeanFactoryObject;
+
+#define LF_VALIDATED_MAX 256
 
 static TapObject *lf_batching_tap(LeanFactoryObject *self, PyObject *loop, speedups_state *st);
 static int tap_batch_add(TapObject *self, PyObject *task, PyObject *context);
@@ -844,6 +849,65 @@ static PyObject *
 lf_fallback(LeanFactoryObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
     return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+/* The member descriptors of metadata_type's operation_name, correlation_id and priority_hint
+   slots (new references into fields); 0 with none when metadata_type is NULL or None, -1 with
+   a TypeError when it is not a type with those three slots. */
+static int
+lf_metadata_fields(PyObject *metadata_type, PyObject *fields[3])
+{
+    if (metadata_type == NULL || metadata_type == Py_None) {
+        return 0;
+    }
+    static const char *names[3] = {"operation_name", "correlation_id", "priority_hint"};
+    for (int i = 0; PyType_Check(metadata_type) && i < 3; i++) {
+        fields[i] = PyObject_GetAttrString(metadata_type, names[i]);
+        if (fields[i] == NULL) {
+            PyErr_Clear();
+            break;
+        }
+        if (!Py_IS_TYPE(fields[i], &PyMemberDescr_Type)) {
+            break;
+        }
+        if (i == 2) {
+            return 0;
+        }
+    }
+    for (int i = 0; i < 3; i++) {
+        Py_CLEAR(fields[i]);
+    }
+    PyErr_Format(PyExc_TypeError, "LeanFactory: metadata_type must be a class with "
+                 "operation_name, correlation_id and priority_hint slots, got %R", metadata_type);
+    return -1;
+}
+
+/* A new metadata object: make_metadata(op, cid, prio), or the same made here from
+   metadata_type (object.__new__, then the three slots set through their descriptors). */
+static PyObject *
+lf_make_metadata(LeanFactoryObject *self, PyObject *op, PyObject *cid, PyObject *prio)
+{
+    if (self->metadata_type == NULL || self->metadata_type == Py_None) {
+        return PyObject_CallFunctionObjArgs(self->make_metadata, op, cid, prio, NULL);
+    }
+    PyObject *empty = PyTuple_New(0);
+    if (empty == NULL) {
+        return NULL;
+    }
+    PyObject *made = PyBaseObject_Type.tp_new((PyTypeObject *)self->metadata_type, empty, NULL);
+    Py_DECREF(empty);
+    if (made == NULL) {
+        return NULL;
+    }
+    PyObject *fields[3] = {self->meta_op, self->meta_cid, self->meta_prio};
+    PyObject *values[3] = {op, cid, prio};
+    for (int i = 0; i < 3; i++) {
+        if (Py_TYPE(fields[i])->tp_descr_set(fields[i], made, values[i]) < 0) {
+            Py_DECREF(made);
+            return NULL;
+        }
+    }
+    return made;
 }
 
 /* The metadata of a task with these fields (new reference); caches the last one made. */
@@ -867,7 +931,7 @@ lf_metadata(LeanFactoryObject *self, PyObject *op, PyObject *cid, PyObject *prio
     if (cached != NULL) {
         return cached;
     }
-    PyObject *made = PyObject_CallFunctionObjArgs(self->make_metadata, op, cid, prio, NULL);
+    PyObject *made = lf_make_metadata(self, op, cid, prio);
     if (made == NULL) {
         return NULL;
     }
@@ -1063,6 +1127,33 @@ lf_begin(LeanFactoryObject *self, PyObject *hooks, PyObject *ctx, PyObject *meta
     return entry;
 }
 
+enum { KW_UNKNOWN, KW_CONTEXT, KW_EAGER_START, KW_NAME, KW_OPERATION_NAME,
+       KW_CORRELATION_ID, KW_PRIORITY_HINT };
+
+/* Which of the factory's keywords key is (KW_UNKNOWN: none), -1 on error. Keyword names
+   written in code are interned, so they are found by identity; others by comparison. */
+static int
+lf_keyword(PyObject *key, speedups_state *st)
+{
+    PyObject *names[6] = {st->s_context, st->s_eager_start, st->s_name, st->s_operation_name,
+                          st->s_correlation_id, st->s_priority_hint};
+    for (int i = 0; i < 6; i++) {
+        if (key == names[i]) {
+            return i + 1;
+        }
+    }
+    for (int i = 0; i < 6; i++) {
+        int eq = PyUnicode_Compare(key, names[i]);
+        if (eq == 0) {
+            return i + 1;
+        }
+        if (eq == -1 && PyErr_Occurred()) {
+            return -1;
+        }
+    }
+    return KW_UNKNOWN;
+}
+
 static PyObject *
 lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -1077,32 +1168,35 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     int metadata_keywords = 0;
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
     for (Py_ssize_t i = 0; i < nkw; i++) {
-        PyObject *key = PyTuple_GET_ITEM(kwnames, i), *value = args[nargs + i];
-        if (PyUnicode_Compare(key, st->s_context) == 0 || PyUnicode_Compare(key, st->s_eager_start) == 0) {
+        PyObject *value = args[nargs + i];
+        int which = lf_keyword(PyTuple_GET_ITEM(kwnames, i), st);
+        if (which < 0) {
+            return NULL;
+        }
+        switch (which) {
+        case KW_CONTEXT:
+        case KW_EAGER_START:
             if (value != Py_None) {
                 return lf_fallback(self, args, nargsf, kwnames);  /* explicit context, eager */
             }
-        }
-        else if (PyUnicode_Compare(key, st->s_name) == 0) {
+            break;
+        case KW_NAME:
             name = value;
-        }
-        else if (PyUnicode_Compare(key, st->s_operation_name) == 0) {
+            break;
+        case KW_OPERATION_NAME:
             op = value;
             metadata_keywords = 1;
-        }
-        else if (PyUnicode_Compare(key, st->s_correlation_id) == 0) {
+            break;
+        case KW_CORRELATION_ID:
             cid = value;
             metadata_keywords = 1;
-        }
-        else if (PyUnicode_Compare(key, st->s_priority_hint) == 0) {
+            break;
+        case KW_PRIORITY_HINT:
             prio = value;
             metadata_keywords = 1;
-        }
-        else {
+            break;
+        default:
             return lf_fallback(self, args, nargsf, kwnames);  /* unknown: it raises */
-        }
-        if (PyErr_Occurred()) {
-            return NULL;
         }
     }
     PyObject *hooks = PyObject_GetAttr(self->state, st->s_hooks);
@@ -1139,12 +1233,13 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
         prio = PyTuple_GET_ITEM(pending, 2);
     }
     else if (metadata_keywords) {
-        /* An operation name found valid before (a str never changes), nothing else: valid. */
+        /* Operation names found valid before (a str never changes), nothing else: valid. */
         int known = (cid == Py_None && prio == Py_None);
         if (known && op != Py_None) {
-            Py_BEGIN_CRITICAL_SECTION(self);
-            known = (op == self->validated_op);
-            Py_END_CRITICAL_SECTION();
+            known = PyUnicode_CheckExact(op) ? PySet_Contains(self->validated, op) : 0;
+            if (known < 0) {
+                goto fail_early;
+            }
         }
         if (!known) {
             PyObject *ok = PyObject_CallFunctionObjArgs(self->validate, op, cid, prio, NULL);
@@ -1156,12 +1251,11 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
             }
             Py_DECREF(ok);
             if (PyUnicode_CheckExact(op)) {
-                PyObject *old;
-                Py_BEGIN_CRITICAL_SECTION(self);
-                old = self->validated_op;
-                self->validated_op = Py_NewRef(op);
-                Py_END_CRITICAL_SECTION();
-                Py_XDECREF(old);
+                if ((PySet_GET_SIZE(self->validated) >= LF_VALIDATED_MAX
+                     && PySet_Clear(self->validated) < 0)
+                    || PySet_Add(self->validated, op) < 0) {
+                    goto fail_early;
+                }
             }
         }
     }
@@ -1358,39 +1452,75 @@ lf_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         "fallback", "state", "slot", "cid_var", "metadata_var", "make_metadata", "new_cid",
         "validate", "task_type", "lean_done", "starts", "on_error", "lean_finish", NULL};
     PyObject *a[13];
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOOOOOOOOOOO:LeanFactory", keywords,
-                                     &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7],
-                                     &a[8], &a[9], &a[10], &a[11], &a[12])) {
+    /* metadata_type (optional) is taken out before the others are parsed */
+    PyObject *metadata_type = NULL, *rest = kwargs == NULL ? NULL : PyDict_Copy(kwargs);
+    if (kwargs != NULL && rest == NULL) {
+        return NULL;
+    }
+    metadata_type = rest == NULL ? NULL : PyDict_GetItemString(rest, "metadata_type");
+    if (metadata_type != NULL) {
+        Py_INCREF(metadata_type);
+        if (PyDict_DelItemString(rest, "metadata_type") < 0) {
+            Py_DECREF(metadata_type);
+            Py_DECREF(rest);
+            return NULL;
+        }
+    }
+    int parsed = PyArg_ParseTupleAndKeywords(args, rest, "$OOOOOOOOOOOOO:LeanFactory", keywords,
+                                             &a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6],
+                                             &a[7], &a[8], &a[9], &a[10], &a[11], &a[12]);
+    Py_XDECREF(rest);
+    PyObject *meta_fields[3] = {NULL, NULL, NULL};
+    if (parsed && lf_metadata_fields(metadata_type, meta_fields) < 0) {
+        parsed = 0;
+    }
+    if (!parsed) {
+        Py_XDECREF(metadata_type);
         return NULL;
     }
     if (!PyContextVar_CheckExact(a[3]) || !PyContextVar_CheckExact(a[4])) {
         PyErr_Format(PyExc_TypeError, "LeanFactory: cid_var and metadata_var must be "
                      "ContextVars, got %R and %R", a[3], a[4]);
-        return NULL;
+        goto fail_fields;
     }
     speedups_state *st = PyType_GetModuleState(type);
     if (!Py_IS_TYPE(a[10], st->starts_type)) {
         PyErr_Format(PyExc_TypeError,
                      "LeanFactory: starts must be a Starts table (a LeanDone's), got %R", a[10]);
-        return NULL;
+        goto fail_fields;
     }
     LeanFactoryObject *self = (LeanFactoryObject *)type->tp_alloc(type, 0);
     if (self == NULL) {
-        return NULL;
+        goto fail_fields;
     }
+    self->metadata_type = metadata_type;  /* the references move to self */
+    self->meta_op = meta_fields[0];
+    self->meta_cid = meta_fields[1];
+    self->meta_prio = meta_fields[2];
     PyObject **fields[13] = {&self->fallback, &self->state, &self->slot, &self->cid_var,
         &self->metadata_var, &self->make_metadata, &self->new_cid, &self->validate,
         &self->task_type, &self->lean_done, &self->starts, &self->on_error, &self->lean_finish};
     for (int i = 0; i < 13; i++) {
         *fields[i] = Py_NewRef(a[i]);
     }
+    self->validated = PySet_New(NULL);
+    if (self->validated == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
     self->vectorcall = lf_vectorcall;
     return (PyObject *)self;
+fail_fields:
+    Py_XDECREF(metadata_type);
+    for (int i = 0; i < 3; i++) {
+        Py_XDECREF(meta_fields[i]);
+    }
+    return NULL;
 }
 
 #define LF_FIELDS(X) X(fallback) X(state) X(slot) X(cid_var) X(metadata_var) X(make_metadata) \
     X(new_cid) X(validate) X(task_type) X(lean_done) X(starts) X(on_error) X(lean_finish)    \
-    X(last) X(named) X(validated_op) X(derived_from) X(derived) X(derived_cid) X(derived_meta) \
+    X(metadata_type) X(meta_op) X(meta_cid) X(meta_prio) X(last) X(named) X(validated) X(derived_from) X(derived) X(derived_cid) X(derived_meta) \
     X(dict)
 
 static int

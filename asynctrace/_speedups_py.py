@@ -23,7 +23,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from types import FunctionType, MethodType
+from types import FunctionType, MemberDescriptorType, MethodType
 from typing import Any, final
 
 __all__ = [
@@ -255,6 +255,7 @@ def _unraisable(exc: BaseException | None, callback: object) -> Any:  # noqa: AN
 
 _SIMPLE_KEYWORDS = frozenset({"context", "eager_start", "name"})
 _METADATA_KEYWORDS = frozenset({"operation_name", "correlation_id", "priority_hint"})
+_VALIDATED_MAX = 256  # operation names a factory remembers as valid; then it starts anew
 
 
 @final
@@ -296,7 +297,7 @@ class LeanFactory:
         "__dict__",
         "_last",
         "_named",
-        "_validated_op",
+        "_validated",
         "cid_var",
         "fallback",
         "lean_done",
@@ -328,8 +329,26 @@ class LeanFactory:
         starts: object,
         on_error: Callable[[Any, BaseException], Any],
         lean_finish: Callable[..., Any],
+        metadata_type: type | None = None,
     ) -> None:
-        """Take over the common path from ``fallback`` (see the class docstring)."""
+        """Take over the common path from ``fallback`` (see the class docstring).
+
+        ``metadata_type`` (``TaskMetadata``) lets the C factory make the metadata itself, as
+        ``make_metadata`` does (``object.__new__``, the three slots set through their
+        descriptors), without a Python call; here ``make_metadata`` always makes it.
+        """
+        if metadata_type is not None and not (
+            isinstance(metadata_type, type)
+            and all(
+                type(getattr(metadata_type, field, None)) is MemberDescriptorType
+                for field in ("operation_name", "correlation_id", "priority_hint")
+            )
+        ):
+            msg = (
+                "LeanFactory: metadata_type must be a class with operation_name, "
+                f"correlation_id and priority_hint slots, got {metadata_type!r}"
+            )
+            raise TypeError(msg)
         if not isinstance(cid_var, contextvars.ContextVar) or not isinstance(
             metadata_var, contextvars.ContextVar
         ):
@@ -356,7 +375,7 @@ class LeanFactory:
         self.lean_finish = lean_finish
         self._last: tuple[Any, Any] | None = None
         self._named: tuple[Any, Any, Any, Any] | None = None
-        self._validated_op: object = None
+        self._validated: set[str] = set()  # operation names found valid, then cleared
 
     def __call__(self, loop: Any, coro: Any, /, **kwargs: Any) -> Any:  # noqa: ANN401, C901, PLR0912, PLR0915
         """Make the task (see the class docstring)."""
@@ -379,15 +398,21 @@ class LeanFactory:
             op = kwargs.get("operation_name")
             cid = kwargs.get("correlation_id")
             prio = kwargs.get("priority_hint")
-            # An operation name found valid before (a str never changes), nothing else: valid.
-            known = cid is None and prio is None and (op is None or op is self._validated_op)
+            # Operation names found valid before (a str never changes), nothing else: valid.
+            known = (
+                cid is None
+                and prio is None
+                and (op is None or (type(op) is str and op in self._validated))
+            )
             if has_metadata and not known:
                 try:
                     self.validate(op, cid, prio)
                 except Exception:
                     return self.fallback(loop, coro, **kwargs)
                 if type(op) is str:
-                    self._validated_op = op
+                    if len(self._validated) >= _VALIDATED_MAX:
+                        self._validated.clear()
+                    self._validated.add(op)
         context = contextvars.copy_context()
         inherited = self.cid_var.get(None)
         set_cid = False

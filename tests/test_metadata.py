@@ -264,3 +264,24 @@ def test_task_metadata_validates_on_construction() -> None:
     """Building TaskMetadata by hand validates the same way."""
     with pytest.raises(TypeError, match="priority_hint"):
         TaskMetadata(priority_hint=1.5)  # type: ignore[arg-type]
+
+
+def test_validate_metadata_checks_each_operation_name_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names used in turn are checked once each (the pure-Python factory's hot path)."""
+    from asynctrace import _metadata  # noqa: PLC0415
+
+    checked: list[tuple[str, object]] = []
+    check_text = _metadata.check_text
+    monkeypatch.setattr(_metadata, "_VALID_OPERATIONS", set())
+    monkeypatch.setattr(
+        _metadata,
+        "check_text",
+        lambda what, value: (checked.append((what, value)), check_text(what, value)),
+    )
+    for op in ["validate", "enrich", "store"] * 3:
+        _metadata.validate_metadata(op, None, None)
+    assert [v for what, v in checked if what == "operation_name"] == ["validate", "enrich", "store"]
+    for _ in range(2):
+        with pytest.raises(ValueError, match="Invalid operation_name"):
+            _metadata.validate_metadata("", None, None)
+    assert [v for what, v in checked if what == "operation_name"][-2:] == ["", ""]

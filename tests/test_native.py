@@ -410,11 +410,14 @@ class Meta:
 class LeanParts:
     """A LeanFactory's collaborators, recording what they were asked."""
 
-    def __init__(self, impl: ModuleType, *, lean: bool = True) -> None:
+    def __init__(
+        self, impl: ModuleType, *, lean: bool = True, metadata_type: type | None = None
+    ) -> None:
         import contextvars  # noqa: PLC0415
         import types  # noqa: PLC0415
 
         self.started: list[object] = []
+        self.validated: list[object] = []
         self.fallback_calls: list[tuple[object, ...]] = []
         self.errors: list[tuple[object, BaseException]] = []
         self.finished: list[object] = []
@@ -435,6 +438,7 @@ class LeanParts:
             return Meta(op, cid, prio)
 
         def validate(op: object, cid: object, prio: object) -> None:
+            parts.validated.append(op)
             if op == "":
                 raise ValueError("Invalid operation_name: ''")
 
@@ -448,11 +452,70 @@ class LeanParts:
             validate=validate, task_type=asyncio.Task, lean_done=self.done.append,
             starts=self.starts, on_error=lambda hook, exc: parts.errors.append((hook, exc)),
             lean_finish=lambda task, meta, ns, _entry: parts.finished.append((task, meta, ns)),
+            metadata_type=metadata_type,
         )  # fmt: skip
 
 
 async def _peek(parts: LeanParts) -> tuple[object, object]:
     return parts.cid_var.get(None), parts.meta_var.get(None)
+
+
+def test_lean_factory_validates_each_operation_name_once(impl: ModuleType) -> None:
+    """Names used in turn are each validated once; at 256 remembered the factory starts anew.
+
+    Keyword names are found by identity when interned (as written in code), by comparison
+    otherwise: a name built at run time is still the factory's keyword.
+    """
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        parts = LeanParts(impl)
+        for op in ["validate", "enrich", "store"] * 3:
+            await parts.factory(loop, asyncio.sleep(0), operation_name=op)
+        assert parts.validated == ["validate", "enrich", "store"]
+        built = "".join(["operation", "_name"])  # noqa: FLY002 - a keyword name not interned
+        assert built is not sys.intern("operation_name")
+        await parts.factory(loop, asyncio.sleep(0), **{built: "store"})
+        assert parts.fallback_calls == []
+        assert len(parts.validated) == 3
+        parts.validated.clear()
+        names = [f"op{i}" for i in range(300)]
+        for op in names:
+            await parts.factory(loop, asyncio.sleep(0), operation_name=op)
+        await parts.factory(loop, asyncio.sleep(0), operation_name="op299")  # remembered
+        await parts.factory(loop, asyncio.sleep(0), operation_name="op0")  # forgotten at 256
+        assert parts.validated == [*names, "op0"]
+        for _ in range(2):  # refused: to the fallback (which raises it), never remembered
+            await parts.factory(loop, asyncio.sleep(0), operation_name="")
+        assert parts.validated[-2:] == ["", ""]
+        assert len(parts.fallback_calls) == 2
+
+    asyncio.run(main())
+
+
+def test_lean_factory_makes_metadata_of_the_given_type(impl: ModuleType) -> None:
+    """With metadata_type the C factory makes TaskMetadata itself: equal objects, no call."""
+    from asynctrace._metadata import TaskMetadata  # noqa: PLC0415
+
+    async def main() -> tuple[object, object, int]:
+        loop = asyncio.get_running_loop()
+        parts = LeanParts(impl, metadata_type=TaskMetadata)
+        cid, meta = await parts.factory(loop, _peek(parts), operation_name="x", priority_hint=2)
+        return cid, meta, parts.made
+
+    cid, meta, made = asyncio.run(main())
+    assert cid == "fresh"
+    if impl.IMPLEMENTATION == "c":
+        assert type(meta) is TaskMetadata
+        assert meta == TaskMetadata("x", "fresh", 2)
+        assert made == 0  # no Python call
+    else:  # the specification: make_metadata always
+        assert isinstance(meta, Meta)
+        assert (meta.operation_name, meta.correlation_id, meta.priority_hint) == ("x", "fresh", 2)
+        assert made == 1
+    for bad in (int, Meta, "TaskMetadata"):
+        with pytest.raises(TypeError, match="metadata_type must be a class with operation_name"):
+            LeanParts(impl, metadata_type=bad)  # type: ignore[arg-type]
 
 
 def test_lean_factory_common_path(impl: ModuleType) -> None:

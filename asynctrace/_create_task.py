@@ -15,7 +15,7 @@ import difflib
 import sys
 import threading
 from collections.abc import Coroutine
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeVar
 
 from asynctrace import _native
 from asynctrace._metadata import _CORRELATION_ID, _METADATA, validate_metadata
@@ -154,17 +154,15 @@ def create_task(
             factory = loop._task_factory  # type: ignore[attr-defined]
             if type(factory) is _C_FACTORY:
                 # What loop.create_task would do; the factory validates the metadata (and
-                # closes the coroutine when it raises).
-                return cast(
-                    "asyncio.Task[_T]",
-                    factory(
-                        loop,
-                        coro,
-                        operation_name=operation_name,
-                        correlation_id=correlation_id,
-                        priority_hint=priority_hint,
-                    ),
+                # closes the coroutine when it raises). No typing.cast: a call per task.
+                task: asyncio.Task[_T] = factory(
+                    loop,
+                    coro,
+                    operation_name=operation_name,
+                    correlation_id=correlation_id,
+                    priority_hint=priority_hint,
                 )
+                return task
     return _create_checked(
         coro, task_group, name, context, eager_start, operation_name, correlation_id,
         priority_hint, unknown,

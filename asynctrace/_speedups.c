@@ -2902,7 +2902,8 @@ static PyType_Spec si_spec = {
 
 #define SH_FIELDS(X) X(sink) X(handle_type) X(task_span) X(span_key) X(context_module)        \
     X(random_module) X(sampled) X(finished) X(internal) X(unnamed) X(provisional) X(state)     \
-    X(on_error) X(lock) X(empty_args) X(n128) X(n64) X(task_prefix) X(empty_str)
+    X(on_error) X(lock) X(empty_args) X(n128) X(n64) X(task_prefix) X(empty_str)          \
+    X(span_context_type) X(default_trace_state)
 
 typedef struct {
     PyObject_HEAD
@@ -3011,6 +3012,65 @@ sh_common(SpanHooksObject *self, PyObject *runtime, speedups_state *st)
     Py_XDECREF(processors);
     Py_DECREF(checked);
     return same;
+}
+
+/* A parent's SpanContext read as the tuple it is. opentelemetry-api's SpanContext is a tuple
+   subclass, (trace_id, span_id, is_remote, trace_flags, trace_state, is_valid), whose
+   properties return those items: a Python call each. Checked once here, on a SpanContext made
+   for the purpose against its properties; where anything differs (another layout, no
+   opentelemetry) span_context_type stays NULL and the properties are asked, as before. The
+   default (empty) TraceState is known by identity; any other is asked whether it is empty. */
+#define SC_SPAN_ID 1
+#define SC_IS_REMOTE 2
+#define SC_TRACE_STATE 4
+static int
+sh_probe_span_context(SpanHooksObject *self)
+{
+    PyObject *module = PyImport_ImportModule("opentelemetry.trace.span");
+    PyObject *type = module ? PyObject_GetAttrString(module, "SpanContext") : NULL;
+    PyObject *state = module ? PyObject_GetAttrString(module, "DEFAULT_TRACE_STATE") : NULL;
+    Py_XDECREF(module);
+    PyObject *probe = NULL;
+    int ok = type != NULL && state != NULL && PyType_Check(type) &&
+             PyType_IsSubtype((PyTypeObject *)type, &PyTuple_Type);
+    if (ok) {
+        PyObject *kw = Py_BuildValue("{sO}", "trace_state", state);
+        PyObject *pos = Py_BuildValue("(KKO)", 7ULL, 9ULL, Py_True);
+        probe = kw && pos ? PyObject_Call(type, pos, kw) : NULL;
+        Py_XDECREF(kw);
+        Py_XDECREF(pos);
+        ok = probe != NULL && PyTuple_GET_SIZE(probe) == 6;
+    }
+    static const char *names[3] = {"span_id", "is_remote", "trace_state"};
+    static const int items[3] = {SC_SPAN_ID, SC_IS_REMOTE, SC_TRACE_STATE};
+    for (int i = 0; ok && i < 3; i++) {
+        PyObject *value = PyObject_GetAttrString(probe, names[i]);
+        ok = value != NULL && PyObject_RichCompareBool(value, PyTuple_GET_ITEM(probe, items[i]),
+                                                       Py_EQ) == 1;
+        Py_XDECREF(value);
+    }
+    ok = ok && PyTuple_GET_ITEM(probe, SC_TRACE_STATE) == state;
+    Py_XDECREF(probe);
+    PyErr_Clear(); /* no opentelemetry, or another layout: the properties are asked */
+    if (ok) {
+        self->span_context_type = type;
+        self->default_trace_state = state;
+        return 0;
+    }
+    Py_XDECREF(type);
+    Py_XDECREF(state);
+    return 0;
+}
+
+/* parent.<name> (new reference): the tuple item of a SpanContext known above, else asked. */
+static PyObject *
+sh_context_item(SpanHooksObject *self, PyObject *parent, int item, PyObject *name)
+{
+    if (self->span_context_type != NULL && (PyObject *)Py_TYPE(parent) == self->span_context_type
+        && PyTuple_GET_SIZE(parent) == 6) {
+        return Py_NewRef(PyTuple_GET_ITEM(parent, item));
+    }
+    return PyObject_GetAttr(parent, name);
 }
 
 static PyObject *
@@ -3161,7 +3221,10 @@ sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
             common = same < 0 ? -1 : 0; /* a new trace (linked), or not sampled */
             goto other;
         }
-        parent = PyObject_CallMethodNoArgs(here, st->s_get_span_context);
+        /* get_span_context() keeps what it made in _context: taken from there once made */
+        parent = SLOT(here, _context) != Py_None && SLOT(here, _context) != NULL
+                     ? Py_NewRef(SLOT(here, _context))
+                     : PyObject_CallMethodNoArgs(here, st->s_get_span_context);
         if (parent == NULL) {
             common = -1;
             goto other;
@@ -3223,8 +3286,10 @@ sh_lane_shape(SpanHooksObject *self, PyObject *entry, PyObject *outcome, PyObjec
     if (parent == Py_None) {
         return 1;
     }
-    PyObject *state = PyObject_GetAttr(parent, st->s_trace_state); /* the span's: its parent's */
-    int set = state == NULL ? -1 : PyObject_IsTrue(state);
+    /* the span's trace state: its parent's */
+    PyObject *state = sh_context_item(self, parent, SC_TRACE_STATE, st->s_trace_state);
+    int set = state == NULL ? -1
+            : state == self->default_trace_state ? 0 : PyObject_IsTrue(state);
     Py_XDECREF(state);
     return set == 0 ? 1 : (set < 0 ? -1 : 0);
 }
@@ -3277,8 +3342,9 @@ sh_lane_tuple(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObje
         remote = Py_NewRef(Py_False);
     }
     else {
-        parent_id = PyObject_GetAttr(parent, st->s_span_id);
-        PyObject *is_remote = parent_id ? PyObject_GetAttr(parent, st->s_is_remote) : NULL;
+        parent_id = sh_context_item(self, parent, SC_SPAN_ID, st->s_span_id);
+        PyObject *is_remote =
+            parent_id ? sh_context_item(self, parent, SC_IS_REMOTE, st->s_is_remote) : NULL;
         if (is_remote != NULL) {
             int r = PyObject_IsTrue(is_remote);
             remote = r < 0 ? NULL : Py_NewRef(r ? Py_True : Py_False);
@@ -3476,7 +3542,7 @@ sh_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->task_prefix = PyUnicode_FromString("Task-");
     self->empty_str = PyUnicode_FromString("");
     if (!self->lock || !self->empty_args || !self->n128 || !self->n64 || !self->task_prefix ||
-        !self->empty_str) {
+        !self->empty_str || sh_probe_span_context(self) < 0) {
         goto error;
     }
     return (PyObject *)self;

@@ -305,3 +305,46 @@ def test_a_dropped_pending_task_is_collected_with_its_span_handle(
         ref = asyncio.run(main())
     assert "Task was destroyed but it is pending!" in caplog.text
     assert ref() is None
+
+
+@pytest.mark.skipif(_native.IMPLEMENTATION != "c", reason="the C hooks' reads")
+def test_c_span_hooks_read_a_parents_context_without_python_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A parent's SpanContext is read as the tuple it is (its layout checked once, when the
+    hooks are made), and the context a parent's handle made is taken from the handle: one
+    ``get_span_context()`` call for a parent's five children, no property call.
+    """
+    from opentelemetry.trace.span import SpanContext  # noqa: PLC0415
+
+    calls: list[str] = []
+    lane = Lane()
+    provider = TracerProvider()
+    provider.add_span_processor(lane)
+
+    def counted(name: str) -> property:
+        real = getattr(SpanContext, name)
+        return property(lambda self: (calls.append(name), real.fget(self))[1])
+
+    async def fan_out() -> None:
+        await asyncio.gather(*(asyncio.create_task(leaf(i)) for i in range(5)))
+
+    async def main() -> None:
+        asynctrace.install(tracer_provider=provider, registry=CollectorRegistry())
+        # after the hooks were made: their check saw the real properties
+        for name in ("span_id", "is_remote", "trace_state"):
+            monkeypatch.setattr(SpanContext, name, counted(name))
+        get = _TaskSpan.get_span_context
+        monkeypatch.setattr(
+            _TaskSpan, "get_span_context", lambda self: (calls.append("get"), get(self))[1]
+        )
+        await asyncio.create_task(fan_out())
+        monkeypatch.undo()
+        asynctrace.uninstall()
+
+    asyncio.run(main())
+    [top] = [span for span in lane.tasks if span[5].endswith("fan_out")]
+    children = [span for span in lane.tasks if span[5] == "leaf"]
+    assert len(children) == 5
+    assert {(span[0], span[2], span[3]) for span in children} == {(top[0], top[1], False)}
+    assert calls == ["get"]

@@ -21,6 +21,7 @@ __all__ = [
     "SpanIds",
     "Tap",
     "encode_task_span",
+    "encode_task_spans",
     "load",
 ]
 
@@ -50,6 +51,10 @@ LeanFactory: Final = _module.LeanFactory
 LeanDone: Final = _module.LeanDone
 encode_task_span: Final = getattr(  # an extension built before the encoder: Python's
     _module, "encode_task_span", importlib.import_module("asynctrace._speedups_py").encode_task_span
+)
+# Both from one module: the twin's batch asks the twin's single encoder.
+encode_task_spans: Final = getattr(_module, "encode_task_spans", None) or (
+    importlib.import_module("asynctrace._speedups_py").encode_task_spans
 )
 Counts: Final = _module.Counts
 # The span handle's base and the hooks that write it go together: an extension built before

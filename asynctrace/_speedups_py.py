@@ -36,6 +36,7 @@ __all__ = [
     "Starts",
     "Tap",
     "encode_task_span",
+    "encode_task_spans",
 ]
 
 IMPLEMENTATION = "python"
@@ -780,6 +781,34 @@ def encode_task_span(span: object) -> None:  # noqa: ARG001 - the C version's si
     specification is ``export.otlp_encode``'s Python encoder, which writes every span here.
     """
     return
+
+
+_TASK_SPAN_FIELDS = 15  # otlp_encode.TaskSpan
+
+
+def encode_task_spans(spans: list[Any], fallback: Callable[[Any], object]) -> bytes:
+    """The Span messages of ``spans`` (task span tuples), one after the other.
+
+    Each is written by :func:`encode_task_span` where it writes it, else by ``fallback`` (the
+    Python encoder): here, by ``fallback``. The C version writes them into one buffer, with no
+    bytes object per span.
+    """
+    if type(spans) is not list or not callable(fallback):
+        msg = "encode_task_spans(spans, fallback): a list and a callable"
+        raise TypeError(msg)
+    for span in spans:
+        if type(span) is not tuple or len(span) != _TASK_SPAN_FIELDS:
+            msg = f"encode_task_spans: expected a 15-tuple, got {span!r}"
+            raise TypeError(msg)
+    # encode_task_span writes nothing here: every span is the fallback's
+    parts: list[bytes] = []
+    for span in spans:
+        data = fallback(span)
+        if not isinstance(data, bytes):
+            msg = f"encode_task_spans: fallback gave {data!r}, not bytes"
+            raise TypeError(msg)
+        parts.append(data)
+    return b"".join(parts)
 
 
 class SpanIds:

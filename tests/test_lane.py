@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import importlib
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -39,6 +41,7 @@ from asynctrace.export.otlp import CountingExporter
 from asynctrace.export.setup import LANE_ENV
 from asynctrace.sinks.tracing import SpanSink
 from tests.otlp_receivers import Received, http_receiver
+from tests.test_native import IMPLEMENTATIONS
 
 # -- the encoder against the SDK's -------------------------------------------------------------
 
@@ -140,6 +143,30 @@ def test_c_encoder_writes_the_python_encoders_bytes(span: otlp_encode.TaskSpan) 
         assert data is None  # an exception event or a priority hint: Python's to write
     else:
         assert data == otlp_encode.encode_task_span_python(span)
+
+
+@settings(max_examples=200, deadline=None)
+@given(spans=st.lists(task_spans, max_size=6))
+def test_a_batch_is_its_spans_bytes_one_after_the_other(spans: list[otlp_encode.TaskSpan]) -> None:
+    """encode_task_spans (C where built, and the twin) gives each span's bytes in order."""
+    expected = b"".join(otlp_encode.encode_task_span_python(s) for s in spans)
+    assert otlp_encode.encode_task_spans(list(spans)) == expected
+    twin = importlib.import_module("asynctrace._speedups_py")
+    assert twin.encode_task_spans(list(spans), otlp_encode.encode_task_span_python) == expected
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda m: m.IMPLEMENTATION)
+def test_a_batch_refuses_what_it_cannot_write(impl: ModuleType) -> None:
+    span = (1, 2, 0, False, "", "t", 10, 20, "Task-1", "finished", None, None, 3, None, None)
+    python = otlp_encode.encode_task_span_python
+    with pytest.raises(TypeError, match="a list and a callable"):
+        impl.encode_task_spans((span,), python)
+    with pytest.raises(TypeError, match="a list and a callable"):
+        impl.encode_task_spans([span], None)
+    with pytest.raises(TypeError, match=r"expected a 15-tuple, got \(1, 2, 0\)"):
+        impl.encode_task_spans([span[:3]], python)
+    with pytest.raises(TypeError, match="fallback gave 'text', not bytes"):
+        impl.encode_task_spans([span], lambda _span: "text")  # the priority hint: fallback's
 
 
 def test_requests_concatenate() -> None:

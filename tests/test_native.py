@@ -80,6 +80,7 @@ def test_implementation_names(impl: ModuleType) -> None:
         "Starts",
         "Tap",
         "encode_task_span",
+        "encode_task_spans",
     ]
 
 

@@ -242,9 +242,14 @@ class OTLPLane(_ExportThread):
             STATE.errors.count(self._source, failure)
 
     def _encode(self, batch: list[Any]) -> bytes:
-        encode = otlp_encode.encode_task_span
-        tasks = [encode(s) for s in batch if type(s) is tuple]
-        body = otlp_encode.encode_request(self._resource, self._scope, tasks) if tasks else b""
+        tasks = [s for s in batch if type(s) is tuple]
+        body = (
+            otlp_encode.encode_request(
+                self._resource, self._scope, (otlp_encode.encode_task_spans(tasks),)
+            )
+            if tasks
+            else b""
+        )
         others = [s for s in batch if type(s) is not tuple]
         if others:
             from opentelemetry.exporter.otlp.proto.common.trace_encoder import (  # noqa: PLC0415

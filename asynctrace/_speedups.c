@@ -3861,10 +3861,14 @@ speedups_encode_task_spans(PyObject *module, PyObject *const *args, Py_ssize_t n
                         "encode_task_spans(spans, fallback): a list and a callable");
         return NULL;
     }
-    PyObject *spans = args[0], *fallback = args[1], *out = NULL;
+    /* a copy: the list may change meanwhile (the Python encoder, another thread) */
+    PyObject *spans = PyList_AsTuple(args[0]), *fallback = args[1], *out = NULL;
+    if (spans == NULL) {
+        return NULL;
+    }
     Buf all = {NULL, 0, 0}, body = {NULL, 0, 0};
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(spans); i++) {
-        PyObject *span = PyList_GET_ITEM(spans, i);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(spans); i++) {
+        PyObject *span = PyTuple_GET_ITEM(spans, i);
         int mine = encodable(span, "encode_task_spans");
         if (mine < 0) {
             goto done;
@@ -3877,9 +3881,7 @@ speedups_encode_task_spans(PyObject *module, PyObject *const *args, Py_ssize_t n
             }
             continue;
         }
-        Py_INCREF(span); /* the list may change under the Python encoder */
         PyObject *data = PyObject_CallOneArg(fallback, span);
-        Py_DECREF(span);
         if (data == NULL) {
             goto done;
         }
@@ -3896,6 +3898,7 @@ speedups_encode_task_spans(PyObject *module, PyObject *const *args, Py_ssize_t n
     }
     out = PyBytes_FromStringAndSize(all.data, all.len);
 done:
+    Py_DECREF(spans);
     PyMem_Free(all.data);
     PyMem_Free(body.data);
     return out;

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import difflib
+import operator
 import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar
 
 from asynctrace import _native
@@ -147,11 +148,12 @@ def create_task(
         and eager_start is None
         and not unknown
     ):
-        # _c_factory_here() inlined (the helper's common call: a Python call less) and the
-        # factory read from the attribute BaseEventLoop.create_task reads.
+        # _c_factory_here() inlined (the helper's common call: a Python call less); the
+        # factory read where the loop's own create_task reads it.
         loop = _running_loop()
-        if loop is not None and type(loop).create_task is _PLAIN_CREATE_TASK:
-            factory = loop._task_factory  # type: ignore[attr-defined]
+        read = _factory_reader(type(loop)) if loop is not None else None
+        if read is not None:
+            factory: Any = read(loop)
             if type(factory) is _C_FACTORY:
                 # What loop.create_task would do; the factory validates the metadata (and
                 # closes the coroutine when it raises). No typing.cast: a call per task.
@@ -228,10 +230,45 @@ def _c_factory_here() -> tuple[asyncio.AbstractEventLoop, Any] | None:
     loop = _running_loop()
     if loop is None:
         return None
-    factory = loop.get_task_factory()
-    if type(factory) is _C_FACTORY and type(loop).create_task is _PLAIN_CREATE_TASK:
+    read = _factory_reader(type(loop))
+    factory = read(loop) if read is not None else None
+    if type(factory) is _C_FACTORY:
         return loop, factory
     return None
+
+
+_READERS: Final[dict[type, tuple[object, Callable[[Any], object] | None]]] = {}
+_read_task_factory: Final = operator.attrgetter("_task_factory")
+_get_task_factory: Final = operator.methodcaller("get_task_factory")
+
+
+def _factory_reader(loop_type: type) -> Callable[[Any], object] | None:
+    """How to read the factory of a running loop of this type whose create_task only calls it.
+
+    asyncio's ``BaseEventLoop.create_task`` (not 3.13's) reads ``_task_factory``; uvloop's
+    ``Loop.create_task`` (0.17+: ``factory(loop, coro, context=None)``, and on 3.13+
+    ``eager_start=None``, nothing else) has it private, so ``get_task_factory()``. None for
+    any other ``create_task``. Looked up per call, kept per type with the ``create_task`` it
+    was found for: a ``create_task`` replaced later is seen.
+    """
+    create = getattr(loop_type, "create_task", None)
+    kept = _READERS.get(loop_type)
+    if kept is not None and kept[0] is create:
+        return kept[1]
+    read: Callable[[Any], object] | None = None
+    if create is not None and create is _PLAIN_CREATE_TASK:
+        read = _read_task_factory
+    else:
+        uvloop = sys.modules.get("uvloop")
+        uv_create = getattr(getattr(uvloop, "Loop", None), "create_task", None)
+        if create is not None and create is uv_create:
+            read = _get_task_factory
+    if len(_READERS) < _READERS_MAX:
+        _READERS[loop_type] = (create, read)
+    return read
+
+
+_READERS_MAX: Final = 64  # loop types remembered (a program has one or two)
 
 
 def _create_uncovered(  # noqa: PLR0917 - the helper's own arguments, passed on

@@ -1062,6 +1062,41 @@ def test_helper_calls_the_c_factory_directly_with_the_same_results() -> None:
     assert meta == asynctrace.TaskMetadata("op", "req-9", None)
 
 
+def test_helper_calls_the_c_factory_directly_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """uvloop's create_task only calls the factory too: the helper's common call skips it.
+
+    The checked path (the slot, loop.create_task) is made to fail: the fast path never takes
+    it; a call with a name still does, with the same result as before.
+    """
+    uvloop = pytest.importorskip("uvloop")
+    if _native.IMPLEMENTATION != "c":
+        pytest.skip("the C factory is not in use")
+    from asynctrace import _create_task  # noqa: PLC0415
+
+    checked = _create_task._create_checked
+
+    def refused(*args: Any) -> object:
+        raise AssertionError("the checked path")
+
+    async def main() -> tuple[object, str, str]:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        try:
+            with asynctrace.correlation("req-3"):
+                monkeypatch.setattr(_create_task, "_create_checked", refused)
+                task = asynctrace.create_task(asyncio.sleep(0, "ok"), operation_name="op")
+                monkeypatch.setattr(_create_task, "_create_checked", checked)
+                named = asynctrace.create_task(asyncio.sleep(0, "n"), name="x", operation_name="op")
+            meta = asynctrace.task_metadata(task)
+            assert asynctrace.task_metadata(named) == meta
+            return meta, await task, await named
+        finally:
+            asynctrace.uninstall()
+
+    meta, result, named_result = uvloop.run(main())
+    assert meta == asynctrace.TaskMetadata("op", "req-3", None)
+    assert (result, named_result) == ("ok", "n")
+
+
 @pytest.mark.skipif(sys.version_info < (3, 12), reason="eager tasks exist from Python 3.12")
 def test_eager_task_factory_chained_takes_the_c_path_and_stays_eager() -> None:
     registry = CollectorRegistry()

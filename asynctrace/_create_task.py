@@ -148,8 +148,8 @@ def create_task(
         and eager_start is None
         and not unknown
     ):
-        # _c_factory_here() inlined (the helper's common call: a Python call less); the
-        # factory read where the loop's own create_task reads it.
+        # The helper's common call: the C factory called as the loop's own create_task would
+        # (the factory read where that reads it).
         loop = _running_loop()
         read = _factory_reader(type(loop)) if loop is not None else None
         if read is not None:
@@ -221,20 +221,6 @@ def _create_checked(  # noqa: PLR0917 - the helper's own arguments, passed on
         return _create_uncovered(coro, loop, task_group, name, context, eager_start, correlation_id)
     finally:
         PENDING.value = None
-
-
-def _c_factory_here() -> tuple[asyncio.AbstractEventLoop, Any] | None:
-    """The running loop and its factory, when that is the C one and create_task only calls it."""
-    if _C_FACTORY is None:
-        return None
-    loop = _running_loop()
-    if loop is None:
-        return None
-    read = _factory_reader(type(loop))
-    factory = read(loop) if read is not None else None
-    if type(factory) is _C_FACTORY:
-        return loop, factory
-    return None
 
 
 _READERS: Final[dict[type, tuple[object, Callable[[Any], object] | None]]] = {}

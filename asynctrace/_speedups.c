@@ -1520,8 +1520,8 @@ fail_fields:
 
 #define LF_FIELDS(X) X(fallback) X(state) X(slot) X(cid_var) X(metadata_var) X(make_metadata) \
     X(new_cid) X(validate) X(task_type) X(lean_done) X(starts) X(on_error) X(lean_finish)    \
-    X(metadata_type) X(meta_op) X(meta_cid) X(meta_prio) X(last) X(named) X(validated) X(derived_from) X(derived) X(derived_cid) X(derived_meta) \
-    X(dict)
+    X(metadata_type) X(meta_op) X(meta_cid) X(meta_prio) X(last) X(named) X(validated)      \
+    X(derived_from) X(derived) X(derived_cid) X(derived_meta) X(dict)
 
 static int
 lf_traverse(PyObject *op, visitproc visit, void *arg)
@@ -3023,7 +3023,7 @@ sh_common(SpanHooksObject *self, PyObject *runtime, speedups_state *st)
 #define SC_SPAN_ID 1
 #define SC_IS_REMOTE 2
 #define SC_TRACE_STATE 4
-static int
+static void
 sh_probe_span_context(SpanHooksObject *self)
 {
     PyObject *module = PyImport_ImportModule("opentelemetry.trace.span");
@@ -3055,11 +3055,10 @@ sh_probe_span_context(SpanHooksObject *self)
     if (ok) {
         self->span_context_type = type;
         self->default_trace_state = state;
-        return 0;
+        return;
     }
     Py_XDECREF(type);
     Py_XDECREF(state);
-    return 0;
 }
 
 /* parent.<name> (new reference): the tuple item of a SpanContext known above, else asked. */
@@ -3542,9 +3541,10 @@ sh_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->task_prefix = PyUnicode_FromString("Task-");
     self->empty_str = PyUnicode_FromString("");
     if (!self->lock || !self->empty_args || !self->n128 || !self->n64 || !self->task_prefix ||
-        !self->empty_str || sh_probe_span_context(self) < 0) {
+        !self->empty_str) {
         goto error;
     }
+    sh_probe_span_context(self);
     return (PyObject *)self;
 error:
     Py_DECREF(self);
@@ -3849,6 +3849,19 @@ encodable(PyObject *span, const char *who)
     return 1;
 }
 
+/* One Span message (a ScopeSpans' field 2: 0x12, its length, the body) appended to out;
+   scratch holds the body meanwhile (reused from span to span). */
+static int
+buf_span(Buf *out, Buf *scratch, PyObject *span)
+{
+    scratch->len = 0;
+    if (encode_body(scratch, span) < 0 || buf_byte(out, 0x12) < 0
+        || buf_varint(out, scratch->len) < 0 || buf_put(out, scratch->data, scratch->len) < 0) {
+        return -1;
+    }
+    return 0;
+}
+
 /* encode_task_spans(spans, fallback): the Span messages of a list of TaskSpan tuples, one
    after the other (a ScopeSpans' field 2 each), into one bytes object: each written here
    where encode_task_span would, else fallback(span) (the Python encoder) gives its bytes. A
@@ -3874,9 +3887,7 @@ speedups_encode_task_spans(PyObject *module, PyObject *const *args, Py_ssize_t n
             goto done;
         }
         if (mine) {
-            body.len = 0; /* the scratch buffer, reused */
-            if (encode_body(&body, span) < 0 || buf_byte(&all, 0x12) < 0
-                || buf_varint(&all, body.len) < 0 || buf_put(&all, body.data, body.len) < 0) {
+            if (buf_span(&all, &body, span) < 0) {
                 goto done;
             }
             continue;
@@ -3914,24 +3925,10 @@ speedups_encode_task_span(PyObject *module, PyObject *span)
         }
         Py_RETURN_NONE;
     }
-    Buf body = {NULL, 0, 0};
-    PyObject *out = NULL;
-    if (encode_body(&body, span) == 0) {
-        Py_ssize_t n = 1 + varint_len(body.len) + body.len;
-        out = PyBytes_FromStringAndSize(NULL, n);
-        if (out != NULL) {
-            char *p = PyBytes_AS_STRING(out);
-            Buf head = {NULL, 0, 0};
-            if (buf_byte(&head, 0x12) < 0 || buf_varint(&head, body.len) < 0) {
-                Py_CLEAR(out);
-            }
-            else {
-                memcpy(p, head.data, head.len);
-                memcpy(p + head.len, body.data, body.len);
-            }
-            PyMem_Free(head.data);
-        }
-    }
+    Buf one = {NULL, 0, 0}, body = {NULL, 0, 0};
+    PyObject *out = buf_span(&one, &body, span) < 0
+                        ? NULL : PyBytes_FromStringAndSize(one.data, one.len);
+    PyMem_Free(one.data);
     PyMem_Free(body.data);
     return out;
 }

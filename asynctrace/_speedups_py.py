@@ -796,14 +796,12 @@ def encode_task_spans(spans: list[Any], fallback: Callable[[Any], object]) -> by
     if type(spans) is not list or not callable(fallback):
         msg = "encode_task_spans(spans, fallback): a list and a callable"
         raise TypeError(msg)
+    parts: list[bytes] = []
     for span in spans:
         if type(span) is not tuple or len(span) != _TASK_SPAN_FIELDS:
             msg = f"encode_task_spans: expected a 15-tuple, got {span!r}"
             raise TypeError(msg)
-    # encode_task_span writes nothing here: every span is the fallback's
-    parts: list[bytes] = []
-    for span in spans:
-        data = fallback(span)
+        data = fallback(span)  # encode_task_span writes nothing here: the fallback does
         if not isinstance(data, bytes):
             msg = f"encode_task_spans: fallback gave {data!r}, not bytes"
             raise TypeError(msg)

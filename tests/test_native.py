@@ -1035,16 +1035,27 @@ def test_lean_done_records_each_outcome(impl: ModuleType) -> None:
         )
 
 
-def test_helper_calls_the_c_factory_directly_with_the_same_results() -> None:
+def test_helper_calls_the_c_factory_directly_with_the_same_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """asynctrace.create_task's common call goes straight to the C factory (3.11, 3.12, 3.14)."""
     from asynctrace import _create_task  # noqa: PLC0415
 
-    async def main() -> tuple[object, object, str]:
+    checked = _create_task._create_checked
+    took_checked: list[object] = []
+
+    def counted(*args: Any) -> Any:
+        took_checked.append(args[0])
+        return checked(*args)
+
+    async def main() -> tuple[bool, object, str]:
         asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
         try:
-            here = _create_task._c_factory_here()
             with asynctrace.correlation("req-9"):
+                monkeypatch.setattr(_create_task, "_create_checked", counted)
                 task = asynctrace.create_task(asyncio.sleep(0, "ok"), operation_name="op")
+                monkeypatch.setattr(_create_task, "_create_checked", checked)
+            here = not took_checked  # the fast path never takes the checked one
             meta = asynctrace.task_metadata(task)
             result = await task
             bad = asyncio.sleep(0)
@@ -1057,7 +1068,7 @@ def test_helper_calls_the_c_factory_directly_with_the_same_results() -> None:
 
     here, meta, result = asyncio.run(main())
     fast = _native.IMPLEMENTATION == "c" and sys.version_info[:2] != (3, 13)
-    assert (here is not None) == fast
+    assert here == fast
     assert result == "ok"
     assert meta == asynctrace.TaskMetadata("op", "req-9", None)
 

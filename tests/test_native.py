@@ -1035,34 +1035,45 @@ def test_lean_done_records_each_outcome(impl: ModuleType) -> None:
         )
 
 
+def _helper_task(
+    monkeypatch: pytest.MonkeyPatch, coro: Any, **kwargs: Any
+) -> tuple[asyncio.Task[Any], bool]:
+    """``asynctrace.create_task(coro, **kwargs)``, and whether it took the checked path (the
+    slot, ``loop.create_task``) rather than calling the C factory itself.
+    """
+    from asynctrace import _create_task  # noqa: PLC0415
+
+    checked = _create_task._create_checked
+    took: list[object] = []
+
+    def counted(*args: Any) -> Any:
+        took.append(args[0])
+        return checked(*args)
+
+    monkeypatch.setattr(_create_task, "_create_checked", counted)
+    try:
+        return asynctrace.create_task(coro, **kwargs), bool(took)
+    finally:
+        monkeypatch.setattr(_create_task, "_create_checked", checked)
+
+
 def test_helper_calls_the_c_factory_directly_with_the_same_results(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """asynctrace.create_task's common call goes straight to the C factory (3.11, 3.12, 3.14)."""
-    from asynctrace import _create_task  # noqa: PLC0415
-
-    checked = _create_task._create_checked
-    took_checked: list[object] = []
-
-    def counted(*args: Any) -> Any:
-        took_checked.append(args[0])
-        return checked(*args)
 
     async def main() -> tuple[bool, object, str]:
         asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
         try:
             with asynctrace.correlation("req-9"):
-                monkeypatch.setattr(_create_task, "_create_checked", counted)
-                task = asynctrace.create_task(asyncio.sleep(0, "ok"), operation_name="op")
-                monkeypatch.setattr(_create_task, "_create_checked", checked)
-            here = not took_checked  # the fast path never takes the checked one
+                task, took = _helper_task(monkeypatch, asyncio.sleep(0, "ok"), operation_name="op")
             meta = asynctrace.task_metadata(task)
             result = await task
             bad = asyncio.sleep(0)
             with pytest.raises(ValueError, match="Invalid operation_name: ''"):
                 asynctrace.create_task(bad, operation_name="")
             assert bad.cr_frame is None  # closed: no "never awaited" warning
-            return here, meta, result
+            return not took, meta, result
         finally:
             asynctrace.uninstall()
 
@@ -1076,27 +1087,23 @@ def test_helper_calls_the_c_factory_directly_with_the_same_results(
 def test_helper_calls_the_c_factory_directly_on_uvloop(monkeypatch: pytest.MonkeyPatch) -> None:
     """uvloop's create_task only calls the factory too: the helper's common call skips it.
 
-    The checked path (the slot, loop.create_task) is made to fail: the fast path never takes
-    it; a call with a name still does, with the same result as before.
+    The fast path never takes the checked path (the slot, loop.create_task); a call with a
+    name still does, with the same result as before.
     """
     uvloop = pytest.importorskip("uvloop")
     if _native.IMPLEMENTATION != "c":
         pytest.skip("the C factory is not in use")
-    from asynctrace import _create_task  # noqa: PLC0415
-
-    checked = _create_task._create_checked
-
-    def refused(*args: Any) -> object:
-        raise AssertionError("the checked path")
 
     async def main() -> tuple[object, str, str]:
         asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
         try:
             with asynctrace.correlation("req-3"):
-                monkeypatch.setattr(_create_task, "_create_checked", refused)
-                task = asynctrace.create_task(asyncio.sleep(0, "ok"), operation_name="op")
-                monkeypatch.setattr(_create_task, "_create_checked", checked)
-                named = asynctrace.create_task(asyncio.sleep(0, "n"), name="x", operation_name="op")
+                task, took = _helper_task(monkeypatch, asyncio.sleep(0, "ok"), operation_name="op")
+                assert not took
+                named, took = _helper_task(
+                    monkeypatch, asyncio.sleep(0, "n"), name="x", operation_name="op"
+                )
+                assert took
             meta = asynctrace.task_metadata(task)
             assert asynctrace.task_metadata(named) == meta
             return meta, await task, await named

@@ -15,6 +15,7 @@ __all__ = [
     "IMPLEMENTATION",
     "PURE_PYTHON_ENV",
     "Counts",
+    "LaneQueue",
     "LeanDone",
     "LeanFactory",
     "SpanHooks",
@@ -57,6 +58,12 @@ encode_task_spans: Final = getattr(_module, "encode_task_spans", None) or (
     importlib.import_module("asynctrace._speedups_py").encode_task_spans
 )
 Counts: Final = _module.Counts
+LaneQueue: Final = (
+    getattr(  # an extension built before the queue: Python's
+        _module, "LaneQueue", None
+    )
+    or importlib.import_module("asynctrace._speedups_py").LaneQueue
+)
 # The span handle's base and the hooks that write it go together: an extension built before
 # SpanIds (its SpanHooks wrote the ids as object slots) gives way to Python's pair.
 _spans = (

@@ -36,6 +36,7 @@ typedef struct {
     PyTypeObject *span_hooks_type;
     PyTypeObject *span_ids_type;
     PyTypeObject *starts_type;
+    PyTypeObject *lane_queue_type;
     PyObject *mark_name; /* "mark" */
 #define DECLARE(n) PyObject *s_##n;
     STATE_STRINGS(DECLARE)
@@ -2896,6 +2897,311 @@ static PyType_Spec si_spec = {
     .slots = si_slots,
 };
 
+
+/* ---------------------------------------------------------------------------------------
+ * LaneQueue: the export thread's bounded queue of finished spans (see
+ * _speedups_py.LaneQueue). Called with a span, it queues it, or counts it refused when it is
+ * closed or `limit` spans wait already; when `batch` wait it calls wake() once (till the next
+ * take). The span sink's end (SpanHooks) puts a task's span here with no Python call.
+ * A ring of references; its state changes under the object's critical section (free-threaded
+ * builds: several loops' threads put, the export thread takes); wake() is called outside it.
+ * --------------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject **items; /* the ring: items[(head + i) % cap] for i < len (owned references) */
+    Py_ssize_t head, len, cap;
+    Py_ssize_t limit, batch;
+    PyObject *wake;
+    long long handed;  /* spans queued so far */
+    long long refused; /* spans refused: closed, or full */
+    int signalled;     /* wake() called since the last take */
+    int closed;
+    vectorcallfunc vectorcall;
+} LaneQueueObject;
+
+/* Room for one more (len == cap < limit): a ring twice as large (at least 64), in order. */
+static int
+lq_grow(LaneQueueObject *self)
+{
+    Py_ssize_t cap = self->cap ? self->cap * 2 : 64;
+    if (cap > self->limit) {
+        cap = self->limit;
+    }
+    PyObject **items = PyMem_Malloc(sizeof(PyObject *) * (size_t)cap);
+    if (items == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < self->len; i++) {
+        items[i] = self->items[(self->head + i) % self->cap];
+    }
+    PyMem_Free(self->items);
+    self->items = items;
+    self->head = 0;
+    self->cap = cap;
+    return 0;
+}
+
+/* Queue item or refuse it (counted); 0, or -1 with an error (no memory, wake() raised). */
+static int
+lq_put(LaneQueueObject *self, PyObject *item)
+{
+    int rc = 0, wake = 0;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    if (self->closed || self->len >= self->limit) {
+        self->refused++;
+    }
+    else if (self->len == self->cap && lq_grow(self) < 0) {
+        rc = -1;
+    }
+    else {
+        self->items[(self->head + self->len) % self->cap] = Py_NewRef(item);
+        self->len++;
+        self->handed++;
+        if (self->len >= self->batch && !self->signalled) {
+            self->signalled = wake = 1;
+        }
+    }
+    Py_END_CRITICAL_SECTION();
+    if (wake) {
+        PyObject *res = PyObject_CallNoArgs(self->wake);
+        if (res == NULL) {
+            return -1;
+        }
+        Py_DECREF(res);
+    }
+    return rc;
+}
+
+static PyObject *
+lq_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    if (nargs != 1 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0)) {
+        PyErr_Format(PyExc_TypeError, "LaneQueue takes one span (%zd arguments given)", nargs);
+        return NULL;
+    }
+    if (lq_put((LaneQueueObject *)op, args[0]) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* take(n): a list of the n oldest spans waiting (fewer if fewer wait), removed here. */
+static PyObject *
+lq_take(PyObject *op, PyObject *arg)
+{
+    LaneQueueObject *self = (LaneQueueObject *)op;
+    if (!PyLong_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "LaneQueue.take: n must be an int, got %R", arg);
+        return NULL;
+    }
+    Py_ssize_t n = PyLong_AsSsize_t(arg);
+    if (n == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "LaneQueue.take: n must be 0 or more, got %zd", n);
+        return NULL;
+    }
+    PyObject *out = NULL;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    Py_ssize_t k = n < self->len ? n : self->len;
+    out = PyList_New(k);
+    if (out != NULL) {
+        for (Py_ssize_t i = 0; i < k; i++) { /* the references move to the list */
+            PyList_SET_ITEM(out, i, self->items[(self->head + i) % self->cap]);
+        }
+        self->len -= k;
+        self->head = self->len ? (self->head + k) % self->cap : 0;
+        self->signalled = 0;
+    }
+    Py_END_CRITICAL_SECTION();
+    return out;
+}
+
+/* Drop every waiting reference (the caller has removed them from the ring under the lock). */
+static void
+lq_release(PyObject **items, Py_ssize_t head, Py_ssize_t len, Py_ssize_t cap)
+{
+    for (Py_ssize_t i = 0; i < len; i++) {
+        Py_DECREF(items[(head + i) % cap]);
+    }
+    PyMem_Free(items);
+}
+
+/* close(): refuse every span from now on; those waiting are let go (never taken). */
+static PyObject *
+lq_close(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    LaneQueueObject *self = (LaneQueueObject *)op;
+    PyObject **items;
+    Py_ssize_t head, len, cap;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    self->closed = 1;
+    items = self->items, head = self->head, len = self->len, cap = self->cap;
+    self->items = NULL;
+    self->head = self->len = self->cap = 0;
+    Py_END_CRITICAL_SECTION();
+    lq_release(items, head, len, cap);
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t
+lq_length(PyObject *op)
+{
+    LaneQueueObject *self = (LaneQueueObject *)op;
+    Py_ssize_t len;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    len = self->len;
+    Py_END_CRITICAL_SECTION();
+    return len;
+}
+
+static PyObject *
+lq_get_count(PyObject *op, void *which)
+{
+    LaneQueueObject *self = (LaneQueueObject *)op;
+    long long value;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    value = which ? self->refused : self->handed;
+    Py_END_CRITICAL_SECTION();
+    return PyLong_FromLongLong(value);
+}
+
+static PyObject *
+lq_get_closed(PyObject *op, void *Py_UNUSED(closure))
+{
+    LaneQueueObject *self = (LaneQueueObject *)op;
+    int closed;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    closed = self->closed;
+    Py_END_CRITICAL_SECTION();
+    return PyBool_FromLong(closed);
+}
+
+static PyObject *
+lq_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"limit", "batch", "wake", NULL};
+    PyObject *limit_obj, *batch_obj, *wake;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOO:LaneQueue", keywords, &limit_obj,
+                                     &batch_obj, &wake)) {
+        return NULL;
+    }
+    PyObject *wrong = !PyLong_CheckExact(limit_obj) ? limit_obj
+                    : !PyLong_CheckExact(batch_obj) ? batch_obj : NULL;
+    if (wrong != NULL) {
+        PyErr_Format(PyExc_TypeError, "LaneQueue: limit and batch must be ints, got %R", wrong);
+        return NULL;
+    }
+    Py_ssize_t limit = PyLong_AsSsize_t(limit_obj), batch = PyLong_AsSsize_t(batch_obj);
+    if ((limit == -1 || batch == -1) && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (limit < 1 || batch < 1) {
+        PyErr_Format(PyExc_ValueError,
+                     "LaneQueue: limit and batch must be 1 or more, got limit=%zd, batch=%zd",
+                     limit, batch);
+        return NULL;
+    }
+    if (!PyCallable_Check(wake)) {
+        PyErr_Format(PyExc_TypeError, "LaneQueue: wake must be callable, got %R", wake);
+        return NULL;
+    }
+    LaneQueueObject *self = (LaneQueueObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->limit = limit;
+    self->batch = batch;
+    self->wake = Py_NewRef(wake);
+    self->vectorcall = lq_vectorcall;
+    return (PyObject *)self;
+}
+
+static int
+lq_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    LaneQueueObject *self = (LaneQueueObject *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->wake);
+    for (Py_ssize_t i = 0; i < self->len; i++) {
+        Py_VISIT(self->items[(self->head + i) % self->cap]);
+    }
+    return 0;
+}
+
+static int
+lq_clear(PyObject *op)
+{
+    LaneQueueObject *self = (LaneQueueObject *)op;
+    PyObject **items = self->items;
+    Py_ssize_t head = self->head, len = self->len, cap = self->cap;
+    self->items = NULL;
+    self->head = self->len = self->cap = 0;
+    Py_CLEAR(self->wake);
+    lq_release(items, head, len, cap);
+    return 0;
+}
+
+static void
+lq_dealloc(PyObject *op)
+{
+    gc_heap_dealloc(op, lq_clear);
+}
+
+static PyMethodDef lq_methods[] = {
+    {"take", lq_take, METH_O,
+     "take(n) -> list: the n oldest spans waiting (fewer if fewer wait), removed."},
+    {"close", lq_close, METH_NOARGS,
+     "close(): refuse every span from now on (counted); those waiting are let go."},
+    {NULL},
+};
+
+static PyGetSetDef lq_getset[] = {
+    {"handed", lq_get_count, NULL, "Spans queued so far.", NULL},
+    {"refused", lq_get_count, NULL, "Spans refused so far: closed, or limit waiting.",
+     (void *)1},
+    {"closed", lq_get_closed, NULL, "Whether close() was called.", NULL},
+    {NULL},
+};
+
+static PyMemberDef lq_members[] = {
+    {"limit", T_PYSSIZET, offsetof(LaneQueueObject, limit), READONLY, "Spans waiting at most."},
+    {"batch", T_PYSSIZET, offsetof(LaneQueueObject, batch), READONLY,
+     "Spans waiting when wake() is called."},
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(LaneQueueObject, vectorcall), READONLY},
+    {NULL},
+};
+
+PyDoc_STRVAR(lq_doc,
+"LaneQueue(limit, batch, wake)\n--\n\n"
+"The export thread's bounded queue of finished spans (see _speedups_py.LaneQueue): call it\n"
+"with a span to queue it; take(n) removes the oldest.");
+
+static PyType_Slot lq_slots[] = {
+    {Py_tp_new, lq_new},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_traverse, lq_traverse},
+    {Py_tp_clear, lq_clear},
+    {Py_tp_dealloc, lq_dealloc},
+    {Py_tp_methods, lq_methods},
+    {Py_tp_getset, lq_getset},
+    {Py_tp_members, lq_members},
+    {Py_sq_length, lq_length},
+    {Py_tp_doc, (void *)lq_doc},
+    {0, NULL},
+};
+
+static PyType_Spec lq_spec = {
+    .name = "asynctrace._speedups.LaneQueue",
+    .basicsize = sizeof(LaneQueueObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
+             | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = lq_slots,
+};
 /* The span handle's object slots (sinks/tracing._TaskSpan). _rare is None for the common span:
    sampled, its trace state its parent's, no sampler attributes, links or late events. */
 #define HANDLE_SLOTS(X) X(_context) X(_rare) X(correlation_id) X(inherited) X(parent)
@@ -2903,7 +3209,7 @@ static PyType_Spec si_spec = {
 #define SH_FIELDS(X) X(sink) X(handle_type) X(task_span) X(span_key) X(context_module)        \
     X(random_module) X(sampled) X(finished) X(internal) X(unnamed) X(provisional) X(state)     \
     X(on_error) X(lock) X(empty_args) X(n128) X(n64) X(task_prefix) X(empty_str)          \
-    X(span_context_type) X(default_trace_state)
+    X(span_context_type) X(default_trace_state) X(runtime) X(checked) X(multi) X(adds)
 
 typedef struct {
     PyObject_HEAD
@@ -2916,6 +3222,8 @@ typedef struct {
     long long started; /* sampled spans begun here, and ended: summed by the sink at close */
     long long ended;
     long long epoch_offset;
+    int common; /* the sink's state as sync() took it last: see _speedups_py.SpanHooks.sync */
+    int closed;
 } SpanHooksObject;
 
 #define SLOT(obj, n) (*(PyObject **)((char *)(obj) + self->off_##n))
@@ -2967,51 +3275,88 @@ sh_random_id(SpanHooksObject *self, PyObject *bits, speedups_state *st)
     return value;
 }
 
+/* The sink's state, taken afresh (the sink calls sync() whenever it changes it): 0, or -1 with
+   an error (the state kept is the previous one). */
+static int
+sh_sync_state(SpanHooksObject *self, speedups_state *st)
+{
+    PyObject *runtime = PyObject_GetAttr(self->sink, st->s__runtime);
+    PyObject *common = runtime ? PyObject_GetAttr(self->sink, st->s__common) : NULL;
+    PyObject *checked = common ? PyObject_GetAttr(self->sink, st->s__checked_processors) : NULL;
+    PyObject *closed = checked ? PyObject_GetAttr(self->sink, st->s__closed) : NULL;
+    PyObject *lanes = closed ? PyObject_GetAttr(self->sink, st->s__lanes) : NULL;
+    PyObject *tracer = lanes ? PyObject_GetAttr(self->sink, st->s__tracer) : NULL;
+    PyObject *multi = NULL, *adds = NULL;
+    int is_common = -1, is_closed = -1;
+    if (tracer != NULL && PyObject_GetOptionalAttr(tracer, st->s_span_processor, &multi) >= 0) {
+        is_common = PyObject_IsTrue(common);
+        is_closed = is_common < 0 ? -1 : PyObject_IsTrue(closed);
+    }
+    if (is_closed >= 0) {
+        PyObject *seq = PySequence_Fast(lanes, "SpanHooks: sink._lanes must be a sequence");
+        adds = seq ? PyTuple_New(PySequence_Fast_GET_SIZE(seq)) : NULL;
+        for (Py_ssize_t i = 0; adds != NULL && i < PySequence_Fast_GET_SIZE(seq); i++) {
+            PyObject *add = PyObject_GetAttr(PySequence_Fast_GET_ITEM(seq, i), st->s_add_task);
+            if (add == NULL) {
+                Py_CLEAR(adds);
+                break;
+            }
+            PyTuple_SET_ITEM(adds, i, add);
+        }
+        Py_XDECREF(seq);
+    }
+    int rc = -1;
+    if (adds != NULL) {
+        Py_XSETREF(self->runtime, Py_NewRef(runtime));
+        Py_XSETREF(self->checked, Py_NewRef(checked));
+        Py_XSETREF(self->multi, multi != NULL ? Py_NewRef(multi) : Py_NewRef(Py_None));
+        Py_XSETREF(self->adds, Py_NewRef(adds));
+        self->common = is_common;
+        self->closed = is_closed;
+        rc = 0;
+    }
+    Py_XDECREF(runtime);
+    Py_XDECREF(common);
+    Py_XDECREF(checked);
+    Py_XDECREF(closed);
+    Py_XDECREF(lanes);
+    Py_XDECREF(tracer);
+    Py_XDECREF(multi);
+    Py_XDECREF(adds);
+    return rc;
+}
+
+static PyObject *
+sh_sync(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    SpanHooksObject *self = (SpanHooksObject *)op;
+    if (sh_sync_state(self, PyType_GetModuleState(Py_TYPE(op))) < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
 /* 1 when begin may take the task (see _speedups_py.SpanHooks.begin), 0 if not, -1 on error. */
 static int
-sh_common(SpanHooksObject *self, PyObject *runtime, speedups_state *st)
+sh_common(SpanHooksObject *self, speedups_state *st)
 {
-    PyObject *v = PyObject_GetAttr(self->sink, st->s__common);
-    if (v == NULL) {
-        return -1;
-    }
-    int common = PyObject_IsTrue(v);
-    Py_DECREF(v);
-    if (common <= 0) {
-        return common;
+    if (!self->common || self->runtime == NULL || self->runtime == Py_None) {
+        return 0;
     }
     PyObject *in_use = PyObject_GetAttr(self->context_module, st->s__RUNTIME_CONTEXT);
     if (in_use == NULL) {
         return -1;
     }
     Py_DECREF(in_use);
-    if (in_use != runtime) {
+    if (in_use != self->runtime) {
         return 0;
     }
-    PyObject *tracer = PyObject_GetAttr(self->sink, st->s__tracer);
-    if (tracer == NULL) {
-        return -1;
-    }
-    PyObject *multi = PyObject_GetAttr(tracer, st->s_span_processor);
-    Py_DECREF(tracer);
-    if (multi == NULL) {
-        return -1;
-    }
     PyObject *processors;
-    int found = PyObject_GetOptionalAttr(multi, st->s__span_processors, &processors);
-    Py_DECREF(multi);
-    if (found < 0) {
+    if (PyObject_GetOptionalAttr(self->multi, st->s__span_processors, &processors) < 0) {
         return -1;
     }
-    PyObject *checked = PyObject_GetAttr(self->sink, st->s__checked_processors);
-    if (checked == NULL) {
-        Py_XDECREF(processors);
-        return -1;
-    }
-    int same = (processors == NULL ? Py_None : processors) == checked;
     Py_XDECREF(processors);
-    Py_DECREF(checked);
-    return same;
+    return (processors == NULL ? Py_None : processors) == self->checked;
 }
 
 /* A parent's SpanContext read as the tuple it is. opentelemetry-api's SpanContext is a tuple
@@ -3137,10 +3482,8 @@ sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, PyObject *created, 
     }
     Py_DECREF(token);
     self->started++;
-    PyObject *closed = PyObject_GetAttr(self->sink, st->s__closed);
-    int is_closed = closed ? PyObject_IsTrue(closed) : -1;
-    Py_XDECREF(closed);
-    if (is_closed > 0) { /* its installation closed as it started: it never ends there */
+    int is_closed = self->closed;
+    if (is_closed) { /* its installation closed as it started: it never ends there */
         PyObject *one = PyLong_FromLong(1);
         PyObject *res = one ? PyObject_CallMethodOneArg(self->sink, st->s__count_unfinished, one)
                             : NULL;
@@ -3165,17 +3508,13 @@ sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         PyErr_Format(PyExc_TypeError, "SpanHooks.begin takes 2 arguments (%zd given)", nargs);
         return NULL;
     }
-    PyObject *runtime = PyObject_GetAttr(self->sink, st->s__runtime);
-    if (runtime == NULL) {
-        return NULL;
-    }
     PyObject *var = NULL, *current = NULL, *creator = NULL, *cid = NULL, *parent = NULL;
     PyObject *result = NULL;
-    int common = runtime == Py_None ? 0 : sh_common(self, runtime, st);
+    int common = sh_common(self, st);
     if (common <= 0) {
         goto other;
     }
-    var = PyObject_GetAttr(runtime, st->s__current_context);
+    var = PyObject_GetAttr(self->runtime, st->s__current_context);
     if (var == NULL || !PyContextVar_CheckExact(var)) {
         common = var ? 0 : -1;
         goto other;
@@ -3232,7 +3571,6 @@ sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     result = sh_new_handle(self, cid, args[1], current, here, parent, st);
     common = result ? 1 : -1;
 other:
-    Py_DECREF(runtime);
     Py_XDECREF(var);
     Py_XDECREF(current);
     Py_XDECREF(creator);
@@ -3270,7 +3608,8 @@ static int
 sh_lane_shape(SpanHooksObject *self, PyObject *entry, PyObject *outcome, PyObject *lanes,
               speedups_state *st)
 {
-    if (Py_TYPE(entry) != (PyTypeObject *)self->handle_type || !PyTuple_Check(lanes) ||
+    if (lanes == NULL || Py_TYPE(entry) != (PyTypeObject *)self->handle_type ||
+        !PyTuple_Check(lanes) ||
         PyTuple_GET_SIZE(lanes) == 0) {
         return 0;
     }
@@ -3418,10 +3757,7 @@ sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *task = args[0], *entry = args[1], *metadata = args[2], *outcome = args[3];
-    PyObject *lanes = PyObject_GetAttr(self->sink, st->s__lanes);
-    if (lanes == NULL) {
-        return NULL;
-    }
+    PyObject *lanes = Py_XNewRef(self->adds); /* the lanes' add_task, as sync() took them */
     PyObject *operation = NULL, *coro = NULL, *coro_name = NULL, *task_name = NULL;
     PyObject *name = NULL, *span = NULL, *trace_id = NULL, *span_id = NULL;
     int rc = sh_lane_shape(self, entry, outcome, lanes, st);
@@ -3458,8 +3794,11 @@ sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     }
     self->ended++;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(lanes); i++) {
-        PyObject *res = PyObject_CallMethodOneArg(PyTuple_GET_ITEM(lanes, i), st->s_add_task,
-                                                  span);
+        /* a lane's add_task: its LaneQueue (put here, no Python call), or any callable */
+        PyObject *add = PyTuple_GET_ITEM(lanes, i);
+        PyObject *res = Py_IS_TYPE(add, st->lane_queue_type)
+                          ? (lq_put((LaneQueueObject *)add, span) < 0 ? NULL : Py_NewRef(Py_None))
+                          : PyObject_CallOneArg(add, span);
         if (res == NULL) {
             goto other;
         }
@@ -3467,7 +3806,7 @@ sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     }
     rc = sh_exemplars(self, entry, metadata, outcome, args[4], trace_id, span_id, st) < 0 ? -1 : 1;
 other:
-    Py_DECREF(lanes);
+    Py_XDECREF(lanes);
     Py_XDECREF(operation);
     Py_XDECREF(coro);
     Py_XDECREF(coro_name);
@@ -3545,6 +3884,9 @@ sh_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         goto error;
     }
     sh_probe_span_context(self);
+    if (sh_sync_state(self, st) < 0) {
+        goto error;
+    }
     return (PyObject *)self;
 error:
     Py_DECREF(self);
@@ -3583,6 +3925,8 @@ static PyMethodDef sh_methods[] = {
      "begin(metadata, created_ns): the span sink's task_begin for the common task."},
     {"end", (PyCFunction)(void (*)(void))sh_end, METH_FASTCALL,
      "end(task, entry, metadata, outcome, finished_ns): the span sink's task_end likewise."},
+    {"sync", sh_sync, METH_NOARGS,
+     "sync(): take the sink's state afresh (the sink calls it whenever it changes it)."},
     {NULL},
 };
 
@@ -3989,6 +4333,10 @@ speedups_exec(PyObject *module)
     if (state->span_ids_type == NULL || PyModule_AddType(module, state->span_ids_type) < 0) {
         return -1;
     }
+    state->lane_queue_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &lq_spec, NULL);
+    if (state->lane_queue_type == NULL || PyModule_AddType(module, state->lane_queue_type) < 0) {
+        return -1;
+    }
     state->span_hooks_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &sh_spec, NULL);
     if (state->span_hooks_type == NULL || PyModule_AddType(module, state->span_hooks_type) < 0) {
         return -1;
@@ -3996,8 +4344,9 @@ speedups_exec(PyObject *module)
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[ssssssssss]", "Counts", "IMPLEMENTATION", "LeanDone",
-                                  "LeanFactory", "SpanHooks", "SpanIds", "Starts", "Tap",
+    PyObject *all = Py_BuildValue("[sssssssssss]", "Counts", "IMPLEMENTATION", "LaneQueue",
+                                  "LeanDone", "LeanFactory", "SpanHooks", "SpanIds", "Starts",
+                                  "Tap",
                                   "encode_task_span", "encode_task_spans");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
         Py_XDECREF(all);
@@ -4017,6 +4366,7 @@ speedups_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->span_hooks_type);
     Py_VISIT(state->span_ids_type);
     Py_VISIT(state->starts_type);
+    Py_VISIT(state->lane_queue_type);
     return 0;
 }
 
@@ -4031,6 +4381,7 @@ speedups_clear(PyObject *module)
     Py_CLEAR(state->span_hooks_type);
     Py_CLEAR(state->span_ids_type);
     Py_CLEAR(state->starts_type);
+    Py_CLEAR(state->lane_queue_type);
     Py_CLEAR(state->mark_name);
 #define CLEAR_S(n) Py_CLEAR(state->s_##n);
     STATE_STRINGS(CLEAR_S)

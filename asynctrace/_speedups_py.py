@@ -15,6 +15,7 @@ other call, unchanged, to the loop's own ``call_soon``.
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import itertools
 import sys
@@ -29,6 +30,7 @@ from typing import Any, final
 __all__ = [
     "IMPLEMENTATION",
     "Counts",
+    "LaneQueue",
     "LeanDone",
     "LeanFactory",
     "SpanHooks",
@@ -809,6 +811,91 @@ def encode_task_spans(spans: list[Any], fallback: Callable[[Any], object]) -> by
     return b"".join(parts)
 
 
+@final
+class LaneQueue:
+    """The export thread's bounded queue of finished spans, and what it refused.
+
+    Called with a span, it queues it, unless it is closed or ``limit`` spans wait already:
+    then the span is counted in :attr:`refused`. When ``batch`` spans wait it calls ``wake()``
+    once (not again till the next :meth:`take`), outside its lock. :attr:`handed` counts the
+    spans queued. Several threads may put (each loop's) while one takes (the export thread).
+    The C version is a ring of references the span sink's C end puts into without a call.
+    """
+
+    __slots__ = (
+        "_items",
+        "_lock",
+        "_signalled",
+        "_wake",
+        "batch",
+        "closed",
+        "handed",
+        "limit",
+        "refused",
+    )
+
+    def __init__(self, limit: object, batch: object, wake: object) -> None:
+        """At most ``limit`` spans waiting; ``wake()`` when ``batch`` wait."""
+        if type(limit) is not int or type(batch) is not int:
+            wrong = batch if type(limit) is int else limit
+            msg = f"LaneQueue: limit and batch must be ints, got {wrong!r}"
+            raise TypeError(msg)
+        if limit < 1 or batch < 1:
+            msg = f"LaneQueue: limit and batch must be 1 or more, got limit={limit}, batch={batch}"
+            raise ValueError(msg)
+        if not callable(wake):
+            msg = f"LaneQueue: wake must be callable, got {wake!r}"
+            raise TypeError(msg)
+        self._items: collections.deque[object] = collections.deque()
+        self._lock = threading.Lock()
+        self._signalled = False
+        self._wake = wake
+        self.limit = limit
+        self.batch = batch
+        self.closed = False
+        self.handed = 0
+        self.refused = 0
+
+    def __call__(self, span: object) -> None:
+        """Queue ``span``, or count it refused (closed, or ``limit`` waiting)."""
+        with self._lock:
+            items = self._items
+            if self.closed or len(items) >= self.limit:
+                self.refused += 1
+                return
+            items.append(span)
+            self.handed += 1
+            wake = len(items) >= self.batch and not self._signalled
+            if wake:
+                self._signalled = True
+        if wake:
+            self._wake()
+
+    def take(self, n: object) -> list[object]:
+        """The ``n`` oldest spans waiting (fewer if fewer wait), removed from the queue."""
+        if type(n) is not int:
+            msg = f"LaneQueue.take: n must be an int, got {n!r}"
+            raise TypeError(msg)
+        if n < 0:
+            msg = f"LaneQueue.take: n must be 0 or more, got {n}"
+            raise ValueError(msg)
+        with self._lock:
+            items = self._items
+            taken = [items.popleft() for _ in range(min(n, len(items)))]
+            self._signalled = False
+            return taken
+
+    def close(self) -> None:
+        """Refuse every span from now on (counted); those waiting are let go."""
+        with self._lock:
+            self.closed = True
+            self._items.clear()
+
+    def __len__(self) -> int:
+        """Spans waiting."""
+        return len(self._items)
+
+
 class SpanIds:
     """A span handle's ids and creation time: the base of the span sink's handle class.
 
@@ -835,6 +922,9 @@ class SpanHooks:
     give, and hand every other case to them unchanged (``sink.task_begin(...)``,
     ``sink.task_end(...)``), before doing anything themselves.
 
+    What the hooks know of the sink's state they take in :meth:`sync`, which the sink calls
+    whenever it changes it (not read at each task: attribute lookups a task saved).
+
     :meth:`begin` takes a task whose span is made lazily current (``sink._runtime`` is the
     runtime context in use), on the fast path with the SDK's default sampler and id generator
     (``sink._common``, computed with ``sink._checked_processors``, still the provider's), and
@@ -844,11 +934,11 @@ class SpanHooks:
 
     :meth:`end` takes such a handle of a task that finished (no exception, not cancelled),
     with nothing uncommon (its ``_rare`` None: no links, sampler attributes or late events)
-    and no trace state, when the provider's
-    processors are all lanes (``sink._lanes``) and the task is not one of the loop's own
-    (``internal``, by coroutine qualname): the span goes to each lane as a tuple
-    (``otlp_encode.TaskSpan``), then to the metrics' exemplar hooks (``state.hooks.exemplars``;
-    one that raises goes to ``on_error(hook, exception)``).
+    and no trace state, when the provider's processors are all lanes (``sink._lanes``) and the
+    task is not one of the loop's own (``internal``, by coroutine qualname): the span goes to
+    each lane's ``add_task`` as a tuple (``otlp_encode.TaskSpan``; the C version puts it into
+    a ``LaneQueue`` without a call), then to the metrics' exemplar hooks
+    (``state.hooks.exemplars``; one that raises goes to ``on_error(hook, exception)``).
 
     The C version keeps its span counts itself (``started``, ``ended``, ``lock``: the sink
     sums them at close, as a thread's ``_Counts``); this one counts in the sink's per-thread
@@ -856,13 +946,19 @@ class SpanHooks:
     """
 
     __slots__ = (
+        "_adds",
+        "_checked",
+        "_closed",
+        "_common",
         "_context_module",
         "_finished",
         "_handle",
         "_internal",
+        "_multi",
         "_on_error",
         "_provisional",
         "_random",
+        "_runtime",
         "_sampled",
         "_span_key",
         "_state",
@@ -908,6 +1004,23 @@ class SpanHooks:
         self._state = state
         self._on_error = on_error
         self._span_key = span_key
+        self.sync()
+
+    def sync(self) -> None:
+        """Take the sink's state afresh; the sink calls this whenever it changes it.
+
+        Its runtime context (``_runtime``), whether the shortcut is open (``_common``) and the
+        processors that was computed with (``_checked_processors``), its tracer's processor
+        (whose ``_span_processors`` are compared with those at each task: one added makes the
+        sink look again), whether it is closed, and its lanes' ``add_task``.
+        """
+        sink = self.instrument
+        self._runtime = sink._runtime
+        self._common = bool(sink._common)
+        self._checked = sink._checked_processors
+        self._multi = getattr(sink._tracer, "span_processor", None)
+        self._closed = bool(sink._closed)
+        self._adds = tuple(lane.add_task for lane in sink._lanes)
 
     def _random_id(self, bits: int) -> int:
         value: int = self._random.getrandbits(bits)
@@ -918,13 +1031,12 @@ class SpanHooks:
     def begin(self, metadata: Any, created_ns: int) -> Any:  # noqa: ANN401
         """``sink.task_begin(metadata, created_ns)``, inside the new task's context."""
         sink = self.instrument
-        runtime = sink._runtime
+        runtime = self._runtime
         if not (
-            sink._common
+            self._common
             and runtime is not None
             and self._context_module._RUNTIME_CONTEXT is runtime
-            and getattr(sink._tracer.span_processor, "_span_processors", None)
-            is sink._checked_processors
+            and getattr(self._multi, "_span_processors", None) is self._checked
         ):
             return sink.task_begin(metadata, created_ns)
         current = runtime._current_context.get()
@@ -964,18 +1076,18 @@ class SpanHooks:
         handle.inherited = current
         self._task_span.set(handle)
         sink._thread_counts().started += 1
-        if sink._closed:  # its installation closed as it started: it never ends there
+        if self._closed:  # its installation closed as it started: it never ends there
             sink._count_unfinished(1)
         return handle
 
     def end(self, task: Any, entry: Any, metadata: Any, outcome: str, finished_ns: int) -> None:  # noqa: ANN401
         """``sink.task_end(task, entry, metadata, outcome, finished_ns)``."""
         sink = self.instrument
-        lanes = sink._lanes
+        adds = self._adds
         if (
             type(entry) is not self._handle
             or outcome != self._finished
-            or not lanes
+            or not adds
             or entry._rare is not None  # links, sampler attributes, late events, or the like
             or entry.trace_state  # its parent's (the common span's)
         ):
@@ -1018,8 +1130,8 @@ class SpanHooks:
             None,
             None,
         )
-        for lane in lanes:
-            lane.add_task(span)
+        for add in adds:
+            add(span)
         exemplars = self._state.hooks.exemplars
         if exemplars:
             duration = finished_ns - entry.created_ns

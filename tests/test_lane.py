@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import gzip
 import importlib
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -39,6 +41,7 @@ from asynctrace.export.drops import SpanDrops
 from asynctrace.export.lane import MAX_QUEUE_SIZE, OTLPLane, ThreadBatchProcessor, lane_sender
 from asynctrace.export.otlp import CountingExporter
 from asynctrace.export.setup import LANE_ENV
+from asynctrace.sinks.tracing import _FREE_THREADED as FREE_THREADED
 from asynctrace.sinks.tracing import SpanSink
 from tests.otlp_receivers import Received, http_receiver
 from tests.test_native import IMPLEMENTATIONS
@@ -338,6 +341,66 @@ async def test_burst_exported_whole_through_the_lane(otlp_http: tuple[str, Recei
     scope = [s for s in spans if s["name"] == "request"]  # a ReadableSpan, in the same lane
     assert len(scope) == 1
     assert all(s["trace_id"] == scope[0]["trace_id"] for s in tasks)
+
+
+@pytest.mark.asyncio
+async def test_task_spans_reach_the_lane_without_a_python_call(
+    otlp_http: tuple[str, Received],
+) -> None:
+    """On the C path a task's span goes into the lane's LaneQueue with no Python call at all."""
+    if _native.IMPLEMENTATION != "c" or FREE_THREADED:
+        pytest.skip("the C span hooks are not in use")
+    url, received = otlp_http
+    asynctrace.install(otlp_endpoint=url, registry=CollectorRegistry(), loop_monitor=False)
+    lane = _sink_lanes()[0]
+    assert type(lane.add_task).__name__ == "LaneQueue"
+
+    async def leaf() -> None:
+        await asyncio.sleep(0)
+
+    calls: list[str] = []
+
+    def profile(frame: Any, event: str, arg: object) -> None:
+        if event == "call":
+            calls.append(f"{frame.f_code.co_filename}:{frame.f_code.co_name}")
+
+    tasks = [asynctrace.create_task(leaf(), operation_name="leaf") for _ in range(20)]
+    sys.setprofile(profile)
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        sys.setprofile(None)
+    assert lane.add_task.handed >= 20
+    assert asynctrace.flush(10)
+    asynctrace.uninstall()
+    package = str(Path(asynctrace.__file__).parent)
+    assert [c for c in calls if c.startswith(package)] == []
+    assert sum(s["name"] == "leaf" for s in received.snapshot()) == 20
+
+
+def test_lane_counts_what_its_queue_refuses_and_what_is_left() -> None:
+    """The lane's SpanDrops sees through its queue: refused, waiting and pending spans."""
+    release = threading.Event()
+
+    def send(body: bytes) -> bool:
+        release.wait(10)
+        return True
+
+    drops = SpanDrops()
+    lane = OTLPLane(
+        send, "counted lane", drops, ({}, ""), ("asynctrace", ""), max_queue_size=4, batch_size=2
+    )
+    for i in range(1, 4):
+        lane.add_task(_span(i))
+    assert 1 <= drops.pending() <= 3  # waiting, or taken by the blocked export
+    with pytest.raises(ValueError, match="SpanDrops.through: spans already enter through"):
+        drops.through(lane.add_task)  # type: ignore[arg-type]
+    assert lane.shutdown_within(0.2) is False  # the export hangs: all three are counted lost
+    assert (drops.total_dropped(), drops.pending()) == (3, 0)
+    lane.add_task(_span(4))  # after shutdown: refused and counted
+    assert drops.total_dropped() == 4
+    assert lane.add_task.closed
+    release.set()
 
 
 @pytest.mark.asyncio

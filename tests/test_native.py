@@ -73,6 +73,7 @@ def test_implementation_names(impl: ModuleType) -> None:
     assert sorted(impl.__all__) == [
         "Counts",
         "IMPLEMENTATION",
+        "LaneQueue",
         "LeanDone",
         "LeanFactory",
         "SpanHooks",
@@ -1193,3 +1194,127 @@ def test_siblings_see_their_creators_variables_as_they_were_at_creation() -> Non
         assert await after == "other"  # the sibling that set its own value changed nothing here
 
     asyncio.run(main())
+
+
+# -- LaneQueue: the export thread's queue, against the twin -----------------------------------
+
+
+class _Item:
+    """A span stand-in that can be weakly referenced (to see the queue let it go)."""
+
+
+def test_lane_queue_keeps_order_counts_and_wakes_once_a_batch(impl: ModuleType) -> None:
+    wakes: list[int] = []
+    queue = impl.LaneQueue(10, 3, lambda: wakes.append(len(queue)))
+    for i in range(5):
+        queue(i)
+    assert (len(queue), queue.handed, queue.refused, wakes) == (5, 5, 0, [3])  # once
+    assert queue.take(2) == [0, 1]
+    assert queue.take(0) == []
+    queue(5)  # 4 wait: a batch again since the take
+    assert wakes == [3, 4]
+    assert queue.take(100) == [2, 3, 4, 5]
+    assert (len(queue), queue.handed, queue.closed) == (0, 6, False)
+    assert (queue.limit, queue.batch) == (10, 3)
+
+
+def test_lane_queue_is_first_in_first_out_across_wraps(impl: ModuleType) -> None:
+    """Puts outrun takes a little: the ring wraps, then grows (to its limit) while wrapped."""
+    queue = impl.LaneQueue(100, 1000, lambda: None)
+    got: list[object] = []
+    for turn in range(40):
+        for i in range(13):
+            queue(turn * 13 + i)
+        got += queue.take(11)
+    assert len(queue) == 80
+    got += queue.take(1000)
+    assert got == list(range(40 * 13))
+    assert (queue.handed, queue.refused) == (520, 0)
+
+
+def test_lane_queue_refuses_over_its_limit_and_after_close(impl: ModuleType) -> None:
+    queue = impl.LaneQueue(3, 100, lambda: None)
+    items = [_Item() for _ in range(6)]
+    refs = [weakref.ref(item) for item in items]
+    for item in items[:5]:
+        queue(item)
+    assert (len(queue), queue.handed, queue.refused) == (3, 3, 2)
+    queue.close()
+    queue(items[5])
+    assert (len(queue), queue.handed, queue.refused, queue.closed) == (0, 3, 3, True)
+    assert queue.take(10) == []
+    del items, item
+    gc.collect()
+    assert [ref() for ref in refs] == [None] * 6  # the waiting ones were let go at close
+
+
+def test_lane_queue_wakes_outside_its_lock(impl: ModuleType) -> None:
+    """wake() may use the queue (the twin's lock is not reentrant: this would hang)."""
+    seen: list[int] = []
+    queue = impl.LaneQueue(10, 2, lambda: seen.append(len(queue.take(0)) + len(queue)))
+    queue(1)
+    queue(2)
+    assert seen == [2]
+
+
+def test_lane_queue_counts_every_span_from_many_threads(impl: ModuleType) -> None:
+    import threading  # noqa: PLC0415
+
+    queue = impl.LaneQueue(500, 50, lambda: None)
+    taken: list[object] = []
+    stop = threading.Event()
+
+    def put(k: int) -> None:
+        for i in range(5000):
+            queue((k, i))
+
+    def take() -> None:
+        while not stop.is_set() or len(queue):
+            taken.extend(queue.take(64))
+
+    taker = threading.Thread(target=take)
+    taker.start()
+    putters = [threading.Thread(target=put, args=(k,)) for k in range(4)]
+    for t in putters:
+        t.start()
+    for t in putters:
+        t.join()
+    stop.set()
+    taker.join()
+    assert queue.handed + queue.refused == 20_000
+    assert len(taken) == queue.handed
+    for k in range(4):  # each thread's spans in the order it put them
+        mine = [i for (j, i) in taken if j == k]  # type: ignore[misc]
+        assert mine == sorted(mine)
+
+
+def test_lane_queue_collects_a_cycle_through_it(impl: ModuleType) -> None:
+    queue = impl.LaneQueue(10, 10, lambda: None)
+    item = _Item()
+    item.queue = queue  # type: ignore[attr-defined]
+    queue(item)
+    ref = weakref.ref(item)
+    del queue, item
+    gc.collect()
+    assert ref() is None
+
+
+def test_lane_queue_refuses_bad_arguments(impl: ModuleType) -> None:
+    with pytest.raises(
+        ValueError, match=r"limit and batch must be 1 or more, got limit=0, batch=1"
+    ):
+        impl.LaneQueue(0, 1, print)
+    with pytest.raises(TypeError, match=r"limit and batch must be ints, got '5'"):
+        impl.LaneQueue(5, "5", print)
+    with pytest.raises(TypeError, match=r"limit and batch must be ints, got 2.0"):
+        impl.LaneQueue(2.0, 5, print)
+    with pytest.raises(TypeError, match=r"wake must be callable, got 3"):
+        impl.LaneQueue(5, 5, 3)
+    queue = impl.LaneQueue(5, 5, print)
+    with pytest.raises(ValueError, match=r"n must be 0 or more, got -1"):
+        queue.take(-1)
+    with pytest.raises(TypeError, match=r"n must be an int, got 'x'"):
+        queue.take("x")
+    with pytest.raises(TypeError):
+        queue(1, 2)
+    assert (len(queue), queue.handed, queue.refused) == (0, 0, 0)

@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
 import asynctrace
@@ -181,6 +183,33 @@ def test_span_hooks_give_what_the_sinks_methods_give(
     assert sorted(begun) == ["other-id", "under-app"]
     # ...and the ends with an exception, cancelled, or linked.
     assert sorted(ended) == ["boom", "leaf", "sleeper"]
+
+
+@pytest.mark.parametrize("impl", HOOKS)
+def test_span_hooks_follow_a_processor_added_later(
+    impl: ModuleType, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A processor that is not a lane added while tasks run: the sink looks again and tells
+    the hooks (sync); later spans are built for both processors, none is a lane's tuple.
+    """
+    lean_hooks = SpanSink.lean_hooks
+    monkeypatch.setattr(SpanSink, "lean_hooks", lambda sink: lean_hooks(sink, impl))
+    lane = Lane()
+    provider = TracerProvider()
+    provider.add_span_processor(lane)
+    exporter = InMemorySpanExporter()
+
+    async def main() -> None:
+        asynctrace.install(tracer_provider=provider, registry=CollectorRegistry())
+        await asynctrace.create_task(leaf(1), operation_name="before")
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        await asynctrace.create_task(leaf(2), operation_name="after")
+        asynctrace.uninstall()
+
+    asyncio.run(main())
+    assert [span[5] for span in lane.tasks] == ["before"]
+    assert [span.name for span in lane.spans] == ["after"]
+    assert [span.name for span in exporter.get_finished_spans()] == ["after"]
 
 
 @pytest.mark.parametrize("impl", HOOKS)

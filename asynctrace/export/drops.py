@@ -1,18 +1,28 @@
-"""What one export pipeline handed on, delivered and dropped (pure Python, no imports)."""
+"""What one export pipeline handed on, delivered and dropped (pure Python)."""
 
 from __future__ import annotations
 
 import threading
-from typing import final
+from typing import Protocol, final
 
 __all__ = ["SpanDrops"]
+
+
+class _Door(Protocol):
+    """Where spans enter a pipeline that counts them itself (``_native.LaneQueue``)."""
+
+    @property
+    def handed(self) -> int: ...
+    @property
+    def refused(self) -> int: ...
+    def close(self) -> None: ...
 
 
 @final
 class SpanDrops:
     """Counts of one export pipeline: spans handed on, spans at the exporter, spans dropped."""
 
-    __slots__ = ("_lock", "closed", "dropped", "handed", "in_flight", "reached")
+    __slots__ = ("_door", "_lock", "closed", "dropped", "handed", "in_flight", "reached")
 
     def __init__(self) -> None:
         """Start at zero."""
@@ -22,6 +32,22 @@ class SpanDrops:
         self.in_flight = 0  # reached the exporter, its export not finished yet
         self.dropped = 0
         self.closed = False
+        self._door: _Door | None = None
+
+    def through(self, door: _Door) -> None:
+        """Spans enter through ``door`` (a ``LaneQueue``), which counts them itself.
+
+        It counts the spans it queues and those it refuses; :meth:`admit` and :meth:`drop`
+        are not called then. Once only.
+        """
+        if self._door is not None:
+            msg = f"SpanDrops.through: spans already enter through {self._door!r}"
+            raise ValueError(msg)
+        self._door = door
+
+    def _handed(self) -> int:
+        door = self._door
+        return self.handed if door is None else self.handed + door.handed
 
     def admit(self, limit: int) -> bool:
         """Count one span handed on, unless ``limit`` are waiting already: then one dropped."""
@@ -61,20 +87,24 @@ class SpanDrops:
         export still succeed, they stay counted). Batches the export thread takes later are
         refused (``arrive`` returns False), and nothing settled later is counted again.
         """
+        if self._door is not None:
+            self._door.close()  # it refuses from now on: the spans it queued are final
         with self._lock:
             if self.closed:
                 return 0
-            lost = self.handed - self.reached + self.in_flight
+            handed = self._handed()
+            lost = handed - self.reached + self.in_flight
             self.closed = True
             self.dropped += lost
-            self.reached = self.handed
+            self.reached = handed
             return lost
 
     def pending(self) -> int:
         """Spans handed on and not yet settled (waiting, or in an export under way)."""
         with self._lock:
-            return 0 if self.closed else self.handed - self.reached + self.in_flight
+            return 0 if self.closed else self._handed() - self.reached + self.in_flight
 
     def total_dropped(self) -> int:
         """Spans dropped so far."""
-        return self.dropped
+        door = self._door
+        return self.dropped if door is None else self.dropped + door.refused

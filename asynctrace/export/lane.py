@@ -20,7 +20,6 @@ without it asynctrace keeps the SDK's path (tests/test_lane.py covers both).
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
@@ -30,6 +29,7 @@ from typing import Any, Final, final
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter
 
+from asynctrace import _native
 from asynctrace._state import STATE
 from asynctrace.export import otlp_encode
 from asynctrace.export.drops import SpanDrops
@@ -100,11 +100,12 @@ class _ExportThread(SpanProcessor):
         schedule_delay_s: float,
     ) -> None:
         self._drops = drops
-        self._limit = max_queue_size
         self._batch = batch_size
         self._delay = schedule_delay_s
-        self._queue: collections.deque[Any] = collections.deque()
         self._wake = threading.Event()
+        # Counts what it queues and refuses (the limit, and after close) for ``drops``.
+        self._queue = _native.LaneQueue(max_queue_size, batch_size, self._wake.set)
+        drops.through(self._queue)
         self._idle = threading.Condition()
         self._stopping = False
         self._closed = False
@@ -116,26 +117,15 @@ class _ExportThread(SpanProcessor):
         context = span.context
         if context is None or not context.trace_flags.sampled:
             return
-        self._put(span)
-
-    def _put(self, item: object) -> None:
-        if self._closed:
-            self._drops.drop(1)
-            return
-        if self._drops.admit(self._limit):
-            queue = self._queue
-            queue.append(item)
-            if len(queue) >= self._batch and not self._wake.is_set():
-                self._wake.set()
+        self._queue(span)
 
     def _run(self) -> None:
-        queue, wake = self._queue, self._wake
+        queue, wake, size = self._queue, self._wake, self._batch
         while True:
             wake.wait(self._delay)
             wake.clear()
             while queue and not self._closed:
-                batch = [queue.popleft() for _ in range(min(self._batch, len(queue)))]
-                self._export(batch)
+                self._export(queue.take(size))
             with self._idle:
                 self._idle.notify_all()
             if self._stopping:
@@ -222,10 +212,9 @@ class OTLPLane(_ExportThread):
             batch_size=batch_size,
             schedule_delay_s=schedule_delay_s,
         )
-
-    # Queue a finished, sampled task span (see ``otlp_encode.TaskSpan``): ``_put`` itself, a
-    # Python call less per traced task than a method that calls it.
-    add_task = _ExportThread._put
+        # Queue a finished, sampled task span (see ``otlp_encode.TaskSpan``): the queue
+        # itself, which the span sink's C end puts into without a Python call.
+        self.add_task: Callable[[tuple[Any, ...]], None] = self._queue
 
     def _export(self, batch: list[Any]) -> None:
         if not self._drops.arrive(len(batch)):

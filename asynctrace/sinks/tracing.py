@@ -543,6 +543,8 @@ class SpanSink(Instrument):
         # perf_counter_ns() is what the factory records; spans need the epoch.
         self._epoch_offset = time.time_ns() - time.perf_counter_ns()
         self._checked_processors: object = None
+        # The SpanHooks made for this sink: told (sync) whenever the state they take changes.
+        self._synced: list[Any] = []
         self._fast = False
         # Processors that take task spans as tuples (asynctrace's OTLP lane), when every
         # processor of the provider does: no ReadableSpan is built for a task then.
@@ -559,6 +561,11 @@ class SpanSink(Instrument):
         self._recheck()
 
     def _recheck(self) -> None:
+        self._check()
+        for hooks in self._synced:
+            hooks.sync()
+
+    def _check(self) -> None:
         tracer = self._tracer
         if not isinstance(tracer, sdk_trace.Tracer):
             self._fast = self._common = False
@@ -737,6 +744,7 @@ class SpanSink(Instrument):
             on_error=hook_failed,
             span_key=_SPAN_KEY,
         )
+        self._synced.append(hooks)
         if hasattr(hooks, "started"):  # the C version counts its spans itself: summed at close
             with self._counts_lock:
                 self._counts.append(hooks)
@@ -805,6 +813,9 @@ class SpanSink(Instrument):
             self._runtime = None
             LAZY_CONTEXT.release()
         self._closed = True
+        # Before the counts are summed: a span the hooks start after this counts itself.
+        for hooks in self._synced:
+            hooks.sync()
         with self._counts_lock:
             threads = list(self._counts)
             self._counts.clear()

@@ -2733,7 +2733,9 @@ int_from_u128(unsigned long long high, unsigned long long low)
     return _PyLong_FromByteArray(bytes, 16, 1, 0);
 }
 
-/* The two halves of an int in [0, 2**128); -1 with an error naming the value otherwise. */
+/* The two halves of an int in [0, 2**128); -1 with an error naming the value otherwise. Its
+   bytes read in one call (3.13's PyLong_AsNativeBytes; before, what PyLong_AsUnsignedLongLong
+   calls), not a shift and two conversions. */
 static int
 int_to_u128(PyObject *value, const char *what, unsigned long long *high, unsigned long long *low)
 {
@@ -2741,28 +2743,26 @@ int_to_u128(PyObject *value, const char *what, unsigned long long *high, unsigne
         PyErr_Format(PyExc_TypeError, "%s must be an int, got %R", what, value);
         return -1;
     }
-    PyObject *zero = PyLong_FromLong(0);
-    int negative = zero ? PyObject_RichCompareBool(value, zero, Py_LT) : -1;
-    Py_XDECREF(zero);
-    if (negative < 0) {
-        return -1;
-    }
-    if (!negative) {
-        PyObject *sixty_four = PyLong_FromLong(64);
-        PyObject *top = sixty_four ? PyNumber_Rshift(value, sixty_four) : NULL;
-        Py_XDECREF(sixty_four);
-        if (top == NULL) {
-            return -1;
-        }
-        *high = PyLong_AsUnsignedLongLong(top);
-        Py_DECREF(top);
-    }
-    if (negative || (*high == (unsigned long long)-1 && PyErr_Occurred())) {
+    unsigned char bytes[16];
+#if PY_VERSION_HEX >= 0x030D0000
+    Py_ssize_t need = PyLong_AsNativeBytes(value, bytes, 16,
+                                           Py_ASNATIVEBYTES_LITTLE_ENDIAN
+                                               | Py_ASNATIVEBYTES_UNSIGNED_BUFFER
+                                               | Py_ASNATIVEBYTES_REJECT_NEGATIVE);
+    int bad = need < 0 || need > 16;
+#else
+    int bad = _PyLong_AsByteArray((PyLongObject *)value, bytes, 16, 1, 0) < 0;
+#endif
+    if (bad) {
         PyErr_Clear();
         PyErr_Format(PyExc_ValueError, "%s must be an int in [0, 2**128), got %R", what, value);
         return -1;
     }
-    *low = PyLong_AsUnsignedLongLongMask(value);
+    *high = *low = 0;
+    for (int i = 0; i < 8; i++) {
+        *low |= (unsigned long long)bytes[i] << (8 * i);
+        *high |= (unsigned long long)bytes[8 + i] << (8 * i);
+    }
     return 0;
 }
 
@@ -4011,25 +4011,6 @@ buf_put(Buf *b, const void *src, Py_ssize_t n)
 }
 
 static int
-buf_byte(Buf *b, unsigned char c)
-{
-    return buf_put(b, &c, 1);
-}
-
-static int
-buf_varint(Buf *b, unsigned long long n)
-{
-    unsigned char tmp[10];
-    int i = 0;
-    while (n >= 0x80) {
-        tmp[i++] = (unsigned char)((n & 0x7F) | 0x80);
-        n >>= 7;
-    }
-    tmp[i++] = (unsigned char)n;
-    return buf_put(b, tmp, i);
-}
-
-static int
 varint_len(unsigned long long n)
 {
     int i = 1;
@@ -4040,133 +4021,90 @@ varint_len(unsigned long long n)
     return i;
 }
 
-static int
-buf_fixed64(Buf *b, unsigned long long v)
+/* The writers below write at p, which has room (the span's bound is reserved first), and
+   return where they stopped. */
+static inline char *
+w_varint(char *p, unsigned long long n)
 {
-    unsigned char tmp[8];
+    while (n >= 0x80) {
+        *p++ = (char)((n & 0x7F) | 0x80);
+        n >>= 7;
+    }
+    *p++ = (char)n;
+    return p;
+}
+
+static inline char *
+w_raw(char *p, const void *src, Py_ssize_t n)
+{
+    memcpy(p, src, (size_t)n);
+    return p + n;
+}
+
+static inline char *
+w_be64(char *p, unsigned long long v)
+{
     for (int i = 0; i < 8; i++) {
-        tmp[i] = (unsigned char)(v >> (8 * i));
+        *p++ = (char)(v >> (8 * (7 - i)));
     }
-    return buf_put(b, tmp, 8);
+    return p;
 }
 
-static int
-buf_be64(Buf *b, unsigned long long v)
+static inline char *
+w_le(char *p, unsigned long long v, int n)
 {
-    unsigned char tmp[8];
-    for (int i = 0; i < 8; i++) {
-        tmp[i] = (unsigned char)(v >> (8 * (7 - i)));
+    for (int i = 0; i < n; i++) {
+        *p++ = (char)(v >> (8 * i));
     }
-    return buf_put(b, tmp, 8);
+    return p;
 }
 
-/* A Span attribute whose value is a string: 0x4a len KeyValue{key, AnyValue{string}}. */
-static int
-buf_str_attr(Buf *b, const char *key, Py_ssize_t keylen, PyObject *value)
-{
-    Py_ssize_t rawlen;
-    const char *raw = PyUnicode_AsUTF8AndSize(value, &rawlen);
-    if (raw == NULL) {
-        return -1;
-    }
-    Py_ssize_t any_len = 1 + varint_len(rawlen) + rawlen;
-    Py_ssize_t kv_len = 1 + varint_len(keylen) + keylen + 1 + varint_len(any_len) + any_len;
-    if (buf_byte(b, 0x4a) < 0 || buf_varint(b, kv_len) < 0 || buf_byte(b, 0x0a) < 0
-        || buf_varint(b, keylen) < 0 || buf_put(b, key, keylen) < 0 || buf_byte(b, 0x12) < 0
-        || buf_varint(b, any_len) < 0 || buf_byte(b, 0x0a) < 0 || buf_varint(b, rawlen) < 0
-        || buf_put(b, raw, rawlen) < 0) {
-        return -1;
-    }
-    return 0;
-}
-
-static int
-buf_str_field(Buf *b, unsigned char tag, PyObject *value)
-{
+typedef struct {
+    const char *p;
     Py_ssize_t n;
-    const char *raw = PyUnicode_AsUTF8AndSize(value, &n);
-    if (raw == NULL) {
-        return -1;
+} Utf8;
+
+/* A str's UTF-8 (kept by the str: no copy for ASCII); an empty one for None. */
+static int
+utf8_of(PyObject *value, Utf8 *out)
+{
+    out->p = "";
+    out->n = 0;
+    if (value == Py_None) {
+        return 0;
     }
-    return (buf_byte(b, tag) < 0 || buf_varint(b, n) < 0 || buf_put(b, raw, n) < 0) ? -1 : 0;
+    out->p = PyUnicode_AsUTF8AndSize(value, &out->n);
+    return out->p ? 0 : -1;
+}
+
+static inline char *
+w_str_field(char *p, unsigned char tag, Utf8 s)
+{
+    *p++ = (char)tag;
+    p = w_varint(p, (unsigned long long)s.n);
+    return w_raw(p, s.p, s.n);
+}
+
+/* A Span attribute whose value is a string: 0x4a len KeyValue{key, AnyValue{string}}. At most
+   44 bytes besides the key and the value. */
+static inline char *
+w_str_attr(char *p, const char *key, Py_ssize_t keylen, Utf8 v)
+{
+    Py_ssize_t any_len = 1 + varint_len(v.n) + v.n;
+    Py_ssize_t kv_len = 1 + varint_len(keylen) + keylen + 1 + varint_len(any_len) + any_len;
+    *p++ = 0x4a;
+    p = w_varint(p, (unsigned long long)kv_len);
+    *p++ = 0x0a;
+    p = w_varint(p, (unsigned long long)keylen);
+    p = w_raw(p, key, keylen);
+    *p++ = 0x12;
+    p = w_varint(p, (unsigned long long)any_len);
+    *p++ = 0x0a;
+    p = w_varint(p, (unsigned long long)v.n);
+    return w_raw(p, v.p, v.n);
 }
 
 #define KEY(s) s, (Py_ssize_t)(sizeof(s) - 1)
-
-static int
-encode_body(Buf *b, PyObject *span)
-{
-    PyObject **f = &PyTuple_GET_ITEM(span, 0);
-    /* trace id: 16 bytes, big-endian */
-    unsigned long long high, low;
-    if (int_to_u128(f[0], "encode_task_span: the trace id", &high, &low) < 0) {
-        return -1;
-    }
-    unsigned long long span_id = PyLong_AsUnsignedLongLong(f[1]);
-    unsigned long long parent = PyLong_AsUnsignedLongLong(f[2]);
-    unsigned long long start = PyLong_AsUnsignedLongLong(f[6]);
-    unsigned long long end = PyLong_AsUnsignedLongLong(f[7]);
-    if (PyErr_Occurred()) {
-        return -1;
-    }
-    if (buf_put(b, "\x0a\x10", 2) < 0 || buf_be64(b, high) < 0 || buf_be64(b, low) < 0
-        || buf_put(b, "\x12\x08", 2) < 0 || buf_be64(b, span_id) < 0) {
-        return -1;
-    }
-    if (PyUnicode_GET_LENGTH(f[4]) > 0 && buf_str_field(b, 0x1a, f[4]) < 0) {
-        return -1;
-    }
-    if (parent != 0 && (buf_put(b, "\x22\x08", 2) < 0 || buf_be64(b, parent) < 0)) {
-        return -1;
-    }
-    if (buf_str_field(b, 0x2a, f[5]) < 0 || buf_put(b, "\x30\x01", 2) < 0
-        || buf_byte(b, 0x39) < 0 || buf_fixed64(b, start) < 0 || buf_byte(b, 0x41) < 0
-        || buf_fixed64(b, end) < 0) {
-        return -1;
-    }
-    if (buf_str_attr(b, KEY("asyncio.task.name"), f[8]) < 0
-        || buf_str_attr(b, KEY("asyncio.task.outcome"), f[9]) < 0) {
-        return -1;
-    }
-    if (f[10] != Py_None && buf_str_attr(b, KEY("asynctrace.operation"), f[10]) < 0) {
-        return -1;
-    }
-    if (f[11] != Py_None && buf_str_attr(b, KEY("asynctrace.correlation_id"), f[11]) < 0) {
-        return -1;
-    }
-    if (f[14] == Py_None) {
-        if (buf_put(b, "\x7a\x00", 2) < 0) {
-            return -1;
-        }
-    }
-    else {
-        Py_ssize_t n;
-        const char *raw = PyUnicode_AsUTF8AndSize(f[14], &n);
-        if (raw == NULL) {
-            return -1;
-        }
-        Py_ssize_t inner = 1 + varint_len(n) + n + 2;
-        if (buf_byte(b, 0x7a) < 0 || buf_varint(b, inner) < 0 || buf_byte(b, 0x12) < 0
-            || buf_varint(b, n) < 0 || buf_put(b, raw, n) < 0 || buf_put(b, "\x18\x02", 2) < 0) {
-            return -1;
-        }
-    }
-    int remote = PyObject_IsTrue(f[3]);
-    if (remote < 0) {
-        return -1;
-    }
-    unsigned int flags = 0x100 | ((remote && parent != 0) ? 0x200 : 0);
-    unsigned char tmp[5] = {0x85, 0x01, 0, 0, 0};
-    if (buf_put(b, tmp, 2) < 0) {
-        return -1;
-    }
-    for (int i = 0; i < 4; i++) {
-        if (buf_byte(b, (unsigned char)(flags >> (8 * i))) < 0) {
-            return -1;
-        }
-    }
-    return 0;
-}
 
 /* 1 when C writes span (a TaskSpan tuple: see encode_task_span), 0 when the Python encoder
    must, -1 (TypeError) when it is not a 15-tuple. */
@@ -4193,16 +4131,87 @@ encodable(PyObject *span, const char *who)
     return 1;
 }
 
-/* One Span message (a ScopeSpans' field 2: 0x12, its length, the body) appended to out;
-   scratch holds the body meanwhile (reused from span to span). */
+/* One Span message (a ScopeSpans' field 2: 0x12, its length, the body) appended to out: its
+   room reserved once (a bound: 512 bytes besides the strings), the body written after a
+   two-byte length (moved where its length takes another size). */
 static int
-buf_span(Buf *out, Buf *scratch, PyObject *span)
+buf_span(Buf *out, PyObject *span)
 {
-    scratch->len = 0;
-    if (encode_body(scratch, span) < 0 || buf_byte(out, 0x12) < 0
-        || buf_varint(out, scratch->len) < 0 || buf_put(out, scratch->data, scratch->len) < 0) {
+    PyObject **f = &PyTuple_GET_ITEM(span, 0);
+    unsigned long long high, low;
+    if (int_to_u128(f[0], "encode_task_span: the trace id", &high, &low) < 0) {
         return -1;
     }
+    unsigned long long span_id = PyLong_AsUnsignedLongLong(f[1]);
+    unsigned long long parent = PyLong_AsUnsignedLongLong(f[2]);
+    unsigned long long start = PyLong_AsUnsignedLongLong(f[6]);
+    unsigned long long end = PyLong_AsUnsignedLongLong(f[7]);
+    if (PyErr_Occurred()) {
+        return -1;
+    }
+    Utf8 state, name, task_name, outcome, operation, cid, error;
+    if (utf8_of(f[4], &state) < 0 || utf8_of(f[5], &name) < 0 || utf8_of(f[8], &task_name) < 0
+        || utf8_of(f[9], &outcome) < 0 || utf8_of(f[10], &operation) < 0
+        || utf8_of(f[11], &cid) < 0 || utf8_of(f[14], &error) < 0) {
+        return -1;
+    }
+    int remote = PyObject_IsTrue(f[3]);
+    if (remote < 0) {
+        return -1;
+    }
+    Py_ssize_t bound = 512 + state.n + name.n + task_name.n + outcome.n + operation.n + cid.n
+                       + error.n;
+    if (buf_reserve(out, bound) < 0) {
+        return -1;
+    }
+    char *at = out->data + out->len;
+    char *body = at + 3, *p = body;
+    p = w_raw(p, "\x0a\x10", 2); /* trace id: 16 bytes, big-endian */
+    p = w_be64(p, high);
+    p = w_be64(p, low);
+    p = w_raw(p, "\x12\x08", 2);
+    p = w_be64(p, span_id);
+    if (state.n > 0) {
+        p = w_str_field(p, 0x1a, state);
+    }
+    if (parent != 0) {
+        p = w_raw(p, "\x22\x08", 2);
+        p = w_be64(p, parent);
+    }
+    p = w_str_field(p, 0x2a, name);
+    p = w_raw(p, "\x30\x01\x39", 3);
+    p = w_le(p, start, 8);
+    *p++ = 0x41;
+    p = w_le(p, end, 8);
+    p = w_str_attr(p, KEY("asyncio.task.name"), task_name);
+    p = w_str_attr(p, KEY("asyncio.task.outcome"), outcome);
+    if (f[10] != Py_None) {
+        p = w_str_attr(p, KEY("asynctrace.operation"), operation);
+    }
+    if (f[11] != Py_None) {
+        p = w_str_attr(p, KEY("asynctrace.correlation_id"), cid);
+    }
+    if (f[14] == Py_None) {
+        p = w_raw(p, "\x7a\x00", 2);
+    }
+    else {
+        Py_ssize_t inner = 1 + varint_len(error.n) + error.n + 2;
+        *p++ = 0x7a;
+        p = w_varint(p, (unsigned long long)inner);
+        p = w_str_field(p, 0x12, error);
+        p = w_raw(p, "\x18\x02", 2);
+    }
+    unsigned int flags = 0x100 | ((remote && parent != 0) ? 0x200 : 0);
+    p = w_raw(p, "\x85\x01", 2);
+    p = w_le(p, flags, 4);
+    Py_ssize_t n = p - body;
+    int width = varint_len((unsigned long long)n);
+    if (width != 2) {
+        memmove(at + 1 + width, body, (size_t)n);
+    }
+    at[0] = 0x12;
+    (void)w_varint(at + 1, (unsigned long long)n);
+    out->len += 1 + width + n;
     return 0;
 }
 
@@ -4223,7 +4232,7 @@ speedups_encode_task_spans(PyObject *module, PyObject *const *args, Py_ssize_t n
     if (spans == NULL) {
         return NULL;
     }
-    Buf all = {NULL, 0, 0}, body = {NULL, 0, 0};
+    Buf all = {NULL, 0, 0};
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(spans); i++) {
         PyObject *span = PyTuple_GET_ITEM(spans, i);
         int mine = encodable(span, "encode_task_spans");
@@ -4231,7 +4240,7 @@ speedups_encode_task_spans(PyObject *module, PyObject *const *args, Py_ssize_t n
             goto done;
         }
         if (mine) {
-            if (buf_span(&all, &body, span) < 0) {
+            if (buf_span(&all, span) < 0) {
                 goto done;
             }
             continue;
@@ -4255,7 +4264,6 @@ speedups_encode_task_spans(PyObject *module, PyObject *const *args, Py_ssize_t n
 done:
     Py_DECREF(spans);
     PyMem_Free(all.data);
-    PyMem_Free(body.data);
     return out;
 }
 
@@ -4269,11 +4277,10 @@ speedups_encode_task_span(PyObject *module, PyObject *span)
         }
         Py_RETURN_NONE;
     }
-    Buf one = {NULL, 0, 0}, body = {NULL, 0, 0};
-    PyObject *out = buf_span(&one, &body, span) < 0
+    Buf one = {NULL, 0, 0};
+    PyObject *out = buf_span(&one, span) < 0
                         ? NULL : PyBytes_FromStringAndSize(one.data, one.len);
     PyMem_Free(one.data);
-    PyMem_Free(body.data);
     return out;
 }
 

@@ -148,6 +148,36 @@ def test_c_encoder_writes_the_python_encoders_bytes(span: otlp_encode.TaskSpan) 
         assert data == otlp_encode.encode_task_span_python(span)
 
 
+@pytest.mark.parametrize("size", [0, 1, 90, 16_200, 16_400, 70_000])
+@pytest.mark.parametrize("char", ["a", "\u00e9", "\U0001f600"])
+def test_c_encoder_frames_spans_of_any_length(size: int, char: str) -> None:
+    """The C encoder's span framing: its length takes 1, 2 or 3 bytes, multi-byte UTF-8."""
+    c_encode = getattr(_native._module, "encode_task_span", None)
+    if _native.IMPLEMENTATION != "c" or c_encode is None:
+        pytest.skip("the C accelerator is not in use")
+    text = char * size
+    for span in (
+        (2**128 - 1, 2**64 - 1, 2**64 - 1, True, "", text, 1, 2, "t", "finished", None, None,
+         None, None, None),
+        (1, 1, 0, False, "", "", 0, 0, text, "cancelled", text, "c", None, None, text),
+    ):  # fmt: skip
+        data = c_encode(span)
+        assert data == otlp_encode.encode_task_span_python(span)
+        assert otlp_encode.encode_task_spans([span, span]) == data * 2
+
+
+@pytest.mark.parametrize("trace_id", [2**128, -1])
+def test_c_encoder_names_a_trace_id_out_of_range(trace_id: int) -> None:
+    c_encode = getattr(_native._module, "encode_task_span", None)
+    if _native.IMPLEMENTATION != "c" or c_encode is None:
+        pytest.skip("the C accelerator is not in use")
+    span = (trace_id, 1, 0, False, "", "s", 0, 0, "t", "finished", None, None, None, None, None)
+    with pytest.raises(
+        ValueError, match=rf"the trace id must be an int in \[0, 2\*\*128\), got {trace_id}"
+    ):
+        c_encode(span)
+
+
 @settings(max_examples=200, deadline=None)
 @given(spans=st.lists(task_spans, max_size=6))
 def test_a_batch_is_its_spans_bytes_one_after_the_other(spans: list[otlp_encode.TaskSpan]) -> None:

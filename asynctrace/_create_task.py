@@ -14,7 +14,6 @@ import contextvars
 import difflib
 import operator
 import sys
-import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, TypeVar
 
@@ -58,12 +57,10 @@ Pending = tuple[str | None, str | None, int | None, str | None, bool | None]
 """(operation_name, correlation_id, priority_hint, name, eager_start)."""
 
 
-class _Slot(threading.local):
-    value: Pending | None = None
-
-
-PENDING: Final = _Slot()
-"""What the helper hands the factory on this thread; None when it hands nothing."""
+PENDING: Final = _native.ThreadSlot()
+"""What the helper hands the factory on this thread (``.value``, a ``Pending``); None when it
+hands nothing. A ``threading.local`` in the twin; in C a read where no thread has set one is
+free of lookups (the factory reads it for every task)."""
 
 
 def is_asynctrace_factory(factory: object) -> bool:

@@ -21,6 +21,7 @@ __all__ = [
     "SpanHooks",
     "SpanIds",
     "Tap",
+    "ThreadSlot",
     "encode_task_span",
     "encode_task_spans",
     "load",
@@ -58,6 +59,12 @@ encode_task_spans: Final = getattr(_module, "encode_task_spans", None) or (
     importlib.import_module("asynctrace._speedups_py").encode_task_spans
 )
 Counts: Final = _module.Counts
+ThreadSlot: Final = (
+    getattr(  # an extension built before the slot: Python's
+        _module, "ThreadSlot", None
+    )
+    or importlib.import_module("asynctrace._speedups_py").ThreadSlot
+)
 LaneQueue: Final = (
     getattr(  # an extension built before the queue: Python's
         _module, "LaneQueue", None

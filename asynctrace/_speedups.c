@@ -37,6 +37,7 @@ typedef struct {
     PyTypeObject *span_ids_type;
     PyTypeObject *starts_type;
     PyTypeObject *lane_queue_type;
+    PyTypeObject *thread_slot_type;
     PyObject *mark_name; /* "mark" */
 #define DECLARE(n) PyObject *s_##n;
     STATE_STRINGS(DECLARE)
@@ -86,6 +87,81 @@ gc_heap_dealloc(PyObject *op, inquiry clear)
     type->tp_free(op);
     Py_DECREF(type);
 }
+
+/* ---------------------------------------------------------------------------------------
+ * Slots: reading asynctrace's own objects without an attribute lookup. What is read at every
+ * task (the State's hooks, its Hooks table's fields, a TaskMetadata's) lives in __slots__. A
+ * Slots names such a type and where those slots are, found once, when the reader is made,
+ * from the type's member descriptors; an object of exactly that type then has them read at
+ * their offsets, always live (a slot set later is seen). Any other object (a test's stand-in,
+ * a subclass), a slot not set, or a free-threaded build (where a slot may be replaced while it
+ * is read) takes the attribute lookup, as before.
+ * --------------------------------------------------------------------------------------- */
+#define SLOTS_MAX 3
+typedef struct {
+    PyObject *type; /* the type probed, or NULL: every read looks up */
+    Py_ssize_t offset[SLOTS_MAX];
+} Slots;
+
+static void
+slots_probe(Slots *slots, PyObject *type, const char *const *names, int n)
+{
+    slots->type = NULL;
+#ifndef Py_GIL_DISABLED
+    if (type == NULL || !PyType_Check(type)) {
+        return;
+    }
+    for (int i = 0; i < n && i < SLOTS_MAX; i++) {
+        PyObject *descr = PyObject_GetAttrString(type, names[i]);
+        if (descr == NULL) {
+            PyErr_Clear();
+            return;
+        }
+        int ok = Py_IS_TYPE(descr, &PyMemberDescr_Type)
+                 && ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX;
+        if (ok) {
+            slots->offset[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+        }
+        Py_DECREF(descr);
+        if (!ok) {
+            return;
+        }
+    }
+    slots->type = Py_NewRef(type);
+#endif
+}
+
+/* The type of obj.name, probed as above; nothing when it cannot be read (no error left). */
+static void
+slots_probe_attr(Slots *slots, PyObject *obj, PyObject *name, const char *const *names, int n)
+{
+    PyObject *value = PyObject_GetAttr(obj, name);
+    if (value == NULL) {
+        PyErr_Clear();
+        slots->type = NULL;
+        return;
+    }
+    slots_probe(slots, (PyObject *)Py_TYPE(value), names, n);
+    Py_DECREF(value);
+}
+
+/* obj's slot i (new reference), else obj.name looked up. */
+static inline PyObject *
+slots_get(const Slots *slots, PyObject *obj, int i, PyObject *name)
+{
+    if ((PyObject *)Py_TYPE(obj) == slots->type) {
+        PyObject *value = *(PyObject **)((char *)obj + slots->offset[i]);
+        if (value != NULL) {
+            return Py_NewRef(value);
+        }
+    }
+    return PyObject_GetAttr(obj, name);
+}
+
+static const char *const STATE_SLOTS[1] = {"hooks"};
+static const char *const METADATA_SLOTS[3] = {"operation_name", "correlation_id",
+                                              "priority_hint"};
+enum { MD_OPERATION, MD_CORRELATION, MD_PRIORITY };
 
 static inline speedups_state *
 get_state(PyObject *module)
@@ -341,6 +417,143 @@ PyDict_Pop(PyObject *dict, PyObject *key, PyObject **result)
 #define PyObject_GetOptionalAttr _PyObject_LookupAttr
 #define Py_END_CRITICAL_SECTION() }
 #endif
+
+/* ---------------------------------------------------------------------------------------
+ * ThreadSlot: a value per thread, None till set (see _speedups_py.ThreadSlot): what the
+ * create_task helper hands the factory while it calls loop.create_task. The factory reads it
+ * for every task, nearly always None: the slot counts the threads whose value is set, and a
+ * read where none is costs no lookup (a threading.local's costs two). Kept in the thread
+ * state's dict (per thread and interpreter), keyed by the slot.
+ * --------------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t filled; /* threads whose value is set (a thread that ends with one keeps it) */
+} ThreadSlotObject;
+
+static Py_ssize_t
+ts_filled(ThreadSlotObject *self)
+{
+    Py_ssize_t filled;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    filled = self->filled;
+    Py_END_CRITICAL_SECTION();
+    return filled;
+}
+
+static void
+ts_count(ThreadSlotObject *self, Py_ssize_t change)
+{
+    Py_BEGIN_CRITICAL_SECTION(self);
+    self->filled += change;
+    Py_END_CRITICAL_SECTION();
+}
+
+/* This thread's value (new reference), None when unset. */
+static PyObject *
+ts_value(PyObject *op)
+{
+    if (ts_filled((ThreadSlotObject *)op) == 0) {
+        Py_RETURN_NONE;
+    }
+    PyObject *dict = PyThreadState_GetDict();
+    PyObject *value = dict ? PyDict_GetItemWithError(dict, op) : NULL;
+    if (value == NULL) {
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    return Py_NewRef(value);
+}
+
+static PyObject *
+ts_get_value(PyObject *op, void *Py_UNUSED(closure))
+{
+    return ts_value(op);
+}
+
+static int
+ts_set_value(PyObject *op, PyObject *value, void *Py_UNUSED(closure))
+{
+    ThreadSlotObject *self = (ThreadSlotObject *)op;
+    PyObject *dict = PyThreadState_GetDict();
+    if (dict == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "ThreadSlot: this thread has no thread state");
+        return -1;
+    }
+    int had = PyDict_Contains(dict, op);
+    if (had < 0) {
+        return -1;
+    }
+    if (value == NULL || value == Py_None) { /* None, or deleted: unset */
+        if (had) {
+            if (PyDict_DelItem(dict, op) < 0) {
+                return -1;
+            }
+            ts_count(self, -1);
+        }
+        return 0;
+    }
+    if (PyDict_SetItem(dict, op, value) < 0) {
+        return -1;
+    }
+    if (!had) {
+        ts_count(self, 1);
+    }
+    return 0;
+}
+
+static PyObject *
+ts_get_filled(PyObject *op, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(ts_filled((ThreadSlotObject *)op));
+}
+
+static PyObject *
+ts_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    if ((args != NULL && PyTuple_GET_SIZE(args) != 0)
+        || (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0)) {
+        PyErr_SetString(PyExc_TypeError, "ThreadSlot() takes no arguments");
+        return NULL;
+    }
+    return type->tp_alloc(type, 0);
+}
+
+static void
+ts_dealloc(PyObject *op)
+{
+    PyTypeObject *type = Py_TYPE(op);
+    type->tp_free(op);
+    Py_DECREF(type);
+}
+
+static PyGetSetDef ts_getset[] = {
+    {"value", ts_get_value, ts_set_value, "This thread's value; None till set.", NULL},
+    {"filled", ts_get_filled, NULL, "How many threads have a value set.", NULL},
+    {NULL},
+};
+
+PyDoc_STRVAR(ts_doc,
+"ThreadSlot()\n--\n\n"
+"A value per thread, None till set (see _speedups_py.ThreadSlot).");
+
+static PyType_Slot ts_slots[] = {
+    {Py_tp_new, ts_new},
+    {Py_tp_dealloc, ts_dealloc},
+    {Py_tp_getset, ts_getset},
+    {Py_tp_doc, (void *)ts_doc},
+    {0, NULL},
+};
+
+static PyType_Spec ts_spec = {
+    .name = "asynctrace._speedups.ThreadSlot",
+    .basicsize = sizeof(ThreadSlotObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = ts_slots,
+};
+
 
 /* ---------------------------------------------------------------------------------------
  * Starts: the lean path's table, id(task) -> what was noted at the task's creation (see
@@ -826,8 +1039,14 @@ typedef struct {
     PyObject *derived_cid;    /* the correlation id set in it, or NULL */
     PyObject *derived_meta;   /* the metadata set in it, or NULL */
     PyObject *dict;
+    Slots state_slots; /* STATE.hooks */
+    Slots hooks_slots; /* its lean, begin, started */
+    Slots meta_slots;  /* metadata_type's (see METADATA_SLOTS) */
     vectorcallfunc vectorcall;
 } LeanFactoryObject;
+
+static const char *const LF_HOOKS_SLOTS[3] = {"lean", "begin", "started"};
+enum { LF_LEAN, LF_BEGIN, LF_STARTED };
 
 #define LF_VALIDATED_MAX 256
 
@@ -1023,16 +1242,17 @@ lf_keep(LeanFactoryObject *self, PyObject *from, PyObject *ctx, PyObject *cid,
 
 /* Whether the metadata in the creator's context already says what the task's would. */
 static int
-lf_inherits(PyObject *metadata, PyObject *cid, speedups_state *st)
+lf_inherits(LeanFactoryObject *self, PyObject *metadata, PyObject *cid, speedups_state *st)
 {
-    PyObject *value = PyObject_GetAttr(metadata, st->s_operation_name);
+    const Slots *md = &self->meta_slots;
+    PyObject *value = slots_get(md, metadata, MD_OPERATION, st->s_operation_name);
     if (value == NULL) {
         return -1;
     }
     int ok = (value == Py_None);
     Py_DECREF(value);
     if (ok) {
-        value = PyObject_GetAttr(metadata, st->s_priority_hint);
+        value = slots_get(md, metadata, MD_PRIORITY, st->s_priority_hint);
         if (value == NULL) {
             return -1;
         }
@@ -1040,7 +1260,7 @@ lf_inherits(PyObject *metadata, PyObject *cid, speedups_state *st)
         Py_DECREF(value);
     }
     if (ok) {
-        value = PyObject_GetAttr(metadata, st->s_correlation_id);
+        value = slots_get(md, metadata, MD_CORRELATION, st->s_correlation_id);
         if (value == NULL) {
             return -1;
         }
@@ -1053,7 +1273,7 @@ lf_inherits(PyObject *metadata, PyObject *cid, speedups_state *st)
 static int
 lf_call_started(LeanFactoryObject *self, PyObject *hooks, PyObject *metadata, speedups_state *st)
 {
-    PyObject *started = PyObject_GetAttr(hooks, st->s_started);
+    PyObject *started = slots_get(&self->hooks_slots, hooks, LF_STARTED, st->s_started);
     if (started == NULL) {
         return -1;
     }
@@ -1091,7 +1311,7 @@ static PyObject *
 lf_begin(LeanFactoryObject *self, PyObject *hooks, PyObject *ctx, PyObject *metadata,
          long long created_ns, speedups_state *st)
 {
-    PyObject *begin = PyObject_GetAttr(hooks, st->s_begin);
+    PyObject *begin = slots_get(&self->hooks_slots, hooks, LF_BEGIN, st->s_begin);
     if (begin == NULL) {
         return NULL;
     }
@@ -1200,18 +1420,20 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
             return lf_fallback(self, args, nargsf, kwnames);  /* unknown: it raises */
         }
     }
-    PyObject *hooks = PyObject_GetAttr(self->state, st->s_hooks);
+    PyObject *hooks = slots_get(&self->state_slots, self->state, 0, st->s_hooks);
     if (hooks == NULL) {
         return NULL;
     }
-    PyObject *lean = PyObject_GetAttr(hooks, st->s_lean);
+    PyObject *lean = slots_get(&self->hooks_slots, hooks, LF_LEAN, st->s_lean);
     if (lean == NULL) {
         Py_DECREF(hooks);
         return NULL;
     }
     int is_lean = (lean == Py_True);
     Py_DECREF(lean);
-    PyObject *pending = is_lean ? PyObject_GetAttr(self->slot, st->s_value) : Py_NewRef(Py_None);
+    PyObject *pending = !is_lean ? Py_NewRef(Py_None)
+                      : Py_IS_TYPE(self->slot, st->thread_slot_type) ? ts_value(self->slot)
+                      : PyObject_GetAttr(self->slot, st->s_value);
     if (pending == NULL) {
         Py_DECREF(hooks);
         return NULL;
@@ -1226,7 +1448,7 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
         return lf_fallback(self, args, nargsf, kwnames);
     }
     if (pending != Py_None) {
-        if (PyObject_SetAttr(self->slot, st->s_value, Py_None) < 0) {
+        if (PyObject_SetAttr(self->slot, st->s_value, Py_None) < 0) { /* rare: a Python call */
             goto fail_early;
         }
         op = PyTuple_GET_ITEM(pending, 0);
@@ -1298,7 +1520,7 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
             goto done;
         }
         if (metadata != NULL && metadata != Py_None) {
-            inherit = lf_inherits(metadata, cid, st);
+            inherit = lf_inherits(self, metadata, cid, st);
             if (inherit < 0) {
                 goto done;
             }
@@ -1509,6 +1731,9 @@ lf_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         Py_DECREF(self);
         return NULL;
     }
+    slots_probe(&self->state_slots, (PyObject *)Py_TYPE(self->state), STATE_SLOTS, 1);
+    slots_probe_attr(&self->hooks_slots, self->state, st->s_hooks, LF_HOOKS_SLOTS, 3);
+    slots_probe(&self->meta_slots, metadata_type, METADATA_SLOTS, 3);
     self->vectorcall = lf_vectorcall;
     return (PyObject *)self;
 fail_fields:
@@ -1522,7 +1747,8 @@ fail_fields:
 #define LF_FIELDS(X) X(fallback) X(state) X(slot) X(cid_var) X(metadata_var) X(make_metadata) \
     X(new_cid) X(validate) X(task_type) X(lean_done) X(starts) X(on_error) X(lean_finish)    \
     X(metadata_type) X(meta_op) X(meta_cid) X(meta_prio) X(last) X(named) X(validated)      \
-    X(derived_from) X(derived) X(derived_cid) X(derived_meta) X(dict)
+    X(derived_from) X(derived) X(derived_cid) X(derived_meta) X(dict) X(state_slots.type)       \
+    X(hooks_slots.type) X(meta_slots.type)
 
 static int
 lf_traverse(PyObject *op, visitproc visit, void *arg)
@@ -2104,14 +2330,19 @@ struct LeanDoneObject {
     PyObject *on_error;     /* (hook, exception): counted, or re-raised */
     PyObject *on_cancelled; /* (task, metadata): the cancellation hooks */
     PyObject *outcomes[OUTCOMES];
+    Slots state_slots;      /* STATE.hooks */
+    Slots hooks_slots;      /* its finished, end */
 };
+
+static const char *const LD_HOOKS_SLOTS[2] = {"finished", "end"};
+enum { LD_FINISHED, LD_END };
 
 /* hooks.end(task, entry, metadata, outcome, finished_ns): what hooks.begin started ends. */
 static int
 ld_end(LeanDoneObject *self, PyObject *hooks, PyObject *task, PyObject *entry,
        PyObject *metadata, int outcome, long long finished_ns, speedups_state *st)
 {
-    PyObject *end = PyObject_GetAttr(hooks, st->s_end);
+    PyObject *end = slots_get(&self->hooks_slots, hooks, LD_END, st->s_end);
     if (end == NULL) {
         return -1;
     }
@@ -2205,11 +2436,11 @@ ld_record(LeanDoneObject *self, PyObject *task, PyObject *entry, PyObject *given
         outcome = (exc == Py_None) ? 0 : 1;
         Py_DECREF(exc);
     }
-    hooks = PyObject_GetAttr(self->state, st->s_hooks);
+    hooks = slots_get(&self->state_slots, self->state, 0, st->s_hooks);
     if (hooks == NULL) {
         goto done;
     }
-    finished = PyObject_GetAttr(hooks, st->s_finished);
+    finished = slots_get(&self->hooks_slots, hooks, LD_FINISHED, st->s_finished);
     if (finished == NULL || !PyTuple_Check(finished)) {
         if (finished != NULL) {
             PyErr_SetString(PyExc_TypeError, "hooks.finished must be a tuple");
@@ -2313,6 +2544,8 @@ ld_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         Py_DECREF(self);
         return NULL;
     }
+    slots_probe(&self->state_slots, (PyObject *)Py_TYPE(self->state), STATE_SLOTS, 1);
+    slots_probe_attr(&self->hooks_slots, self->state, st->s_hooks, LD_HOOKS_SLOTS, 2);
     return (PyObject *)self;
 }
 
@@ -2327,6 +2560,8 @@ ld_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->state);
     Py_VISIT(self->on_error);
     Py_VISIT(self->on_cancelled);
+    Py_VISIT(self->state_slots.type);
+    Py_VISIT(self->hooks_slots.type);
     return 0;
 }
 
@@ -2340,6 +2575,8 @@ ld_clear(PyObject *op)
     Py_CLEAR(self->state);
     Py_CLEAR(self->on_error);
     Py_CLEAR(self->on_cancelled);
+    Py_CLEAR(self->state_slots.type);
+    Py_CLEAR(self->hooks_slots.type);
     for (int i = 0; i < OUTCOMES; i++) {
         Py_CLEAR(self->outcomes[i]);
     }
@@ -3224,7 +3461,13 @@ typedef struct {
     long long epoch_offset;
     int common; /* the sink's state as sync() took it last: see _speedups_py.SpanHooks.sync */
     int closed;
+    Slots state_slots; /* STATE.hooks */
+    Slots hooks_slots; /* its exemplars */
+    Slots meta_slots;  /* a TaskMetadata's (the type of the first metadata begin is given) */
+    int meta_probed;
 } SpanHooksObject;
+
+static const char *const SH_HOOKS_SLOTS[1] = {"exemplars"};
 
 #define SLOT(obj, n) (*(PyObject **)((char *)(obj) + self->off_##n))
 
@@ -3524,7 +3767,11 @@ sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         common = -1;
         goto other;
     }
-    cid = PyObject_GetAttr(args[0], st->s_correlation_id);
+    if (self->meta_slots.type == NULL && !self->meta_probed) {
+        self->meta_probed = 1; /* the factory's metadata type: probed once */
+        slots_probe(&self->meta_slots, (PyObject *)Py_TYPE(args[0]), METADATA_SLOTS, 3);
+    }
+    cid = slots_get(&self->meta_slots, args[0], MD_CORRELATION, st->s_correlation_id);
     if (cid == NULL) {
         common = -1;
         goto other;
@@ -3655,18 +3902,6 @@ sh_span_name(SpanHooksObject *self, PyObject *operation, PyObject *task_name,
     return Py_NewRef(self->provisional);
 }
 
-static PyObject *
-sh_add(PyObject *left, long long right)
-{
-    PyObject *r = PyLong_FromLongLong(right);
-    if (r == NULL) {
-        return NULL;
-    }
-    PyObject *sum = PyNumber_Add(left, r);
-    Py_DECREF(r);
-    return sum;
-}
-
 /* The lane's tuple for the span (otlp_encode.TaskSpan), and the exemplars' duration. */
 static PyObject *
 sh_lane_tuple(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObject *outcome,
@@ -3691,9 +3926,15 @@ sh_lane_tuple(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObje
     }
     PyObject *start = remote ? PyLong_FromLongLong(IDS(entry)->created_ns + self->epoch_offset)
                              : NULL;
-    PyObject *end = start ? sh_add(finished, self->epoch_offset) : NULL;
-    PyObject *cid = end ? PyObject_GetAttr(metadata, st->s_correlation_id) : NULL;
-    PyObject *priority = cid ? PyObject_GetAttr(metadata, st->s_priority_hint) : NULL;
+    long long finished_ns = start ? PyLong_AsLongLong(finished) : -1;
+    PyObject *end = start == NULL || (finished_ns == -1 && PyErr_Occurred())
+                        ? NULL : PyLong_FromLongLong(finished_ns + self->epoch_offset);
+    PyObject *cid = end ? slots_get(&self->meta_slots, metadata, MD_CORRELATION,
+                                    st->s_correlation_id)
+                        : NULL;
+    PyObject *priority = cid ? slots_get(&self->meta_slots, metadata, MD_PRIORITY,
+                                         st->s_priority_hint)
+                             : NULL;
     PyObject *span = NULL;
     if (priority != NULL) {
         span = PyTuple_Pack(15, trace_id, span_id, parent_id, remote,
@@ -3714,8 +3955,8 @@ static int
 sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObject *outcome,
              PyObject *finished, PyObject *trace_id, PyObject *span_id, speedups_state *st)
 {
-    PyObject *hooks = PyObject_GetAttr(self->state, st->s_hooks);
-    PyObject *exemplars = hooks ? PyObject_GetAttr(hooks, st->s_exemplars) : NULL;
+    PyObject *hooks = slots_get(&self->state_slots, self->state, 0, st->s_hooks);
+    PyObject *exemplars = hooks ? slots_get(&self->hooks_slots, hooks, 0, st->s_exemplars) : NULL;
     Py_XDECREF(hooks);
     if (exemplars == NULL) {
         return -1;
@@ -3765,7 +4006,7 @@ sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         goto other;
     }
     rc = -1;
-    operation = PyObject_GetAttr(metadata, st->s_operation_name);
+    operation = slots_get(&self->meta_slots, metadata, MD_OPERATION, st->s_operation_name);
     if (operation == NULL) {
         goto other;
     }
@@ -3884,6 +4125,8 @@ sh_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         goto error;
     }
     sh_probe_span_context(self);
+    slots_probe(&self->state_slots, (PyObject *)Py_TYPE(self->state), STATE_SLOTS, 1);
+    slots_probe_attr(&self->hooks_slots, self->state, st->s_hooks, SH_HOOKS_SLOTS, 1);
     if (sh_sync_state(self, st) < 0) {
         goto error;
     }
@@ -3901,6 +4144,9 @@ sh_traverse(PyObject *op, visitproc visit, void *arg)
 #define SH_VISIT(f) Py_VISIT(self->f);
     SH_FIELDS(SH_VISIT)
 #undef SH_VISIT
+    Py_VISIT(self->state_slots.type);
+    Py_VISIT(self->hooks_slots.type);
+    Py_VISIT(self->meta_slots.type);
     return 0;
 }
 
@@ -3911,6 +4157,9 @@ sh_clear(PyObject *op)
 #define SH_CLEAR(f) Py_CLEAR(self->f);
     SH_FIELDS(SH_CLEAR)
 #undef SH_CLEAR
+    Py_CLEAR(self->state_slots.type);
+    Py_CLEAR(self->hooks_slots.type);
+    Py_CLEAR(self->meta_slots.type);
     return 0;
 }
 
@@ -4340,6 +4589,11 @@ speedups_exec(PyObject *module)
     if (state->span_ids_type == NULL || PyModule_AddType(module, state->span_ids_type) < 0) {
         return -1;
     }
+    state->thread_slot_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &ts_spec, NULL);
+    if (state->thread_slot_type == NULL
+        || PyModule_AddType(module, state->thread_slot_type) < 0) {
+        return -1;
+    }
     state->lane_queue_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &lq_spec, NULL);
     if (state->lane_queue_type == NULL || PyModule_AddType(module, state->lane_queue_type) < 0) {
         return -1;
@@ -4351,10 +4605,9 @@ speedups_exec(PyObject *module)
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[sssssssssss]", "Counts", "IMPLEMENTATION", "LaneQueue",
+    PyObject *all = Py_BuildValue("[ssssssssssss]", "Counts", "IMPLEMENTATION", "LaneQueue",
                                   "LeanDone", "LeanFactory", "SpanHooks", "SpanIds", "Starts",
-                                  "Tap",
-                                  "encode_task_span", "encode_task_spans");
+                                  "Tap", "ThreadSlot", "encode_task_span", "encode_task_spans");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
         Py_XDECREF(all);
         return -1;
@@ -4374,6 +4627,7 @@ speedups_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->span_ids_type);
     Py_VISIT(state->starts_type);
     Py_VISIT(state->lane_queue_type);
+    Py_VISIT(state->thread_slot_type);
     return 0;
 }
 
@@ -4389,6 +4643,7 @@ speedups_clear(PyObject *module)
     Py_CLEAR(state->span_ids_type);
     Py_CLEAR(state->starts_type);
     Py_CLEAR(state->lane_queue_type);
+    Py_CLEAR(state->thread_slot_type);
     Py_CLEAR(state->mark_name);
 #define CLEAR_S(n) Py_CLEAR(state->s_##n);
     STATE_STRINGS(CLEAR_S)

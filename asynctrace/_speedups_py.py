@@ -37,6 +37,7 @@ __all__ = [
     "SpanIds",
     "Starts",
     "Tap",
+    "ThreadSlot",
     "encode_task_span",
     "encode_task_spans",
 ]
@@ -235,6 +236,17 @@ class Tap:
     def __repr__(self) -> str:
         """Show the tapped ``call_soon``."""
         return f"<asynctrace Tap of {self.call_soon!r}>"
+
+
+class ThreadSlot(threading.local):
+    """A value per thread, None till set: what the create_task helper hands the factory.
+
+    The helper sets :attr:`value` around its ``loop.create_task`` call; the factory reads it for
+    every task it makes (nearly always None). The C version counts the threads whose value is
+    set (``filled``), so a read where none is costs no lookup.
+    """
+
+    value: Any = None
 
 
 _MAKING = 1  # Tap.expect: a LeanFactory is making a task

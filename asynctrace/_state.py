@@ -37,6 +37,9 @@ class State:
             use it, so a loop that bypassed the policy is noticed at the first of them.
     """
 
+    # Slots: the C factory reads ``hooks`` at their offset (``_speedups.c``, *Slots*).
+    __slots__ = ("cover_loop", "errors", "hooks", "id_generator", "lock", "options")
+
     def __init__(self) -> None:
         """Start empty: nothing installed, nothing counted."""
         self.start_fresh()

@@ -80,6 +80,7 @@ def test_implementation_names(impl: ModuleType) -> None:
         "SpanIds",
         "Starts",
         "Tap",
+        "ThreadSlot",
         "encode_task_span",
         "encode_task_spans",
     ]
@@ -1318,3 +1319,84 @@ def test_lane_queue_refuses_bad_arguments(impl: ModuleType) -> None:
     with pytest.raises(TypeError):
         queue(1, 2)
     assert (len(queue), queue.handed, queue.refused) == (0, 0, 0)
+
+
+# -- ThreadSlot: the helper's value per thread, against the twin -----------------------------
+
+
+def test_thread_slot_holds_a_value_per_thread(impl: ModuleType) -> None:
+    import threading  # noqa: PLC0415
+
+    slot = impl.ThreadSlot()
+    assert slot.value is None
+    slot.value = ("op", None, None, None, None)
+    seen: list[object] = []
+
+    def other() -> None:
+        seen.append(slot.value)  # not this thread's
+        slot.value = "theirs"
+        seen.append(slot.value)
+        slot.value = None
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert seen == [None, "theirs"]
+    assert slot.value == ("op", None, None, None, None)
+    slot.value = None
+    assert slot.value is None
+    slot.value = None  # unset twice: still none
+    assert slot.value is None
+    if impl.IMPLEMENTATION == "c":
+        assert slot.filled == 0
+
+
+def test_thread_slot_counts_the_threads_that_hold_one(impl: ModuleType) -> None:
+    if impl.IMPLEMENTATION != "c":
+        pytest.skip("the twin is a threading.local: it counts nothing")
+    import threading  # noqa: PLC0415
+
+    slot, other = impl.ThreadSlot(), impl.ThreadSlot()
+    hold, release = threading.Barrier(5), threading.Event()
+
+    def holder(k: int) -> None:
+        slot.value = k
+        hold.wait(10)
+        release.wait(10)
+        assert slot.value == k
+        slot.value = None
+
+    threads = [threading.Thread(target=holder, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    hold.wait(10)
+    assert (slot.filled, other.filled, slot.value) == (4, 0, None)
+    release.set()
+    for thread in threads:
+        thread.join()
+    assert slot.filled == 0
+    with pytest.raises(TypeError, match=r"ThreadSlot\(\) takes no arguments"):
+        impl.ThreadSlot(1)
+
+
+def test_factory_takes_the_helpers_keywords_through_the_slot(tap_impl: ModuleType) -> None:
+    """The helper's checked path hands its keywords through the slot; nothing is left in it."""
+    from asynctrace._create_task import PENDING  # noqa: PLC0415
+
+    async def main() -> tuple[object, object]:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        task = asynctrace.create_task(
+            asyncio.sleep(0), operation_name="slot-op", name="named", priority_hint=3
+        )
+        await task
+        async with asyncio.TaskGroup() as group:  # the factory's own read of the slot
+            grouped = asynctrace.create_task(
+                asyncio.sleep(0), operation_name="in-group", task_group=group
+            )
+        meta, in_group = asynctrace.task_metadata(task), asynctrace.task_metadata(grouped)
+        assert meta is not None
+        assert in_group is not None
+        assert in_group.operation_name == "in-group"
+        return (meta.operation_name, meta.priority_hint, task.get_name()), PENDING.value
+
+    assert asyncio.run(main()) == (("slot-op", 3, "named"), None)

@@ -4471,9 +4471,11 @@ buf_span(Buf *out, PyObject *span)
 static PyObject *
 speedups_encode_task_spans(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2 || !PyList_CheckExact(args[0]) || !PyCallable_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError,
-                        "encode_task_spans(spans, fallback): a list and a callable");
+    PyObject *others = nargs == 3 && args[2] != Py_None ? args[2] : NULL;
+    if (nargs < 2 || nargs > 3 || !PyList_CheckExact(args[0]) || !PyCallable_Check(args[1])
+        || (others != NULL && !PyList_CheckExact(others))) {
+        PyErr_SetString(PyExc_TypeError, "encode_task_spans(spans, fallback, others=None): a "
+                        "list, a callable, and a list or None");
         return NULL;
     }
     /* a copy: the list may change meanwhile (the Python encoder, another thread) */
@@ -4484,6 +4486,12 @@ speedups_encode_task_spans(PyObject *module, PyObject *const *args, Py_ssize_t n
     Buf all = {NULL, 0, 0};
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(spans); i++) {
         PyObject *span = PyTuple_GET_ITEM(spans, i);
+        if (others != NULL && !PyTuple_Check(span)) { /* not a task span: the caller's */
+            if (PyList_Append(others, span) < 0) {
+                goto done;
+            }
+            continue;
+        }
         int mine = encodable(span, "encode_task_spans");
         if (mine < 0) {
             goto done;
@@ -4537,8 +4545,9 @@ static PyMethodDef speedups_methods[] = {
     {"encode_task_span", speedups_encode_task_span, METH_O,
      "encode_task_span(span) -> bytes, or None where the Python encoder must write it."},
     {"encode_task_spans", (PyCFunction)(void (*)(void))speedups_encode_task_spans, METH_FASTCALL,
-     "encode_task_spans(spans, fallback) -> bytes: the Span messages of a list of task span\n"
-     "tuples, each as encode_task_span writes it, or as fallback(span) does where it would not."},
+     "encode_task_spans(spans, fallback, others=None) -> bytes: the Span messages of a list of\n"
+     "task span tuples, each as encode_task_span writes it, or as fallback(span) does where it\n"
+     "would not; with a list as others, what is not a tuple is appended there."},
     {NULL},
 };
 

@@ -800,18 +800,32 @@ def encode_task_span(span: object) -> None:  # noqa: ARG001 - the C version's si
 _TASK_SPAN_FIELDS = 15  # otlp_encode.TaskSpan
 
 
-def encode_task_spans(spans: list[Any], fallback: Callable[[Any], object]) -> bytes:
+def encode_task_spans(
+    spans: list[Any], fallback: Callable[[Any], object], others: list[Any] | None = None
+) -> bytes:
     """The Span messages of ``spans`` (task span tuples), one after the other.
 
     Each is written by :func:`encode_task_span` where it writes it, else by ``fallback`` (the
-    Python encoder): here, by ``fallback``. The C version writes them into one buffer, with no
-    bytes object per span.
+    Python encoder): here, by ``fallback``. With a list as ``others``, what is not a tuple (a
+    ``ReadableSpan`` among the task spans) is appended there instead (the export thread's
+    batch sorted with no Python loop, in C). The C version writes them into one buffer, with
+    no bytes object per span.
     """
-    if type(spans) is not list or not callable(fallback):
-        msg = "encode_task_spans(spans, fallback): a list and a callable"
+    if (
+        type(spans) is not list
+        or not callable(fallback)
+        or not (others is None or type(others) is list)
+    ):
+        msg = (
+            "encode_task_spans(spans, fallback, others=None): a list, a callable, and a list "
+            "or None"
+        )
         raise TypeError(msg)
     parts: list[bytes] = []
     for span in spans:
+        if others is not None and not isinstance(span, tuple):
+            others.append(span)  # not a task span: the caller's
+            continue
         if type(span) is not tuple or len(span) != _TASK_SPAN_FIELDS:
             msg = f"encode_task_spans: expected a 15-tuple, got {span!r}"
             raise TypeError(msg)

@@ -192,14 +192,30 @@ def test_a_batch_is_its_spans_bytes_one_after_the_other(spans: list[otlp_encode.
 def test_a_batch_refuses_what_it_cannot_write(impl: ModuleType) -> None:
     span = (1, 2, 0, False, "", "t", 10, 20, "Task-1", "finished", None, None, 3, None, None)
     python = otlp_encode.encode_task_span_python
-    with pytest.raises(TypeError, match="a list and a callable"):
+    with pytest.raises(TypeError, match="a list, a callable, and a list or None"):
         impl.encode_task_spans((span,), python)
-    with pytest.raises(TypeError, match="a list and a callable"):
+    with pytest.raises(TypeError, match="a list, a callable, and a list or None"):
         impl.encode_task_spans([span], None)
+    with pytest.raises(TypeError, match="a list, a callable, and a list or None"):
+        impl.encode_task_spans([span], python, ())
     with pytest.raises(TypeError, match=r"expected a 15-tuple, got \(1, 2, 0\)"):
         impl.encode_task_spans([span[:3]], python)
+    with pytest.raises(TypeError, match=r"expected a 15-tuple, got 'other'"):
+        impl.encode_task_spans(["other"], python)  # without others: refused
     with pytest.raises(TypeError, match="fallback gave 'text', not bytes"):
         impl.encode_task_spans([span], lambda _span: "text")  # the priority hint: fallback's
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda m: m.IMPLEMENTATION)
+def test_a_batch_hands_back_what_is_not_a_task_span(impl: ModuleType) -> None:
+    """With ``others``, what is not a tuple is set aside, in order; the rest is encoded."""
+    spans = [_span(1), "sdk-span-a", _span(2), 3, _span(3)]
+    others: list[object] = []
+    data = impl.encode_task_spans(spans, otlp_encode.encode_task_span_python, others)
+    assert others == ["sdk-span-a", 3]
+    assert data == b"".join(otlp_encode.encode_task_span_python(_span(i)) for i in (1, 2, 3))
+    with pytest.raises(TypeError, match=r"expected a 15-tuple, got \(1, 2\)"):
+        impl.encode_task_spans([(1, 2)], otlp_encode.encode_task_span_python, [])
 
 
 def test_requests_concatenate() -> None:

@@ -130,13 +130,14 @@ def encode_task_span(span: TaskSpan) -> bytes:
     return encode_task_span_python(span)
 
 
-def encode_task_spans(spans: list[TaskSpan]) -> bytes:
+def encode_task_spans(spans: list[Any], others: list[Any] | None = None) -> bytes:
     """:func:`encode_task_span` of each span, one after the other: what a request's scope holds.
 
     With the C accelerator the whole batch is written in one buffer (no bytes object per span,
-    one copy), the uncommon spans by :func:`encode_task_span_python`.
+    one copy), the uncommon spans by :func:`encode_task_span_python`. With a list as
+    ``others``, what in ``spans`` is not a task span tuple is appended there, not encoded.
     """
-    data: bytes = _native_encode_all(spans, encode_task_span_python)
+    data: bytes = _native_encode_all(spans, encode_task_span_python, others)
     return data
 
 

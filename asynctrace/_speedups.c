@@ -76,6 +76,25 @@ typedef struct LeanDoneObject LeanDoneObject;
 static int ld_record(LeanDoneObject *self, PyObject *task, PyObject *entry, PyObject *given,
                      long long created_ns, long long finished_ns);
 static int tap_is_step(TapObject *self, PyObject *callback);
+/* SpanHooks' begin and end, which the factory and LeanDone call with C times when their hooks
+   are these (see sh_begin_ns, sh_end_ns). */
+static PyObject *sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs);
+static PyObject *sh_begin_ns(PyObject *op, PyObject *metadata, long long created_ns,
+                             PyObject *created);
+static PyObject *sh_end_ns(PyObject *op, PyObject *task, PyObject *entry, PyObject *metadata,
+                           PyObject *outcome, long long finished_ns, PyObject *finished);
+
+/* The SpanHooks that `hook` is `method` of, bound (borrowed), or NULL. */
+static inline PyObject *
+span_hooks_of(PyObject *hook, PyObject *(*method)(PyObject *, PyObject *const *, Py_ssize_t))
+{
+    if (PyCFunction_Check(hook)
+        && PyCFunction_GET_FUNCTION(hook) == (PyCFunction)(void (*)(void))method) {
+        return PyCFunction_GET_SELF(hook);
+    }
+    return NULL;
+}
 
 /* tp_dealloc of this module's collected heap types: untrack, clear, free, release the type. */
 static void
@@ -1318,16 +1337,18 @@ lf_begin(LeanFactoryObject *self, PyObject *hooks, PyObject *ctx, PyObject *meta
     if (begin == Py_None) {
         return begin;
     }
-    PyObject *created = PyLong_FromLongLong(created_ns);
-    if (created == NULL || PyContext_Enter(ctx) < 0) {
+    PyObject *span_hooks = span_hooks_of(begin, sh_begin);
+    PyObject *created = span_hooks ? NULL : PyLong_FromLongLong(created_ns);
+    if ((span_hooks == NULL && created == NULL) || PyContext_Enter(ctx) < 0) {
         Py_XDECREF(created);
         Py_DECREF(begin);
         return NULL;
     }
     PyObject *call_args[2] = {metadata, created};
-    PyObject *entry = PyObject_Vectorcall(begin, call_args, 2, NULL);
+    PyObject *entry = span_hooks ? sh_begin_ns(span_hooks, metadata, created_ns, NULL)
+                                 : PyObject_Vectorcall(begin, call_args, 2, NULL);
     PyObject *exc = entry == NULL ? PyErr_GetRaisedException() : NULL;
-    Py_DECREF(created);
+    Py_XDECREF(created);
     if (PyContext_Exit(ctx) < 0) {
         Py_XDECREF(exc);
         Py_XDECREF(entry);
@@ -2350,14 +2371,17 @@ ld_end(LeanDoneObject *self, PyObject *hooks, PyObject *task, PyObject *entry,
         Py_DECREF(end);
         return 0;
     }
-    PyObject *fin = PyLong_FromLongLong(finished_ns);
-    if (fin == NULL) {
+    PyObject *span_hooks = span_hooks_of(end, sh_end);
+    PyObject *fin = span_hooks ? NULL : PyLong_FromLongLong(finished_ns);
+    if (span_hooks == NULL && fin == NULL) {
         Py_DECREF(end);
         return -1;
     }
     PyObject *call_args[5] = {task, entry, metadata, self->outcomes[outcome], fin};
-    PyObject *res = PyObject_Vectorcall(end, call_args, 5, NULL);
-    Py_DECREF(fin);
+    PyObject *res = span_hooks ? sh_end_ns(span_hooks, task, entry, metadata,
+                                           self->outcomes[outcome], finished_ns, NULL)
+                               : PyObject_Vectorcall(end, call_args, 5, NULL);
+    Py_XDECREF(fin);
     if (res == NULL) {
         PyObject *exc = PyErr_GetRaisedException();
         res = PyObject_CallFunctionObjArgs(self->on_error, end, exc, NULL);
@@ -3674,13 +3698,9 @@ sh_fallback(SpanHooksObject *self, PyObject *name, PyObject *const *args, Py_ssi
 /* The handle for a task whose parent is `creator`'s span (`parent`, its SpanContext) or none
    (parent NULL), set in TASK_SPAN and counted. */
 static PyObject *
-sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, PyObject *created, PyObject *current,
-              PyObject *creator, PyObject *parent, speedups_state *st)
+sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, long long created_ns,
+              PyObject *current, PyObject *creator, PyObject *parent, speedups_state *st)
 {
-    long long created_ns = PyLong_AsLongLong(created);
-    if (created_ns == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
     unsigned long long trace_high, trace_low;
     int bad = 0;
     if (creator != NULL) { /* the parent's trace (parent is its SpanContext) */
@@ -3741,16 +3761,14 @@ sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, PyObject *created, 
     return handle;
 }
 
-/* begin(metadata, created_ns): see _speedups_py.SpanHooks.begin. */
+/* begin(metadata, created_ns) with the time as a C value (created: the same as an int, or NULL:
+   made if the sink's own method is called). The factory calls it so when its begin hook is a
+   SpanHooks' begin: no int made and read back, no method call. */
 static PyObject *
-sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+sh_begin_ns(PyObject *op, PyObject *metadata, long long created_ns, PyObject *created)
 {
     SpanHooksObject *self = (SpanHooksObject *)op;
     speedups_state *st = PyType_GetModuleState(Py_TYPE(op));
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "SpanHooks.begin takes 2 arguments (%zd given)", nargs);
-        return NULL;
-    }
     PyObject *var = NULL, *current = NULL, *creator = NULL, *cid = NULL, *parent = NULL;
     PyObject *result = NULL;
     int common = sh_common(self, st);
@@ -3769,9 +3787,9 @@ sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     }
     if (self->meta_slots.type == NULL && !self->meta_probed) {
         self->meta_probed = 1; /* the factory's metadata type: probed once */
-        slots_probe(&self->meta_slots, (PyObject *)Py_TYPE(args[0]), METADATA_SLOTS, 3);
+        slots_probe(&self->meta_slots, (PyObject *)Py_TYPE(metadata), METADATA_SLOTS, 3);
     }
-    cid = slots_get(&self->meta_slots, args[0], MD_CORRELATION, st->s_correlation_id);
+    cid = slots_get(&self->meta_slots, metadata, MD_CORRELATION, st->s_correlation_id);
     if (cid == NULL) {
         common = -1;
         goto other;
@@ -3815,7 +3833,7 @@ sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
             goto other;
         }
     }
-    result = sh_new_handle(self, cid, args[1], current, here, parent, st);
+    result = sh_new_handle(self, cid, created_ns, current, here, parent, st);
     common = result ? 1 : -1;
 other:
     Py_XDECREF(var);
@@ -3824,9 +3842,27 @@ other:
     Py_XDECREF(cid);
     Py_XDECREF(parent);
     if (common == 0) {
-        return sh_fallback(self, st->s_task_begin, args, 2);
+        PyObject *made = created ? Py_NewRef(created) : PyLong_FromLongLong(created_ns);
+        PyObject *call_args[2] = {metadata, made};
+        result = made ? sh_fallback(self, st->s_task_begin, call_args, 2) : NULL;
+        Py_XDECREF(made);
     }
     return result;
+}
+
+/* begin(metadata, created_ns): see _speedups_py.SpanHooks.begin. */
+static PyObject *
+sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "SpanHooks.begin takes 2 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    long long created_ns = PyLong_AsLongLong(args[1]);
+    if (created_ns == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return sh_begin_ns(op, args[0], created_ns, args[1]);
 }
 
 static int
@@ -3905,7 +3941,7 @@ sh_span_name(SpanHooksObject *self, PyObject *operation, PyObject *task_name,
 /* The lane's tuple for the span (otlp_encode.TaskSpan), and the exemplars' duration. */
 static PyObject *
 sh_lane_tuple(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObject *outcome,
-              PyObject *finished, PyObject *operation, PyObject *task_name, PyObject *name,
+              long long finished_ns, PyObject *operation, PyObject *task_name, PyObject *name,
               PyObject *trace_id, PyObject *span_id, speedups_state *st)
 {
     PyObject *parent = SLOT(entry, parent);
@@ -3926,9 +3962,7 @@ sh_lane_tuple(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObje
     }
     PyObject *start = remote ? PyLong_FromLongLong(IDS(entry)->created_ns + self->epoch_offset)
                              : NULL;
-    long long finished_ns = start ? PyLong_AsLongLong(finished) : -1;
-    PyObject *end = start == NULL || (finished_ns == -1 && PyErr_Occurred())
-                        ? NULL : PyLong_FromLongLong(finished_ns + self->epoch_offset);
+    PyObject *end = start ? PyLong_FromLongLong(finished_ns + self->epoch_offset) : NULL;
     PyObject *cid = end ? slots_get(&self->meta_slots, metadata, MD_CORRELATION,
                                     st->s_correlation_id)
                         : NULL;
@@ -3953,7 +3987,7 @@ sh_lane_tuple(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObje
 /* The metrics' exemplar hooks, each with (metadata, outcome, duration, trace id, span id). */
 static int
 sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObject *outcome,
-             PyObject *finished, PyObject *trace_id, PyObject *span_id, speedups_state *st)
+             long long finished_ns, PyObject *trace_id, PyObject *span_id, speedups_state *st)
 {
     PyObject *hooks = slots_get(&self->state_slots, self->state, 0, st->s_hooks);
     PyObject *exemplars = hooks ? slots_get(&self->hooks_slots, hooks, 0, st->s_exemplars) : NULL;
@@ -3965,10 +3999,7 @@ sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObjec
         Py_DECREF(exemplars);
         return 0;
     }
-    long long finished_ns = PyLong_AsLongLong(finished);
-    PyObject *duration = finished_ns == -1 && PyErr_Occurred()
-                             ? NULL
-                             : PyLong_FromLongLong(finished_ns - IDS(entry)->created_ns);
+    PyObject *duration = PyLong_FromLongLong(finished_ns - IDS(entry)->created_ns);
     int rc = duration ? 0 : -1;
     for (Py_ssize_t i = 0; rc == 0 && i < PyTuple_GET_SIZE(exemplars); i++) {
         PyObject *hook = PyTuple_GET_ITEM(exemplars, i);
@@ -3987,17 +4018,15 @@ sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObjec
     return rc;
 }
 
-/* end(task, entry, metadata, outcome, finished_ns): see _speedups_py.SpanHooks.end. */
+/* end(task, entry, metadata, outcome, finished_ns) with the time as a C value (finished: the
+   same as an int, or NULL: made if the sink's own method is called); LeanDone calls it so
+   when its end hook is a SpanHooks' end. */
 static PyObject *
-sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+sh_end_ns(PyObject *op, PyObject *task, PyObject *entry, PyObject *metadata, PyObject *outcome,
+          long long finished_ns, PyObject *finished)
 {
     SpanHooksObject *self = (SpanHooksObject *)op;
     speedups_state *st = PyType_GetModuleState(Py_TYPE(op));
-    if (nargs != 5) {
-        PyErr_Format(PyExc_TypeError, "SpanHooks.end takes 5 arguments (%zd given)", nargs);
-        return NULL;
-    }
-    PyObject *task = args[0], *entry = args[1], *metadata = args[2], *outcome = args[3];
     PyObject *lanes = Py_XNewRef(self->adds); /* the lanes' add_task, as sync() took them */
     PyObject *operation = NULL, *coro = NULL, *coro_name = NULL, *task_name = NULL;
     PyObject *name = NULL, *span = NULL, *trace_id = NULL, *span_id = NULL;
@@ -4027,8 +4056,8 @@ sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     name = task_name ? sh_span_name(self, operation, task_name, coro_name) : NULL;
     trace_id = name ? int_from_u128(IDS(entry)->trace_high, IDS(entry)->trace_low) : NULL;
     span_id = trace_id ? PyLong_FromUnsignedLongLong(IDS(entry)->span_id) : NULL;
-    span = span_id ? sh_lane_tuple(self, entry, metadata, outcome, args[4], operation, task_name,
-                                   name, trace_id, span_id, st)
+    span = span_id ? sh_lane_tuple(self, entry, metadata, outcome, finished_ns, operation,
+                                   task_name, name, trace_id, span_id, st)
                    : NULL;
     if (span == NULL) {
         goto other;
@@ -4045,7 +4074,8 @@ sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_DECREF(res);
     }
-    rc = sh_exemplars(self, entry, metadata, outcome, args[4], trace_id, span_id, st) < 0 ? -1 : 1;
+    rc = sh_exemplars(self, entry, metadata, outcome, finished_ns, trace_id, span_id, st) < 0
+             ? -1 : 1;
 other:
     Py_XDECREF(lanes);
     Py_XDECREF(operation);
@@ -4057,9 +4087,28 @@ other:
     Py_XDECREF(span_id);
     Py_XDECREF(span);
     if (rc == 0) {
-        return sh_fallback(self, st->s_task_end, args, 5);
+        PyObject *made = finished ? Py_NewRef(finished) : PyLong_FromLongLong(finished_ns);
+        PyObject *call_args[5] = {task, entry, metadata, outcome, made};
+        PyObject *result = made ? sh_fallback(self, st->s_task_end, call_args, 5) : NULL;
+        Py_XDECREF(made);
+        return result;
     }
     return rc < 0 ? NULL : Py_NewRef(Py_None);
+}
+
+/* end(task, entry, metadata, outcome, finished_ns): see _speedups_py.SpanHooks.end. */
+static PyObject *
+sh_end(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "SpanHooks.end takes 5 arguments (%zd given)", nargs);
+        return NULL;
+    }
+    long long finished_ns = PyLong_AsLongLong(args[4]);
+    if (finished_ns == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return sh_end_ns(op, args[0], args[1], args[2], args[3], finished_ns, args[4]);
 }
 
 static PyObject *

@@ -303,15 +303,21 @@ def test_failed_send_is_counted_never_raised() -> None:
     assert asynctrace.telemetry_errors().get("down lane", 0) >= 1
 
 
-def test_shutdown_with_a_hung_collector_is_bounded() -> None:
-    hang = threading.Event()
+def _held_lane(name: str, **options: Any) -> tuple[OTLPLane, SpanDrops, threading.Event]:
+    """A lane whose collector holds every request until the event is set (at most 30 s)."""
+    release = threading.Event()
 
     def send(body: bytes) -> bool:
-        hang.wait(30)
+        release.wait(30)
         return True
 
     drops = SpanDrops()
-    lane = OTLPLane(send, "hung lane", drops, ({}, ""), ("asynctrace", ""), schedule_delay_s=0.01)
+    lane = OTLPLane(send, name, drops, ({}, ""), ("asynctrace", ""), **options)
+    return lane, drops, release
+
+
+def test_shutdown_with_a_hung_collector_is_bounded() -> None:
+    lane, drops, hang = _held_lane("hung lane", schedule_delay_s=0.01)
     lane.add_task(_span(1))
     assert lane.shutdown_within(0.3) is False
     assert drops.total_dropped() == 1
@@ -426,16 +432,7 @@ async def test_task_spans_reach_the_lane_without_a_python_call(
 
 def test_lane_counts_what_its_queue_refuses_and_what_is_left() -> None:
     """The lane's SpanDrops sees through its queue: refused, waiting and pending spans."""
-    release = threading.Event()
-
-    def send(body: bytes) -> bool:
-        release.wait(10)
-        return True
-
-    drops = SpanDrops()
-    lane = OTLPLane(
-        send, "counted lane", drops, ({}, ""), ("asynctrace", ""), max_queue_size=4, batch_size=2
-    )
+    lane, drops, release = _held_lane("counted lane", max_queue_size=4, batch_size=2)
     for i in range(1, 4):
         lane.add_task(_span(i))
     assert 1 <= drops.pending() <= 3  # waiting, or taken by the blocked export

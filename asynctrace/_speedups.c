@@ -177,6 +177,23 @@ slots_get(const Slots *slots, PyObject *obj, int i, PyObject *name)
     return PyObject_GetAttr(obj, name);
 }
 
+/* module.name (new reference): read from the module's dict (a module attribute is its entry
+   there), else looked up (a module's __getattr__, or not a module). */
+static PyObject *
+module_attr(PyObject *module, PyObject *name)
+{
+    if (PyModule_CheckExact(module)) {
+        PyObject *value = PyDict_GetItemWithError(PyModule_GetDict(module), name);
+        if (value != NULL) {
+            return Py_NewRef(value);
+        }
+        if (PyErr_Occurred()) {
+            return NULL;
+        }
+    }
+    return PyObject_GetAttr(module, name);
+}
+
 static const char *const STATE_SLOTS[1] = {"hooks"};
 static const char *const METADATA_SLOTS[3] = {"operation_name", "correlation_id",
                                               "priority_hint"};
@@ -1869,6 +1886,8 @@ typedef struct {
     PyObject *outcomes[OUTCOMES];
     Py_ssize_t nbounds;
     long long bounds[MAX_BOUNDS];
+    Slots meta_slots;      /* the metadata's type (the first seen, with a GIL): see Slots */
+    int meta_probed;
 } CountsObject;
 
 static void
@@ -1926,7 +1945,13 @@ counts_bucket(CountsObject *self, long long duration)
 static SeriesData *
 counts_series(CountsObject *self, PyObject *metadata, PyObject *op_name_str)
 {
-    PyObject *name = PyObject_GetAttr(metadata, op_name_str);
+#ifndef Py_GIL_DISABLED
+    if (!self->meta_probed) {
+        self->meta_probed = 1;
+        slots_probe(&self->meta_slots, (PyObject *)Py_TYPE(metadata), METADATA_SLOTS, 3);
+    }
+#endif
+    PyObject *name = slots_get(&self->meta_slots, metadata, MD_OPERATION, op_name_str);
     if (name == NULL) {
         return NULL;
     }
@@ -2276,6 +2301,7 @@ counts_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(self->label);
     Py_VISIT(self->by_label);
     Py_VISIT(self->by_name);
+    Py_VISIT(self->meta_slots.type);
     return 0;
 }
 
@@ -2287,6 +2313,7 @@ counts_clear(PyObject *op)
     Py_CLEAR(self->by_label);
     Py_CLEAR(self->by_name);
     Py_CLEAR(self->last_name);
+    Py_CLEAR(self->meta_slots.type);
     self->last = NULL;
     for (int i = 0; i < OUTCOMES; i++) {
         Py_CLEAR(self->outcomes[i]);
@@ -3470,7 +3497,8 @@ static PyType_Spec lq_spec = {
 #define SH_FIELDS(X) X(sink) X(handle_type) X(task_span) X(span_key) X(context_module)        \
     X(random_module) X(sampled) X(finished) X(internal) X(unnamed) X(provisional) X(state)     \
     X(on_error) X(lock) X(empty_args) X(n128) X(n64) X(task_prefix) X(empty_str)          \
-    X(span_context_type) X(default_trace_state) X(runtime) X(checked) X(multi) X(adds)
+    X(span_context_type) X(default_trace_state) X(runtime) X(checked) X(multi) X(adds)     \
+    X(current_var)
 
 typedef struct {
     PyObject_HEAD
@@ -3523,7 +3551,7 @@ slot_offset(PyObject *handle_type, const char *name)
 static PyObject *
 sh_random_id(SpanHooksObject *self, PyObject *bits, speedups_state *st)
 {
-    PyObject *draw = PyObject_GetAttr(self->random_module, st->s_getrandbits);
+    PyObject *draw = module_attr(self->random_module, st->s_getrandbits);
     if (draw == NULL) {
         return NULL;
     }
@@ -3553,7 +3581,7 @@ sh_sync_state(SpanHooksObject *self, speedups_state *st)
     PyObject *closed = checked ? PyObject_GetAttr(self->sink, st->s__closed) : NULL;
     PyObject *lanes = closed ? PyObject_GetAttr(self->sink, st->s__lanes) : NULL;
     PyObject *tracer = lanes ? PyObject_GetAttr(self->sink, st->s__tracer) : NULL;
-    PyObject *multi = NULL, *adds = NULL;
+    PyObject *multi = NULL, *adds = NULL, *current_var = NULL;
     int is_common = -1, is_closed = -1;
     if (tracer != NULL && PyObject_GetOptionalAttr(tracer, st->s_span_processor, &multi) >= 0) {
         is_common = PyObject_IsTrue(common);
@@ -3572,8 +3600,13 @@ sh_sync_state(SpanHooksObject *self, speedups_state *st)
         }
         Py_XDECREF(seq);
     }
-    int rc = -1;
     if (adds != NULL) {
+        current_var = runtime == Py_None ? Py_NewRef(Py_None)
+                                         : PyObject_GetAttr(runtime, st->s__current_context);
+    }
+    int rc = -1;
+    if (current_var != NULL) {
+        Py_XSETREF(self->current_var, Py_NewRef(current_var));
         Py_XSETREF(self->runtime, Py_NewRef(runtime));
         Py_XSETREF(self->checked, Py_NewRef(checked));
         Py_XSETREF(self->multi, multi != NULL ? Py_NewRef(multi) : Py_NewRef(Py_None));
@@ -3590,6 +3623,7 @@ sh_sync_state(SpanHooksObject *self, speedups_state *st)
     Py_XDECREF(tracer);
     Py_XDECREF(multi);
     Py_XDECREF(adds);
+    Py_XDECREF(current_var);
     return rc;
 }
 
@@ -3610,7 +3644,7 @@ sh_common(SpanHooksObject *self, speedups_state *st)
     if (!self->common || self->runtime == NULL || self->runtime == Py_None) {
         return 0;
     }
-    PyObject *in_use = PyObject_GetAttr(self->context_module, st->s__RUNTIME_CONTEXT);
+    PyObject *in_use = module_attr(self->context_module, st->s__RUNTIME_CONTEXT);
     if (in_use == NULL) {
         return -1;
     }
@@ -3775,9 +3809,9 @@ sh_begin_ns(PyObject *op, PyObject *metadata, long long created_ns, PyObject *cr
     if (common <= 0) {
         goto other;
     }
-    var = PyObject_GetAttr(self->runtime, st->s__current_context);
+    var = Py_XNewRef(self->current_var); /* the runtime's, as sync() took it */
     if (var == NULL || !PyContextVar_CheckExact(var)) {
-        common = var ? 0 : -1;
+        common = 0; /* cleared, or not a context variable: the sink's own method */
         goto other;
     }
     if (PyContextVar_Get(var, NULL, &current) < 0 || current == NULL ||

@@ -4567,6 +4567,11 @@ speedups_encode_task_spans(PyObject *module, PyObject *const *args, Py_ssize_t n
         return NULL;
     }
     Buf all = {NULL, 0, 0};
+    /* a common task span takes about 230 bytes: room for the batch at once, not doubled
+       a dozen times */
+    if (buf_reserve(&all, 256 * PyTuple_GET_SIZE(spans)) < 0) {
+        goto done;
+    }
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(spans); i++) {
         PyObject *span = PyTuple_GET_ITEM(spans, i);
         if (others != NULL && !PyTuple_Check(span)) { /* not a task span: the caller's */

@@ -23,7 +23,7 @@
     X(correlation_id) X(priority_hint) X(name) X(context) X(eager_start) X(done)     \
     X(add_done_callback) X(cancelled) X(_exception) X(finished) X(begin) X(end) X(created_ns) \
     X(getrandbits) X(_common) X(_RUNTIME_CONTEXT) X(_tracer) X(span_processor)               \
-    X(_span_processors) X(_checked_processors) X(trace_id) X(trace_state) X(trace_flags)      \
+    X(_span_processors) X(_checked_processors) X(trace_state) X(trace_flags)      \
     X(_closed) X(_count_unfinished) X(_runtime) X(_current_context) X(get_span_context)        \
     X(task_begin) X(task_end) X(span_id) X(is_remote) X(exemplars) X(_lanes) X(get_coro)       \
     X(__qualname__) X(get_name) X(add_task) X(call_soon) X(_callbacks)
@@ -120,6 +120,7 @@ gc_heap_dealloc(PyObject *op, inquiry clear)
 typedef struct {
     PyObject *type; /* the type probed, or NULL: every read looks up */
     Py_ssize_t offset[SLOTS_MAX];
+    int probed;     /* slots_probe_first: done (whatever it found) */
 } Slots;
 
 static void
@@ -147,6 +148,19 @@ slots_probe(Slots *slots, PyObject *type, const char *const *names, int n)
         }
     }
     slots->type = Py_NewRef(type);
+#endif
+}
+
+/* The type of the first object read, probed as above, once (a reader made before it knows the
+   type: the metadata's); never on a free-threaded build, where readers are shared unlocked. */
+static void
+slots_probe_first(Slots *slots, PyObject *obj, const char *const *names, int n)
+{
+#ifndef Py_GIL_DISABLED
+    if (!slots->probed) {
+        slots->probed = 1;
+        slots_probe(slots, (PyObject *)Py_TYPE(obj), names, n);
+    }
 #endif
 }
 
@@ -1887,7 +1901,6 @@ typedef struct {
     Py_ssize_t nbounds;
     long long bounds[MAX_BOUNDS];
     Slots meta_slots;      /* the metadata's type (the first seen, with a GIL): see Slots */
-    int meta_probed;
 } CountsObject;
 
 static void
@@ -1945,12 +1958,7 @@ counts_bucket(CountsObject *self, long long duration)
 static SeriesData *
 counts_series(CountsObject *self, PyObject *metadata, PyObject *op_name_str)
 {
-#ifndef Py_GIL_DISABLED
-    if (!self->meta_probed) {
-        self->meta_probed = 1;
-        slots_probe(&self->meta_slots, (PyObject *)Py_TYPE(metadata), METADATA_SLOTS, 3);
-    }
-#endif
+    slots_probe_first(&self->meta_slots, metadata, METADATA_SLOTS, 3);
     PyObject *name = slots_get(&self->meta_slots, metadata, MD_OPERATION, op_name_str);
     if (name == NULL) {
         return NULL;
@@ -3516,7 +3524,6 @@ typedef struct {
     Slots state_slots; /* STATE.hooks */
     Slots hooks_slots; /* its exemplars */
     Slots meta_slots;  /* a TaskMetadata's (the type of the first metadata begin is given) */
-    int meta_probed;
 } SpanHooksObject;
 
 static const char *const SH_HOOKS_SLOTS[1] = {"exemplars"};
@@ -3819,10 +3826,7 @@ sh_begin_ns(PyObject *op, PyObject *metadata, long long created_ns, PyObject *cr
         common = -1;
         goto other;
     }
-    if (self->meta_slots.type == NULL && !self->meta_probed) {
-        self->meta_probed = 1; /* the factory's metadata type: probed once */
-        slots_probe(&self->meta_slots, (PyObject *)Py_TYPE(metadata), METADATA_SLOTS, 3);
-    }
+    slots_probe_first(&self->meta_slots, metadata, METADATA_SLOTS, 3);
     cid = slots_get(&self->meta_slots, metadata, MD_CORRELATION, st->s_correlation_id);
     if (cid == NULL) {
         common = -1;

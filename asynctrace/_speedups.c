@@ -3498,6 +3498,15 @@ static PyType_Spec lq_spec = {
              | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = lq_slots,
 };
+/* Where a C task keeps its name or its coroutine (see sh_task_field): found once by looking
+   for what get_name()/get_coro() returned among the task's pointers, then checked twice. */
+typedef struct {
+    Py_ssize_t offset; /* 0: not found yet, -1: never read (called instead) */
+    int checks;        /* times found holding what the method returned (read after 2) */
+    int misses;        /* tries that did not find exactly one place (gives up after 8) */
+    int ints;          /* the name: an int n in the field was found to stand for "Task-n" */
+} TaskField;
+
 /* The span handle's object slots (sinks/tracing._TaskSpan). _rare is None for the common span:
    sampled, its trace state its parent's, no sampler attributes, links or late events. */
 #define HANDLE_SLOTS(X) X(_context) X(_rare) X(correlation_id) X(inherited) X(parent)
@@ -3506,7 +3515,7 @@ static PyType_Spec lq_spec = {
     X(random_module) X(sampled) X(finished) X(internal) X(unnamed) X(provisional) X(state)     \
     X(on_error) X(lock) X(empty_args) X(n128) X(n64) X(task_prefix) X(empty_str)          \
     X(span_context_type) X(default_trace_state) X(runtime) X(checked) X(multi) X(adds)     \
-    X(current_var)
+    X(current_var) X(mt_draw) X(field_type)
 
 typedef struct {
     PyObject_HEAD
@@ -3524,6 +3533,8 @@ typedef struct {
     Slots state_slots; /* STATE.hooks */
     Slots hooks_slots; /* its exemplars */
     Slots meta_slots;  /* a TaskMetadata's (the type of the first metadata begin is given) */
+    TaskField name_field; /* the C task's name and coroutine, read where it keeps them */
+    TaskField coro_field;
 } SpanHooksObject;
 
 static const char *const SH_HOOKS_SLOTS[1] = {"exemplars"};
@@ -3554,14 +3565,131 @@ slot_offset(PyObject *handle_type, const char *name)
     return offset;
 }
 
-/* A random id as random.getrandbits(bits) draws it, never 0 (the SDK's RandomIdGenerator). */
-static PyObject *
-sh_random_id(SpanHooksObject *self, PyObject *bits, speedups_state *st)
+/* ---------------------------------------------------------------------------------------
+ * random's own generator, drawn from in place. The SDK's RandomIdGenerator draws a trace id
+ * as random.getrandbits(128) and a span id as getrandbits(64): each call makes an int from a
+ * temporary word array, which the span then reads back into C. When random.getrandbits is
+ * still the module's bound method of a _random.Random (random._inst), the same words are
+ * taken here from the same Mersenne Twister state, in the order getrandbits takes them
+ * (least significant word first): the same stream, the same values, no int made. The layout
+ * below is _random.Random's (Modules/_randommodule.c, unchanged from 3.2 to 3.14) and is not
+ * a public one: it is only used after mt_check() has drawn a thousand values both ways from
+ * two generators seeded alike and found them and the generators' states the same; otherwise
+ * (and on a free-threaded build, where getrandbits takes the object's critical section and
+ * SpanHooks is not used) getrandbits is called.
+ * --------------------------------------------------------------------------------------- */
+
+#define MT_N 624
+#define MT_M 397
+
+typedef struct {
+    PyObject_HEAD
+    int index;
+    uint32_t state[MT_N];
+} MTRandom;
+
+/* _random.c's genrand_uint32. */
+static uint32_t
+mt_next(MTRandom *r)
 {
-    PyObject *draw = module_attr(self->random_module, st->s_getrandbits);
-    if (draw == NULL) {
+    static const uint32_t mag01[2] = {0x0U, 0x9908b0dfU};
+    uint32_t y, *mt = r->state;
+    if (r->index >= MT_N) { /* generate MT_N words at one time */
+        int kk;
+        for (kk = 0; kk < MT_N - MT_M; kk++) {
+            y = (mt[kk] & 0x80000000U) | (mt[kk + 1] & 0x7fffffffU);
+            mt[kk] = mt[kk + MT_M] ^ (y >> 1) ^ mag01[y & 0x1U];
+        }
+        for (; kk < MT_N - 1; kk++) {
+            y = (mt[kk] & 0x80000000U) | (mt[kk + 1] & 0x7fffffffU);
+            mt[kk] = mt[kk + (MT_M - MT_N)] ^ (y >> 1) ^ mag01[y & 0x1U];
+        }
+        y = (mt[MT_N - 1] & 0x80000000U) | (mt[0] & 0x7fffffffU);
+        mt[MT_N - 1] = mt[MT_M - 1] ^ (y >> 1) ^ mag01[y & 0x1U];
+        r->index = 0;
+    }
+    y = mt[r->index++];
+    y ^= (y >> 11);
+    y ^= (y << 7) & 0x9d2c5680U;
+    y ^= (y << 15) & 0xefc60000U;
+    y ^= (y >> 18);
+    return y;
+}
+
+/* getrandbits(64), as two words (the first the least significant). */
+static unsigned long long
+mt_next64(MTRandom *r)
+{
+    unsigned long long low = mt_next(r);
+    return low | ((unsigned long long)mt_next(r) << 32);
+}
+
+/* The _random.Random type draw is bound to (a borrowed reference), or NULL: draw is not a C
+   method of an object whose type derives from a _random.Random of the layout above. */
+static PyTypeObject *
+mt_base_of(PyObject *draw)
+{
+#ifdef Py_GIL_DISABLED
+    (void)draw;
+    return NULL;
+#else
+    if (!PyCFunction_Check(draw) || PyCFunction_GET_SELF(draw) == NULL) {
         return NULL;
     }
+    for (PyTypeObject *t = Py_TYPE(PyCFunction_GET_SELF(draw)); t != NULL; t = t->tp_base) {
+        if (strcmp(t->tp_name, "_random.Random") == 0) {
+            return t->tp_basicsize == (Py_ssize_t)sizeof(MTRandom) ? t : NULL;
+        }
+    }
+    return NULL;
+#endif
+}
+
+/* 1 when draw (random.getrandbits) may be drawn from in place, 0 if not, -1 on error. Two
+   generators of its base type seeded alike: one drawn from here, the other by its own
+   getrandbits (the C function draw calls); a thousand 64-bit values and the states after
+   must be the same. */
+static int
+mt_check(PyObject *draw)
+{
+    PyTypeObject *base = mt_base_of(draw);
+    if (base == NULL) {
+        return 0;
+    }
+    PyObject *here = PyObject_CallFunction((PyObject *)base, "i", 20261124);
+    PyObject *there = here ? PyObject_CallFunction((PyObject *)base, "i", 20261124) : NULL;
+    PyObject *theirs = there ? PyObject_GetAttrString(there, "getrandbits") : NULL;
+    PyObject *bits = PyLong_FromLong(64);
+    int same = theirs != NULL && bits != NULL && PyCFunction_Check(theirs) &&
+               PyCFunction_GET_FUNCTION(theirs) == PyCFunction_GET_FUNCTION(draw);
+    for (int i = 0; same > 0 && i < 1000; i++) { /* crosses a refill of the state */
+        PyObject *value = PyObject_CallOneArg(theirs, bits);
+        unsigned long long v = value ? PyLong_AsUnsignedLongLong(value) : 0;
+        same = value == NULL || PyErr_Occurred() ? -1 : v == mt_next64((MTRandom *)here);
+        Py_XDECREF(value);
+    }
+    if (same > 0) {
+        PyObject *a = PyObject_CallMethod(here, "getstate", NULL);
+        PyObject *b = a ? PyObject_CallMethod(there, "getstate", NULL) : NULL;
+        same = b ? PyObject_RichCompareBool(a, b, Py_EQ) : -1;
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+    }
+    Py_XDECREF(here);
+    Py_XDECREF(there);
+    Py_XDECREF(theirs);
+    Py_XDECREF(bits);
+    if (same < 0) {
+        PyErr_Clear(); /* whatever failed, the ids are drawn by calling getrandbits */
+        same = 0;
+    }
+    return same;
+}
+
+/* A random id as random.getrandbits(bits) draws it, never 0 (the SDK's RandomIdGenerator). */
+static PyObject *
+sh_random_id(PyObject *draw, PyObject *bits)
+{
     PyObject *value;
     while ((value = PyObject_CallOneArg(draw, bits)) != NULL) {
         int nonzero = PyObject_IsTrue(value);
@@ -3573,8 +3701,51 @@ sh_random_id(SpanHooksObject *self, PyObject *bits, speedups_state *st)
         }
         Py_DECREF(value);
     }
-    Py_DECREF(draw);
     return value;
+}
+
+/* A task span's ids as the SDK's RandomIdGenerator draws them from random.getrandbits: the
+   trace id (128 bits, unless root is 0: then kept) and the span id (64), each drawn again
+   while 0. In place when random.getrandbits is still the method mt_check() accepted. */
+static int
+sh_draw_ids(SpanHooksObject *self, int root, unsigned long long *trace_high,
+            unsigned long long *trace_low, unsigned long long *span_id, speedups_state *st)
+{
+    PyObject *draw = module_attr(self->random_module, st->s_getrandbits);
+    if (draw == NULL) {
+        return -1;
+    }
+    if (draw == self->mt_draw) {
+        MTRandom *r = (MTRandom *)PyCFunction_GET_SELF(draw);
+        while (root) {
+            *trace_low = mt_next64(r);
+            *trace_high = mt_next64(r);
+            root = (*trace_low | *trace_high) == 0;
+        }
+        do {
+            *span_id = mt_next64(r);
+        } while (*span_id == 0);
+        Py_DECREF(draw);
+        return 0;
+    }
+    int rc = 0;
+    if (root) {
+        PyObject *trace_id = sh_random_id(draw, self->n128);
+        rc = trace_id == NULL ||
+             int_to_u128(trace_id, "random.getrandbits(128)", trace_high, trace_low) < 0 ? -1 : 0;
+        Py_XDECREF(trace_id);
+    }
+    PyObject *value = rc < 0 ? NULL : sh_random_id(draw, self->n64);
+    if (value != NULL) {
+        *span_id = PyLong_AsUnsignedLongLong(value);
+        rc = (*span_id == (unsigned long long)-1 && PyErr_Occurred()) ? -1 : 0;
+        Py_DECREF(value);
+    }
+    else {
+        rc = -1;
+    }
+    Py_DECREF(draw);
+    return rc;
 }
 
 /* The sink's state, taken afresh (the sink calls sync() whenever it changes it): 0, or -1 with
@@ -3742,26 +3913,12 @@ static PyObject *
 sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, long long created_ns,
               PyObject *current, PyObject *creator, PyObject *parent, speedups_state *st)
 {
-    unsigned long long trace_high, trace_low;
-    int bad = 0;
+    unsigned long long trace_high = 0, trace_low = 0, span_value = 0;
     if (creator != NULL) { /* the parent's trace (parent is its SpanContext) */
         trace_high = IDS(creator)->trace_high;
         trace_low = IDS(creator)->trace_low;
     }
-    else {
-        PyObject *trace_id = sh_random_id(self, self->n128, st);
-        bad = trace_id == NULL ||
-              int_to_u128(trace_id, "random.getrandbits(128)", &trace_high, &trace_low) < 0;
-        Py_XDECREF(trace_id);
-    }
-    PyObject *span_id = bad ? NULL : sh_random_id(self, self->n64, st);
-    unsigned long long span_value = 0;
-    int drawn = 0;
-    if (span_id != NULL) {
-        span_value = PyLong_AsUnsignedLongLong(span_id);
-        drawn = !(span_value == (unsigned long long)-1 && PyErr_Occurred());
-        Py_DECREF(span_id);
-    }
+    int drawn = sh_draw_ids(self, creator == NULL, &trace_high, &trace_low, &span_value, st) == 0;
     PyTypeObject *type = (PyTypeObject *)self->handle_type;
     PyObject *handle = drawn ? type->tp_new(type, self->empty_args, NULL) : NULL;
     if (handle == NULL) {
@@ -3906,6 +4063,9 @@ sh_begin(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 static int
 is_default_task_name(SpanHooksObject *self, PyObject *name)
 {
+    if (PyLong_CheckExact(name)) {
+        return 1; /* the number of the default name "Task-n", read where the task keeps it */
+    }
     if (self->unnamed != Py_None && PyUnicode_Check(name) &&
         PyUnicode_Compare(name, self->unnamed) == 0) {
         return 1;
@@ -4056,6 +4216,127 @@ sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObjec
     return rc;
 }
 
+/* ---------------------------------------------------------------------------------------
+ * A task's name and coroutine read where the C task keeps them. task.get_name() on 3.13+
+ * makes the default name "Task-n" from the number the task keeps until it is asked (bare
+ * asyncio never asks), and both getters are method calls: together most of what a traced
+ * eager task added. The C task's layout is private, so it is found, not assumed: for the
+ * first tasks of the C type (_asyncio.Task, exactly), the getter is called and the one
+ * pointer field of the task holding what it returned is its place; it is read directly
+ * only after two more tasks found it there again (the name: for an int n there, only after
+ * get_name() was seen to make "Task-n" from it). Anything else (another type, a place not
+ * found in 8 tries, a value of another kind, a free-threaded build) calls the getter.
+ * --------------------------------------------------------------------------------------- */
+
+#define FIELD_CHECKS 2
+#define FIELD_MISSES 8
+
+static int
+is_c_task(PyObject *task)
+{
+    return strcmp(Py_TYPE(task)->tp_name, "_asyncio.Task") == 0 &&
+           Py_TYPE(task)->tp_basicsize <= 64 * (Py_ssize_t)sizeof(PyObject *);
+}
+
+/* The method's result (new reference), and the field's place found or checked with it. */
+static PyObject *
+sh_field_learn(SpanHooksObject *self, TaskField *field, PyObject *task, PyObject *method)
+{
+    PyObject *before = NULL;
+    if (field->offset > 0) {
+        before = Py_XNewRef(*(PyObject **)((char *)task + field->offset));
+    }
+    PyObject *got = PyObject_CallMethodNoArgs(task, method);
+    if (got == NULL) {
+        Py_XDECREF(before);
+        return NULL;
+    }
+    if (field->offset == 0) { /* look for the one pointer field holding it */
+        PyObject **fields = (PyObject **)task;
+        Py_ssize_t n = Py_TYPE(task)->tp_basicsize / (Py_ssize_t)sizeof(PyObject *), at = 0;
+        int found = 0;
+        for (Py_ssize_t i = (Py_ssize_t)(sizeof(PyObject) / sizeof(PyObject *)); i < n; i++) {
+            if (fields[i] == got) {
+                at = i;
+                found++;
+            }
+        }
+        if (found == 1 && (self->field_type == NULL ||
+                           self->field_type == (PyObject *)Py_TYPE(task))) {
+            field->offset = at * (Py_ssize_t)sizeof(PyObject *);
+            Py_XSETREF(self->field_type, Py_NewRef((PyObject *)Py_TYPE(task)));
+        }
+        else if (++field->misses >= FIELD_MISSES) {
+            field->offset = -1;
+        }
+        return got;
+    }
+    /* a check: the field holds it now, and held it (or, for the name, the int it is made of) */
+    PyObject *now = *(PyObject **)((char *)task + field->offset);
+    int ok = now == got && before != NULL;
+    if (ok && before != got) {
+        ok = 0;
+        if (field == &self->name_field && PyLong_CheckExact(before) && PyUnicode_Check(got)) {
+            PyObject *made = PyUnicode_FromFormat("Task-%S", before);
+            ok = made != NULL && PyUnicode_Compare(made, got) == 0;
+            Py_XDECREF(made);
+            PyErr_Clear();
+            field->ints |= ok;
+        }
+    }
+    Py_XDECREF(before);
+    if (!ok) {
+        field->offset = -1;
+    }
+    else if (field->checks < FIELD_CHECKS) {
+        field->checks++;
+    }
+    return got;
+}
+
+/* task.get_name() or task.get_coro() (new reference), read at its field once known. For the
+   name, ints: an int n may be returned for the default name "Task-n" (the lanes' encoder
+   makes the str). */
+static PyObject *
+sh_task_field(SpanHooksObject *self, TaskField *field, PyObject *task, PyObject *method,
+              int ints)
+{
+#ifndef Py_GIL_DISABLED
+    if (field->offset > 0 && (PyObject *)Py_TYPE(task) == self->field_type) {
+        PyObject *value = *(PyObject **)((char *)task + field->offset);
+        if (field->checks >= FIELD_CHECKS && value != NULL) {
+            if (field == &self->coro_field || PyUnicode_CheckExact(value)) {
+                return Py_NewRef(value);
+            }
+            if (PyLong_CheckExact(value) && field->ints && ints) {
+                return Py_NewRef(value);
+            }
+        }
+        if (field->checks < FIELD_CHECKS ||
+            (value != NULL && PyLong_CheckExact(value) && !field->ints)) {
+            return sh_field_learn(self, field, task, method);
+        }
+    }
+    else if (field->offset == 0 && is_c_task(task)) {
+        return sh_field_learn(self, field, task, method);
+    }
+#endif
+    return PyObject_CallMethodNoArgs(task, method);
+}
+
+/* Whether every lane's add_task is a LaneQueue (whose encoder takes a task number for a
+   default task name). */
+static int
+sh_all_queues(PyObject *lanes, speedups_state *st)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(lanes); i++) {
+        if (!Py_IS_TYPE(PyTuple_GET_ITEM(lanes, i), st->lane_queue_type)) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* end(task, entry, metadata, outcome, finished_ns) with the time as a C value (finished: the
    same as an int, or NULL: made if the sink's own method is called); LeanDone calls it so
    when its end hook is a SpanHooks' end. */
@@ -4078,7 +4359,7 @@ sh_end_ns(PyObject *op, PyObject *task, PyObject *entry, PyObject *metadata, PyO
         goto other;
     }
     if (operation == Py_None) {
-        coro = PyObject_CallMethodNoArgs(task, st->s_get_coro);
+        coro = sh_task_field(self, &self->coro_field, task, st->s_get_coro, 0);
         if (coro == NULL || PyObject_GetOptionalAttr(coro, st->s___qualname__, &coro_name) < 0) {
             goto other;
         }
@@ -4090,7 +4371,8 @@ sh_end_ns(PyObject *op, PyObject *task, PyObject *entry, PyObject *metadata, PyO
             }
         }
     }
-    task_name = PyObject_CallMethodNoArgs(task, st->s_get_name);
+    task_name = sh_task_field(self, &self->name_field, task, st->s_get_name,
+                              sh_all_queues(lanes, st));
     name = task_name ? sh_span_name(self, operation, task_name, coro_name) : NULL;
     trace_id = name ? int_from_u128(IDS(entry)->trace_high, IDS(entry)->trace_low) : NULL;
     span_id = trace_id ? PyLong_FromUnsignedLongLong(IDS(entry)->span_id) : NULL;
@@ -4212,6 +4494,14 @@ sh_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
         goto error;
     }
     sh_probe_span_context(self);
+    self->mt_draw = module_attr(self->random_module, st->s_getrandbits);
+    int in_place = self->mt_draw ? mt_check(self->mt_draw) : -1;
+    if (in_place <= 0) {
+        Py_CLEAR(self->mt_draw); /* not drawn from in place: getrandbits is called */
+        if (in_place < 0) {
+            goto error;
+        }
+    }
     slots_probe(&self->state_slots, (PyObject *)Py_TYPE(self->state), STATE_SLOTS, 1);
     slots_probe_attr(&self->hooks_slots, self->state, st->s_hooks, SH_HOOKS_SLOTS, 1);
     if (sh_sync_state(self, st) < 0) {
@@ -4256,6 +4546,25 @@ sh_dealloc(PyObject *op)
     gc_heap_dealloc(op, sh_clear);
 }
 
+static PyObject *
+sh_get_reads(PyObject *op, void *closure)
+{
+    SpanHooksObject *self = (SpanHooksObject *)op;
+    TaskField *name = &self->name_field, *coro = &self->coro_field;
+    return Py_BuildValue("{sOsOsO}",
+        "name", (name->offset > 0 && name->checks >= FIELD_CHECKS) ? Py_True : Py_False,
+        "name_number", (name->offset > 0 && name->checks >= FIELD_CHECKS && name->ints)
+                           ? Py_True : Py_False,
+        "coro", (coro->offset > 0 && coro->checks >= FIELD_CHECKS) ? Py_True : Py_False);
+}
+
+static PyGetSetDef sh_getset[] = {
+    {"reads_task_fields", sh_get_reads, NULL,
+     "What is read where the C task keeps it (see sh_task_field): the name, a default name's "
+     "number, the coroutine.", NULL},
+    {NULL},
+};
+
 static PyMethodDef sh_methods[] = {
     {"begin", (PyCFunction)(void (*)(void))sh_begin, METH_FASTCALL,
      "begin(metadata, created_ns): the span sink's task_begin for the common task."},
@@ -4275,6 +4584,8 @@ static PyMemberDef sh_members[] = {
      "Task spans ended here (handed to the lanes)."},
     {"lock", T_OBJECT, offsetof(SpanHooksObject, lock), READONLY,
      "Taken by the sink's close() as for a thread's counts (the GIL orders the counts)."},
+    {"draws_in_place", T_OBJECT, offsetof(SpanHooksObject, mt_draw), READONLY,
+     "The random.getrandbits whose generator ids are drawn from in place, or None."},
     {NULL},
 };
 
@@ -4290,6 +4601,7 @@ static PyType_Slot sh_slots[] = {
     {Py_tp_dealloc, sh_dealloc},
     {Py_tp_methods, sh_methods},
     {Py_tp_members, sh_members},
+    {Py_tp_getset, sh_getset},
     {Py_tp_doc, (void *)sh_doc},
     {0, NULL},
 };
@@ -4457,7 +4769,7 @@ encodable(PyObject *span, const char *who)
     }
     for (int i = 0; i < 15; i++) {
         int is_int = (i <= 2 || i == 6 || i == 7);
-        int is_str = (i == 4 || i == 5 || i == 8 || i == 9);
+        int is_str = (i == 4 || i == 5 || (i == 8 && !PyLong_CheckExact(f[8])) || i == 9);
         int is_opt_str = (i == 10 || i == 11 || i == 14);
         if ((is_int && !PyLong_CheckExact(f[i])) || (is_str && !PyUnicode_CheckExact(f[i]))
             || (is_opt_str && f[i] != Py_None && !PyUnicode_CheckExact(f[i]))) {
@@ -4486,7 +4798,19 @@ buf_span(Buf *out, PyObject *span)
         return -1;
     }
     Utf8 state, name, task_name, outcome, operation, cid, error;
-    if (utf8_of(f[4], &state) < 0 || utf8_of(f[5], &name) < 0 || utf8_of(f[8], &task_name) < 0
+    char numbered[32]; /* a default task name given as its number n: "Task-n" */
+    if (PyLong_CheckExact(f[8])) {
+        unsigned long long number = PyLong_AsUnsignedLongLong(f[8]);
+        if (number == (unsigned long long)-1 && PyErr_Occurred()) {
+            return -1;
+        }
+        task_name.p = numbered;
+        task_name.n = snprintf(numbered, sizeof(numbered), "Task-%llu", number);
+    }
+    else if (utf8_of(f[8], &task_name) < 0) {
+        return -1;
+    }
+    if (utf8_of(f[4], &state) < 0 || utf8_of(f[5], &name) < 0
         || utf8_of(f[9], &outcome) < 0 || utf8_of(f[10], &operation) < 0
         || utf8_of(f[11], &cid) < 0 || utf8_of(f[14], &error) < 0) {
         return -1;

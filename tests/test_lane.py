@@ -71,6 +71,8 @@ def _readable(span: otlp_encode.TaskSpan, resource: Resource, scope: Instrumenta
         if parent_id
         else None
     )
+    if isinstance(task_name, int):  # the number of a default name, as the task keeps it
+        task_name = f"Task-{task_name}"
     attributes: dict[str, Any] = {"asyncio.task.name": task_name, "asyncio.task.outcome": outcome}
     if operation is not None:
         attributes["asynctrace.operation"] = operation
@@ -105,7 +107,7 @@ task_spans = st.tuples(
     text,
     times,
     times,
-    text,
+    text | st.integers(min_value=0, max_value=2**64 - 1),  # a default name's number
     st.sampled_from(["finished", "exception", "cancelled"]),
     maybe_text,
     maybe_text,
@@ -393,6 +395,41 @@ async def test_burst_exported_whole_through_the_lane(otlp_http: tuple[str, Recei
     scope = [s for s in spans if s["name"] == "request"]  # a ReadableSpan, in the same lane
     assert len(scope) == 1
     assert all(s["trace_id"] == scope[0]["trace_id"] for s in tasks)
+
+
+@pytest.mark.asyncio
+async def test_default_task_names_are_exported_as_get_name_gives_them(
+    otlp_http: tuple[str, Received],
+) -> None:
+    """The C hooks read a task's name (and coroutine) where the C task keeps them once found
+    there (3.14 keeps the number of a default name until asked: the encoder makes "Task-n");
+    every exported name is what get_name() gives, asked after.
+    """
+    url, received = otlp_http
+    asynctrace.install(otlp_endpoint=url, registry=CollectorRegistry(), loop_monitor=False)
+
+    async def leaf() -> None:
+        await asyncio.sleep(0)
+
+    tasks = [asyncio.create_task(leaf()) for _ in range(10)]
+    tasks += [asyncio.create_task(leaf(), name=f"named-{i}") for i in range(5)]
+    await asyncio.gather(*tasks)
+    if _native.IMPLEMENTATION == "c" and not FREE_THREADED:
+        (sink,) = [i for i in STATE.hooks.instruments if isinstance(i, SpanSink)]
+        reads = sink._synced[-1].reads_task_fields
+        assert reads["name"]
+        assert reads["coro"]
+        assert reads["name_number"] == (sys.version_info >= (3, 14))  # 3.14's lazy names
+    assert asynctrace.flush(10)
+    asynctrace.uninstall()
+    exported = {
+        s["attributes"]["asyncio.task.name"]: s["name"]
+        for s in received.snapshot()
+        if s["attributes"].get("asyncio.task.outcome")
+    }
+    for task in tasks:
+        name = task.get_name()
+        assert exported[name] == (name if name.startswith("named-") else leaf.__qualname__)
 
 
 @pytest.mark.asyncio

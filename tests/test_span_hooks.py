@@ -293,6 +293,113 @@ def test_c_span_hooks_refuse_a_handle_class_without_native_ids() -> None:
         sink.close()
 
 
+def _lane_ids(seed: int | None, patch: Callable[[], None] | None = None) -> list[tuple[int, int]]:
+    """(trace id, span id) of three root tasks' spans, random seeded with seed after install
+    (no correlation ids: nothing else draws from random), patch called after install.
+    """
+    lane = Lane()
+    provider = TracerProvider()
+    provider.add_span_processor(lane)
+
+    async def main() -> None:
+        asynctrace.install(
+            tracer_provider=provider, registry=CollectorRegistry(), id_generator=None
+        )
+        if patch is not None:
+            patch()
+        if seed is not None:
+            random.seed(seed)
+        for i in range(3):
+            # a new root each time: created outside any task span (the helper's context)
+            await asyncio.get_running_loop().create_task(leaf(i), context=contextvars.Context())
+        asynctrace.uninstall()
+
+    asyncio.run(main())
+    return [(span[0], span[1]) for span in lane.tasks]
+
+
+@pytest.mark.skipif(_native.IMPLEMENTATION != "c", reason="the C extension is not built")
+def test_c_span_hooks_draw_ids_from_randoms_generator_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The C hooks take the words random.getrandbits would from random's own generator: the
+    same ids as getrandbits(128) then getrandbits(64) from a generator seeded alike, a seed
+    set after install seen; a getrandbits replaced later (or before: not drawn in place) is
+    called instead.
+    """
+    sink = SpanSink(TracerProvider())
+    try:
+        assert _hooks_of(_native, sink).draws_in_place is random.getrandbits
+    finally:
+        sink.close()
+    expected = random.Random(42)
+    assert _lane_ids(42) == [
+        (expected.getrandbits(128), expected.getrandbits(64)) for _ in range(3)
+    ]
+
+    asked: list[int] = []
+    real = random.getrandbits
+
+    def counting(bits: int) -> int:
+        asked.append(bits)
+        return real(bits)
+
+    ids = _lane_ids(None, lambda: monkeypatch.setattr(random, "getrandbits", counting))
+    assert asked == [128, 64] * 3
+    assert len(set(ids)) == 3
+    monkeypatch.undo()
+
+    # Not a _random.Random's C method at construction: never drawn in place.
+    system = random.SystemRandom()
+    monkeypatch.setattr(random, "getrandbits", system.getrandbits)
+    sink = SpanSink(TracerProvider())
+    try:
+        assert _hooks_of(_native, sink).draws_in_place is None
+    finally:
+        sink.close()
+
+
+async def own_name() -> str:
+    task = asyncio.current_task()
+    assert task is not None
+    return task.get_name()  # the very str the task keeps: found twice among its pointers
+
+
+class SubTask(asyncio.Task):  # type: ignore[type-arg]
+    pass
+
+
+@pytest.mark.skipif(_native.IMPLEMENTATION != "c", reason="the C extension is not built")
+@pytest.mark.parametrize("case", ["subclass", "ambiguous"])
+def test_c_span_hooks_read_a_tasks_fields_only_where_found_once(case: str) -> None:
+    """The name and coroutine are read in place only from the C task, where one pointer field
+    holds what get_name()/get_coro() return: not for a Task subclass, not when the name is
+    also the task's result (found twice, 8 times over); the getters give the names then.
+    """
+    lane = Lane()
+    provider = TracerProvider()
+    provider.add_span_processor(lane)
+
+    async def main() -> tuple[list[asyncio.Task[Any]], dict[str, bool]]:
+        if case == "subclass":
+            asyncio.get_running_loop().set_task_factory(
+                lambda loop, coro, **kw: SubTask(coro, loop=loop, **kw)
+            )
+        asynctrace.install(tracer_provider=provider, registry=CollectorRegistry())
+        tasks = [asyncio.create_task(own_name()) for _ in range(12)]
+        await asyncio.gather(*tasks)
+        (sink,) = [i for i in STATE.hooks.instruments if isinstance(i, SpanSink)]
+        reads: dict[str, bool] = sink._synced[-1].reads_task_fields
+        asynctrace.uninstall()
+        return tasks, reads
+
+    tasks, reads = asyncio.run(main())
+    assert not reads["name"]
+    assert reads["coro"] == (case == "ambiguous")  # the coroutine is found once there
+    assert [span[8] for span in lane.tasks] == [t.get_name() for t in tasks]
+    assert {span[5] for span in lane.tasks} == {own_name.__qualname__}
+
+
 @pytest.mark.parametrize("impl", HOOKS)
 def test_a_dropped_pending_task_is_collected_with_its_span_handle(
     impl: ModuleType, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture

@@ -33,11 +33,12 @@ __all__ = [
 
 # A task span, as the span sink hands it over (all plain values):
 # (trace_id, span_id, parent_span_id (0: a root), parent_is_remote, trace_state ("" none),
-#  name, start (ns since the epoch), end, task_name, outcome, operation (or None),
+#  name, start (ns since the epoch), end, task_name (a str, or the number n of the default
+#  name "Task-n" as the task keeps it until asked), outcome, operation (or None),
 #  correlation_id (or None), priority_hint (or None), exception event attributes (or None),
 #  exception type name (or None: status UNSET))
 TaskSpan = tuple[
-    int, int, int, bool, str, str, int, int, str, str,
+    int, int, int, bool, str, str, int, int, str | int, str,
     str | None, str | None, int | None, Mapping[str, Any] | None, str | None,
 ]  # fmt: skip
 
@@ -161,7 +162,9 @@ def encode_task_span_python(span: TaskSpan) -> bytes:
         _KIND_INTERNAL,
         b"\x39" + _pack_q(start),
         b"\x41" + _pack_q(end),
-        _span_str_attr(_TASK_NAME, task_name),
+        _span_str_attr(
+            _TASK_NAME, f"Task-{task_name}" if isinstance(task_name, int) else task_name
+        ),
         _span_str_attr(_OUTCOME, outcome),
     )
     if operation is not None:

@@ -38,6 +38,7 @@ typedef struct {
     PyTypeObject *starts_type;
     PyTypeObject *lane_queue_type;
     PyTypeObject *thread_slot_type;
+    PyTypeObject *span_record_type;
     PyObject *mark_name; /* "mark" */
 #define DECLARE(n) PyObject *s_##n;
     STATE_STRINGS(DECLARE)
@@ -1877,11 +1878,14 @@ static PyType_Spec lf_spec = {
 #define OUTCOMES 3 /* finished, exception, cancelled */
 
 typedef struct {
-    PyObject *trace_id; /* NULL: none yet */
-    PyObject *span_id;
+    unsigned long long trace_high, trace_low, span_id; /* span_id 0: none yet */
     long long duration_ns;
     double time;        /* seconds since the epoch, as time.time() */
 } ExemplarData;
+
+static PyObject *int_from_u128(unsigned long long high, unsigned long long low);
+static int int_to_u128(PyObject *value, const char *what, unsigned long long *high,
+                       unsigned long long *low);
 
 typedef struct {
     long long created;
@@ -1907,11 +1911,7 @@ static void
 series_free(PyObject *capsule)
 {
     SeriesData *data = PyCapsule_GetPointer(capsule, "asynctrace.series");
-    if (data != NULL && data->exemplars != NULL) {
-        for (int i = 0; i < OUTCOMES * (MAX_BOUNDS + 1); i++) {
-            Py_XDECREF(data->exemplars[i].trace_id);
-            Py_XDECREF(data->exemplars[i].span_id);
-        }
+    if (data != NULL) {
         PyMem_Free(data->exemplars);
     }
     PyMem_Free(data);
@@ -2078,7 +2078,44 @@ counts_finished(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
     Py_RETURN_NONE;
 }
 
-/* exemplar(metadata, outcome, duration_ns, trace_id, span_id): see _speedups_py.Counts. */
+/* The exemplar of a task's span in its bucket (the latest wins): what exemplar() does, with
+   the ids as C values (SpanHooks calls it so when the hook is a Counts' exemplar). */
+static int
+counts_exemplar_ids(CountsObject *self, PyObject *metadata, int outcome, long long duration,
+                    unsigned long long trace_high, unsigned long long trace_low,
+                    unsigned long long span_id, speedups_state *st)
+{
+    Py_ssize_t bucket = counts_bucket(self, duration < 0 ? 0 : duration);
+    struct timespec now;
+    double seconds = 0.0;
+    if (timespec_get(&now, TIME_UTC) == TIME_UTC) {
+        seconds = (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+    }
+    int ok;
+    Py_BEGIN_CRITICAL_SECTION(self);
+    SeriesData *data = counts_series(self, metadata, st->s_operation_name);
+    if (data != NULL && data->exemplars == NULL) {
+        data->exemplars = PyMem_Calloc(OUTCOMES * (MAX_BOUNDS + 1), sizeof(ExemplarData));
+        if (data->exemplars == NULL) {
+            PyErr_NoMemory();
+            data = NULL;
+        }
+    }
+    ok = (data != NULL);
+    if (ok) {
+        ExemplarData *e = &data->exemplars[outcome * (MAX_BOUNDS + 1) + bucket];
+        e->trace_high = trace_high;
+        e->trace_low = trace_low;
+        e->span_id = span_id;
+        e->duration_ns = duration;
+        e->time = seconds;
+    }
+    Py_END_CRITICAL_SECTION();
+    return ok ? 0 : -1;
+}
+
+/* exemplar(metadata, outcome, duration_ns, trace_id, span_id): see _speedups_py.Counts. The
+   ids are kept as C values: a trace id in [0, 2**128), a span id in [1, 2**64). */
 static PyObject *
 counts_exemplar(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -2101,32 +2138,18 @@ counts_exemplar(PyObject *op, PyObject *const *args, Py_ssize_t nargs)
                      args[3], args[4]);
         return NULL;
     }
-    Py_ssize_t bucket = counts_bucket(self, duration < 0 ? 0 : duration);
-    struct timespec now;
-    double seconds = 0.0;
-    if (timespec_get(&now, TIME_UTC) == TIME_UTC) {
-        seconds = (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+    unsigned long long high, low;
+    if (int_to_u128(args[3], "exemplar(): trace_id", &high, &low) < 0) {
+        return NULL;
     }
-    int ok;
-    Py_BEGIN_CRITICAL_SECTION(op);
-    SeriesData *data = counts_series(self, args[0], st->s_operation_name);
-    if (data != NULL && data->exemplars == NULL) {
-        data->exemplars = PyMem_Calloc(OUTCOMES * (MAX_BOUNDS + 1), sizeof(ExemplarData));
-        if (data->exemplars == NULL) {
-            PyErr_NoMemory();
-            data = NULL;
-        }
+    unsigned long long span_id = PyLong_AsUnsignedLongLong(args[4]);
+    if ((span_id == (unsigned long long)-1 && PyErr_Occurred()) || span_id == 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "exemplar(): span_id must be an int in [1, 2**64), got %R",
+                     args[4]);
+        return NULL;
     }
-    ok = (data != NULL);
-    if (ok) {
-        ExemplarData *e = &data->exemplars[outcome * (MAX_BOUNDS + 1) + bucket];
-        Py_XSETREF(e->trace_id, Py_NewRef(args[3])); /* an int's release runs no code */
-        Py_XSETREF(e->span_id, Py_NewRef(args[4]));
-        e->duration_ns = duration;
-        e->time = seconds;
-    }
-    Py_END_CRITICAL_SECTION();
-    if (!ok) {
+    if (counts_exemplar_ids(self, args[0], outcome, duration, high, low, span_id, st) < 0) {
         return NULL;
     }
     Py_RETURN_NONE;
@@ -2155,17 +2178,23 @@ counts_fold_exemplars(PyObject *op, PyObject *Py_UNUSED(ignored))
             ExemplarData *row = &data->exemplars[o * (MAX_BOUNDS + 1)];
             int any = 0;
             for (Py_ssize_t i = 0; i <= self->nbounds; i++) {
-                any |= row[i].trace_id != NULL;
+                any |= row[i].span_id != 0;
             }
             if (!any) {
                 continue;
             }
             PyObject *list = PyList_New(self->nbounds + 1);
             for (Py_ssize_t i = 0; list != NULL && i <= self->nbounds; i++) {
-                PyObject *item = row[i].trace_id == NULL
-                                     ? Py_NewRef(Py_None)
-                                     : Py_BuildValue("(OOLd)", row[i].trace_id, row[i].span_id,
-                                                     row[i].duration_ns, row[i].time);
+                PyObject *item = NULL;
+                if (row[i].span_id == 0) {
+                    item = Py_NewRef(Py_None);
+                }
+                else {
+                    PyObject *trace_id = int_from_u128(row[i].trace_high, row[i].trace_low);
+                    item = trace_id ? Py_BuildValue("(NKLd)", trace_id, row[i].span_id,
+                                                    row[i].duration_ns, row[i].time)
+                                    : NULL;
+                }
                 if (item == NULL) {
                     Py_CLEAR(list);
                     break;
@@ -3498,6 +3527,89 @@ static PyType_Spec lq_spec = {
              | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = lq_slots,
 };
+/* ---------------------------------------------------------------------------------------
+ * SpanRecord: a common task span as SpanHooks hands it to LaneQueue lanes, in place of the
+ * TaskSpan tuple (otlp_encode.TaskSpan) whose 15 items it reads as: its ids and times kept as
+ * C values (no int made per span, none released by the export thread), its strings held.
+ * Only the common span becomes one (no trace state, no priority hint, no exception: those
+ * items are "", None, None, None); the C encoder writes it like the tuple, and it unpacks
+ * as the tuple does (a sequence of those 15 items), so the Python encoder reads it too.
+ * It holds only str, int and None: not tracked by the collector. Made only here.
+ * --------------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    unsigned long long trace_high, trace_low, span_id, parent_id;
+    long long start, end; /* ns since the epoch */
+    int remote;
+    PyObject *name, *task_name, *outcome, *operation, *correlation_id;
+} SpanRecordObject;
+
+static void
+sr_dealloc(PyObject *op)
+{
+    SpanRecordObject *self = (SpanRecordObject *)op;
+    PyTypeObject *type = Py_TYPE(op);
+    Py_XDECREF(self->name);
+    Py_XDECREF(self->task_name);
+    Py_XDECREF(self->outcome);
+    Py_XDECREF(self->operation);
+    Py_XDECREF(self->correlation_id);
+    type->tp_free(op);
+    Py_DECREF(type);
+}
+
+static Py_ssize_t
+sr_length(PyObject *op)
+{
+    return 15;
+}
+
+/* The TaskSpan tuple's item i (new reference). */
+static PyObject *
+sr_item(PyObject *op, Py_ssize_t i)
+{
+    SpanRecordObject *self = (SpanRecordObject *)op;
+    switch (i) {
+    case 0: return int_from_u128(self->trace_high, self->trace_low);
+    case 1: return PyLong_FromUnsignedLongLong(self->span_id);
+    case 2: return PyLong_FromUnsignedLongLong(self->parent_id);
+    case 3: return PyBool_FromLong(self->remote);
+    case 4: return PyUnicode_FromString("");
+    case 5: return Py_NewRef(self->name);
+    case 6: return PyLong_FromLongLong(self->start);
+    case 7: return PyLong_FromLongLong(self->end);
+    case 8: return Py_NewRef(self->task_name);
+    case 9: return Py_NewRef(self->outcome);
+    case 10: return Py_NewRef(self->operation);
+    case 11: return Py_NewRef(self->correlation_id);
+    case 12: case 13: case 14: return Py_NewRef(Py_None);
+    default:
+        PyErr_SetString(PyExc_IndexError, "SpanRecord index out of range");
+        return NULL;
+    }
+}
+
+PyDoc_STRVAR(sr_doc,
+"A common task span as the C span hooks hand it to a LaneQueue: the TaskSpan tuple's 15\n"
+"items as a sequence (see asynctrace.export.otlp_encode.TaskSpan), its ids and times kept\n"
+"in C. Made only by SpanHooks.");
+
+static PyType_Slot sr_slots[] = {
+    {Py_tp_dealloc, sr_dealloc},
+    {Py_sq_length, sr_length},
+    {Py_sq_item, sr_item},
+    {Py_tp_doc, (void *)sr_doc},
+    {0, NULL},
+};
+
+static PyType_Spec sr_spec = {
+    .name = "asynctrace._speedups.SpanRecord",
+    .basicsize = sizeof(SpanRecordObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE | Py_TPFLAGS_DISALLOW_INSTANTIATION,
+    .slots = sr_slots,
+};
+
 /* Where a C task keeps its name or its coroutine (see sh_task_field): found once by looking
    for what get_name()/get_coro() returned among the task's pointers, then checked twice. */
 typedef struct {
@@ -4173,6 +4285,9 @@ sh_lane_tuple(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObje
                             self->empty_str, name, start, end, task_name, outcome, operation, cid,
                             priority, Py_None, Py_None);
     }
+    if (span != NULL) {
+        PyObject_GC_UnTrack(span); /* ints, str, bool and None: in no cycle */
+    }
     Py_XDECREF(parent_id);
     Py_XDECREF(remote);
     Py_XDECREF(start);
@@ -4182,10 +4297,75 @@ sh_lane_tuple(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObje
     return span;
 }
 
-/* The metrics' exemplar hooks, each with (metadata, outcome, duration, trace id, span id). */
+/* The lanes' SpanRecord for the span (new reference), or NULL with an error; Py_None when the
+   span is not a common one after all (a priority hint: the tuple's). */
+static PyObject *
+sh_lane_record(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObject *outcome,
+               long long finished_ns, PyObject *operation, PyObject *task_name, PyObject *name,
+               speedups_state *st)
+{
+    PyObject *priority = slots_get(&self->meta_slots, metadata, MD_PRIORITY, st->s_priority_hint);
+    if (priority == NULL) {
+        return NULL;
+    }
+    /* what the C encoder writes as it is (else the tuple: the Python encoder decides) */
+    int common = priority == Py_None && PyUnicode_CheckExact(name) &&
+                 PyUnicode_CheckExact(outcome) &&
+                 (operation == Py_None || PyUnicode_CheckExact(operation)) &&
+                 (PyUnicode_CheckExact(task_name) || PyLong_CheckExact(task_name));
+    Py_DECREF(priority);
+    if (!common) {
+        return Py_NewRef(Py_None);
+    }
+    unsigned long long parent_id = 0;
+    int remote = 0;
+    PyObject *parent = SLOT(entry, parent);
+    if (parent != Py_None) {
+        PyObject *value = sh_context_item(self, parent, SC_SPAN_ID, st->s_span_id);
+        parent_id = value ? PyLong_AsUnsignedLongLong(value) : 0;
+        PyObject *is_remote = value && !PyErr_Occurred()
+                                  ? sh_context_item(self, parent, SC_IS_REMOTE, st->s_is_remote)
+                                  : NULL;
+        Py_XDECREF(value);
+        remote = is_remote ? PyObject_IsTrue(is_remote) : -1;
+        Py_XDECREF(is_remote);
+        if (remote < 0) {
+            return NULL;
+        }
+    }
+    PyObject *cid = slots_get(&self->meta_slots, metadata, MD_CORRELATION, st->s_correlation_id);
+    if (cid == NULL) {
+        return NULL;
+    }
+    if (cid != Py_None && !PyUnicode_CheckExact(cid)) {
+        Py_DECREF(cid);
+        return Py_NewRef(Py_None);
+    }
+    SpanRecordObject *record = PyObject_New(SpanRecordObject, st->span_record_type);
+    if (record == NULL) {
+        Py_DECREF(cid);
+        return NULL;
+    }
+    record->trace_high = IDS(entry)->trace_high;
+    record->trace_low = IDS(entry)->trace_low;
+    record->span_id = IDS(entry)->span_id;
+    record->parent_id = parent_id;
+    record->remote = remote;
+    record->start = IDS(entry)->created_ns + self->epoch_offset;
+    record->end = finished_ns + self->epoch_offset;
+    record->name = Py_NewRef(name);
+    record->task_name = Py_NewRef(task_name);
+    record->outcome = Py_NewRef(outcome);
+    record->operation = Py_NewRef(operation);
+    record->correlation_id = cid;
+    return (PyObject *)record;
+}
+
+/* The metrics' exemplar hooks, each with (metadata, outcome, duration, trace id, span id): a
+   Counts' exemplar given the ids as C values (no call, no int), any other hook called. */
 static int
 sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObject *outcome,
-             long long finished_ns, PyObject *trace_id, PyObject *span_id, speedups_state *st)
+             long long finished_ns, speedups_state *st)
 {
     PyObject *hooks = slots_get(&self->state_slots, self->state, 0, st->s_hooks);
     PyObject *exemplars = hooks ? slots_get(&self->hooks_slots, hooks, 0, st->s_exemplars) : NULL;
@@ -4197,10 +4377,37 @@ sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObjec
         Py_DECREF(exemplars);
         return 0;
     }
-    PyObject *duration = PyLong_FromLongLong(finished_ns - IDS(entry)->created_ns);
-    int rc = duration ? 0 : -1;
+    const SpanIdsObject *ids = IDS(entry);
+    long long duration_ns = finished_ns - ids->created_ns;
+    PyObject *duration = NULL, *trace_id = NULL, *span_id = NULL;
+    int rc = 0;
     for (Py_ssize_t i = 0; rc == 0 && i < PyTuple_GET_SIZE(exemplars); i++) {
         PyObject *hook = PyTuple_GET_ITEM(exemplars, i);
+        PyObject *counts = PyCFunction_Check(hook) ? PyCFunction_GET_SELF(hook) : NULL;
+        if (counts != NULL && Py_IS_TYPE(counts, st->counts_type) &&
+            PyCFunction_GET_FUNCTION(hook) == (PyCFunction)(void (*)(void))counts_exemplar) {
+            int o = counts_outcome((CountsObject *)counts, outcome);
+            if (o >= 0 && counts_exemplar_ids((CountsObject *)counts, metadata, o, duration_ns,
+                                              ids->trace_high, ids->trace_low, ids->span_id,
+                                              st) == 0) {
+                continue;
+            }
+            PyObject *exc = PyErr_GetRaisedException(); /* as a hook's: see below */
+            PyObject *res = PyObject_CallFunctionObjArgs(self->on_error, hook, exc, NULL);
+            Py_DECREF(exc);
+            rc = res ? 0 : -1;
+            Py_XDECREF(res);
+            continue;
+        }
+        if (span_id == NULL) { /* another hook: the ints made once */
+            duration = PyLong_FromLongLong(duration_ns);
+            trace_id = duration ? int_from_u128(ids->trace_high, ids->trace_low) : NULL;
+            span_id = trace_id ? PyLong_FromUnsignedLongLong(ids->span_id) : NULL;
+            if (span_id == NULL) {
+                rc = -1;
+                break;
+            }
+        }
         PyObject *call_args[5] = {metadata, outcome, duration, trace_id, span_id};
         PyObject *res = PyObject_Vectorcall(hook, call_args, 5, NULL);
         if (res == NULL) { /* call_each's rule: on_error counts it, or raises it again */
@@ -4212,6 +4419,8 @@ sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObjec
         Py_XDECREF(res);
     }
     Py_XDECREF(duration);
+    Py_XDECREF(trace_id);
+    Py_XDECREF(span_id);
     Py_DECREF(exemplars);
     return rc;
 }
@@ -4371,14 +4580,26 @@ sh_end_ns(PyObject *op, PyObject *task, PyObject *entry, PyObject *metadata, PyO
             }
         }
     }
-    task_name = sh_task_field(self, &self->name_field, task, st->s_get_name,
-                              sh_all_queues(lanes, st));
+    int queues = sh_all_queues(lanes, st); /* a SpanRecord for them, else the tuple */
+    task_name = sh_task_field(self, &self->name_field, task, st->s_get_name, queues);
     name = task_name ? sh_span_name(self, operation, task_name, coro_name) : NULL;
-    trace_id = name ? int_from_u128(IDS(entry)->trace_high, IDS(entry)->trace_low) : NULL;
-    span_id = trace_id ? PyLong_FromUnsignedLongLong(IDS(entry)->span_id) : NULL;
-    span = span_id ? sh_lane_tuple(self, entry, metadata, outcome, finished_ns, operation,
-                                   task_name, name, trace_id, span_id, st)
-                   : NULL;
+    if (name != NULL && queues) {
+        span = sh_lane_record(self, entry, metadata, outcome, finished_ns, operation, task_name,
+                              name, st);
+        if (span == Py_None) {
+            Py_CLEAR(span);
+        }
+        else if (span == NULL) {
+            goto other;
+        }
+    }
+    if (name != NULL && span == NULL) {
+        trace_id = int_from_u128(IDS(entry)->trace_high, IDS(entry)->trace_low);
+        span_id = trace_id ? PyLong_FromUnsignedLongLong(IDS(entry)->span_id) : NULL;
+        span = span_id ? sh_lane_tuple(self, entry, metadata, outcome, finished_ns, operation,
+                                       task_name, name, trace_id, span_id, st)
+                       : NULL;
+    }
     if (span == NULL) {
         goto other;
     }
@@ -4394,7 +4615,7 @@ sh_end_ns(PyObject *op, PyObject *task, PyObject *entry, PyObject *metadata, PyO
         }
         Py_DECREF(res);
     }
-    rc = sh_exemplars(self, entry, metadata, outcome, finished_ns, trace_id, span_id, st) < 0
+    rc = sh_exemplars(self, entry, metadata, outcome, finished_ns, st) < 0
              ? -1 : 1;
 other:
     Py_XDECREF(lanes);
@@ -4757,8 +4978,11 @@ w_str_attr(char *p, const char *key, Py_ssize_t keylen, Utf8 v)
 /* 1 when C writes span (a TaskSpan tuple: see encode_task_span), 0 when the Python encoder
    must, -1 (TypeError) when it is not a 15-tuple. */
 static int
-encodable(PyObject *span, const char *who)
+encodable(PyObject *span, const char *who, speedups_state *st)
 {
+    if (Py_IS_TYPE(span, st->span_record_type)) {
+        return 1;
+    }
     if (!PyTuple_CheckExact(span) || PyTuple_GET_SIZE(span) != 15) {
         PyErr_Format(PyExc_TypeError, "%s: expected a 15-tuple, got %R", who, span);
         return -1;
@@ -4779,46 +5003,106 @@ encodable(PyObject *span, const char *who)
     return 1;
 }
 
-/* One Span message (a ScopeSpans' field 2: 0x12, its length, the body) appended to out: its
-   room reserved once (a bound: 512 bytes besides the strings), the body written after a
-   two-byte length (moved where its length takes another size). */
+/* A span's fields as the encoder writes them (borrowed strings). */
+typedef struct {
+    unsigned long long high, low, span_id, parent, start, end;
+    int remote, has_operation, has_cid, has_error;
+    Utf8 state, name, task_name, outcome, operation, cid, error;
+    char numbered[32]; /* a default task name given as its number n: "Task-n" */
+} SpanFields;
+
+/* A task name: a str, or the number n of the default name "Task-n". */
 static int
-buf_span(Buf *out, PyObject *span)
+task_name_of(PyObject *value, SpanFields *f)
 {
-    PyObject **f = &PyTuple_GET_ITEM(span, 0);
-    unsigned long long high, low;
-    if (int_to_u128(f[0], "encode_task_span: the trace id", &high, &low) < 0) {
+    if (!PyLong_CheckExact(value)) {
+        return utf8_of(value, &f->task_name);
+    }
+    unsigned long long number = PyLong_AsUnsignedLongLong(value);
+    if (number == (unsigned long long)-1 && PyErr_Occurred()) {
         return -1;
     }
-    unsigned long long span_id = PyLong_AsUnsignedLongLong(f[1]);
-    unsigned long long parent = PyLong_AsUnsignedLongLong(f[2]);
-    unsigned long long start = PyLong_AsUnsignedLongLong(f[6]);
-    unsigned long long end = PyLong_AsUnsignedLongLong(f[7]);
+    f->task_name.p = f->numbered;
+    f->task_name.n = snprintf(f->numbered, sizeof(f->numbered), "Task-%llu", number);
+    return 0;
+}
+
+/* The fields of a TaskSpan tuple that encodable() accepted. */
+static int
+fields_of_tuple(PyObject *span, SpanFields *out)
+{
+    PyObject **f = &PyTuple_GET_ITEM(span, 0);
+    if (int_to_u128(f[0], "encode_task_span: the trace id", &out->high, &out->low) < 0) {
+        return -1;
+    }
+    out->span_id = PyLong_AsUnsignedLongLong(f[1]);
+    out->parent = PyLong_AsUnsignedLongLong(f[2]);
+    out->start = PyLong_AsUnsignedLongLong(f[6]);
+    out->end = PyLong_AsUnsignedLongLong(f[7]);
     if (PyErr_Occurred()) {
         return -1;
     }
-    Utf8 state, name, task_name, outcome, operation, cid, error;
-    char numbered[32]; /* a default task name given as its number n: "Task-n" */
-    if (PyLong_CheckExact(f[8])) {
-        unsigned long long number = PyLong_AsUnsignedLongLong(f[8]);
-        if (number == (unsigned long long)-1 && PyErr_Occurred()) {
-            return -1;
-        }
-        task_name.p = numbered;
-        task_name.n = snprintf(numbered, sizeof(numbered), "Task-%llu", number);
-    }
-    else if (utf8_of(f[8], &task_name) < 0) {
+    if (task_name_of(f[8], out) < 0 || utf8_of(f[4], &out->state) < 0
+        || utf8_of(f[5], &out->name) < 0 || utf8_of(f[9], &out->outcome) < 0
+        || utf8_of(f[10], &out->operation) < 0 || utf8_of(f[11], &out->cid) < 0
+        || utf8_of(f[14], &out->error) < 0) {
         return -1;
     }
-    if (utf8_of(f[4], &state) < 0 || utf8_of(f[5], &name) < 0
-        || utf8_of(f[9], &outcome) < 0 || utf8_of(f[10], &operation) < 0
-        || utf8_of(f[11], &cid) < 0 || utf8_of(f[14], &error) < 0) {
+    out->remote = PyObject_IsTrue(f[3]);
+    out->has_operation = f[10] != Py_None;
+    out->has_cid = f[11] != Py_None;
+    out->has_error = f[14] != Py_None;
+    return out->remote < 0 ? -1 : 0;
+}
+
+/* The fields of a SpanRecord: its C values as they are. */
+static int
+fields_of_record(PyObject *span, SpanFields *out)
+{
+    SpanRecordObject *r = (SpanRecordObject *)span;
+    if (r->start < 0 || r->end < 0) { /* as PyLong_AsUnsignedLongLong refuses in the tuple */
+        PyErr_Format(PyExc_OverflowError, "encode_task_span: a time before the epoch");
         return -1;
     }
-    int remote = PyObject_IsTrue(f[3]);
-    if (remote < 0) {
+    out->high = r->trace_high;
+    out->low = r->trace_low;
+    out->span_id = r->span_id;
+    out->parent = r->parent_id;
+    out->start = (unsigned long long)r->start;
+    out->end = (unsigned long long)r->end;
+    out->remote = r->remote;
+    out->state.p = "";
+    out->state.n = 0;
+    out->error = out->state;
+    out->has_operation = r->operation != Py_None;
+    out->has_cid = r->correlation_id != Py_None;
+    out->has_error = 0;
+    if (task_name_of(r->task_name, out) < 0 || utf8_of(r->name, &out->name) < 0
+        || utf8_of(r->outcome, &out->outcome) < 0 || utf8_of(r->operation, &out->operation) < 0
+        || utf8_of(r->correlation_id, &out->cid) < 0) {
         return -1;
     }
+    return 0;
+}
+
+/* One Span message (a ScopeSpans' field 2: 0x12, its length, the body) appended to out: its
+   room reserved once (a bound: 512 bytes besides the strings), the body written after a
+   two-byte length (moved where its length takes another size). span: a TaskSpan tuple or a
+   SpanRecord that encodable() accepted. */
+static int
+buf_span(Buf *out, PyObject *span)
+{
+    SpanFields fields;
+    if ((PyTuple_CheckExact(span) ? fields_of_tuple(span, &fields)
+                                  : fields_of_record(span, &fields)) < 0) {
+        return -1;
+    }
+    const SpanFields *F = &fields;
+    Utf8 state = F->state, name = F->name, task_name = F->task_name, outcome = F->outcome,
+         operation = F->operation, cid = F->cid, error = F->error;
+    unsigned long long high = F->high, low = F->low, span_id = F->span_id, parent = F->parent,
+                       start = F->start, end = F->end;
+    int remote = F->remote;
     Py_ssize_t bound = 512 + state.n + name.n + task_name.n + outcome.n + operation.n + cid.n
                        + error.n;
     if (buf_reserve(out, bound) < 0) {
@@ -4845,13 +5129,13 @@ buf_span(Buf *out, PyObject *span)
     p = w_le(p, end, 8);
     p = w_str_attr(p, KEY("asyncio.task.name"), task_name);
     p = w_str_attr(p, KEY("asyncio.task.outcome"), outcome);
-    if (f[10] != Py_None) {
+    if (F->has_operation) {
         p = w_str_attr(p, KEY("asynctrace.operation"), operation);
     }
-    if (f[11] != Py_None) {
+    if (F->has_cid) {
         p = w_str_attr(p, KEY("asynctrace.correlation_id"), cid);
     }
-    if (f[14] == Py_None) {
+    if (!F->has_error) {
         p = w_raw(p, "\x7a\x00", 2);
     }
     else {
@@ -4882,6 +5166,7 @@ buf_span(Buf *out, PyObject *span)
 static PyObject *
 speedups_encode_task_spans(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
+    speedups_state *st = get_state(module);
     PyObject *others = nargs == 3 && args[2] != Py_None ? args[2] : NULL;
     if (nargs < 2 || nargs > 3 || !PyList_CheckExact(args[0]) || !PyCallable_Check(args[1])
         || (others != NULL && !PyList_CheckExact(others))) {
@@ -4902,13 +5187,14 @@ speedups_encode_task_spans(PyObject *module, PyObject *const *args, Py_ssize_t n
     }
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(spans); i++) {
         PyObject *span = PyTuple_GET_ITEM(spans, i);
-        if (others != NULL && !PyTuple_Check(span)) { /* not a task span: the caller's */
+        if (others != NULL && !PyTuple_Check(span) && !Py_IS_TYPE(span, st->span_record_type)) {
+            /* not a task span: the caller's */
             if (PyList_Append(others, span) < 0) {
                 goto done;
             }
             continue;
         }
-        int mine = encodable(span, "encode_task_spans");
+        int mine = encodable(span, "encode_task_spans", st);
         if (mine < 0) {
             goto done;
         }
@@ -4943,7 +5229,7 @@ done:
 static PyObject *
 speedups_encode_task_span(PyObject *module, PyObject *span)
 {
-    int mine = encodable(span, "encode_task_span");
+    int mine = encodable(span, "encode_task_span", get_state(module));
     if (mine <= 0) {
         if (mine < 0) {
             return NULL;
@@ -5023,6 +5309,11 @@ speedups_exec(PyObject *module)
     if (state->lane_queue_type == NULL || PyModule_AddType(module, state->lane_queue_type) < 0) {
         return -1;
     }
+    state->span_record_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &sr_spec, NULL);
+    if (state->span_record_type == NULL
+        || PyModule_AddType(module, state->span_record_type) < 0) {
+        return -1;
+    }
     state->span_hooks_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &sh_spec, NULL);
     if (state->span_hooks_type == NULL || PyModule_AddType(module, state->span_hooks_type) < 0) {
         return -1;
@@ -5052,6 +5343,7 @@ speedups_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->span_ids_type);
     Py_VISIT(state->starts_type);
     Py_VISIT(state->lane_queue_type);
+    Py_VISIT(state->span_record_type);
     Py_VISIT(state->thread_slot_type);
     return 0;
 }
@@ -5068,6 +5360,7 @@ speedups_clear(PyObject *module)
     Py_CLEAR(state->span_ids_type);
     Py_CLEAR(state->starts_type);
     Py_CLEAR(state->lane_queue_type);
+    Py_CLEAR(state->span_record_type);
     Py_CLEAR(state->thread_slot_type);
     Py_CLEAR(state->mark_name);
 #define CLEAR_S(n) Py_CLEAR(state->s_##n);

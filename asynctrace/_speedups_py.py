@@ -735,11 +735,21 @@ class Counts:
         trace_id: object,
         span_id: object,
     ) -> None:
-        """Keep a traced task's span ids as its bucket's exemplar."""
+        """Keep a traced task's span ids as its bucket's exemplar.
+
+        A trace id in [0, 2**128) and a span id in [1, 2**64): a span's, as the C version
+        keeps them (as C values).
+        """
         o = _outcome_index(outcome)
         if not isinstance(trace_id, int) or not isinstance(span_id, int):
             msg = f"exemplar(): trace_id and span_id must be ints, got {trace_id!r}, {span_id!r}"
             raise TypeError(msg)
+        if not 0 <= trace_id < 1 << 128:
+            msg = f"exemplar(): trace_id must be an int in [0, 2**128), got {trace_id!r}"
+            raise ValueError(msg)
+        if not 0 < span_id < 1 << 64:
+            msg = f"exemplar(): span_id must be an int in [1, 2**64), got {span_id!r}"
+            raise ValueError(msg)
         series = self._series(metadata)
         if len(series) == 3:  # noqa: PLR2004 - [created, counts, sums]: no exemplar yet
             series.append([[None] * (len(self.bounds_ns) + 1) for _ in _OUTCOMES])

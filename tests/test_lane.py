@@ -433,6 +433,63 @@ async def test_default_task_names_are_exported_as_get_name_gives_them(
 
 
 @pytest.mark.asyncio
+async def test_c_hooks_hand_the_lane_span_records_and_keep_their_ids_as_exemplars(
+    otlp_http: tuple[str, Received],
+) -> None:
+    """On the C path a common task span reaches the lane as a SpanRecord (ids and times in C,
+    untracked by the collector): it unpacks as the TaskSpan tuple, the C encoder writes it as
+    the Python encoder writes that tuple, and the duration bucket's exemplar carries its ids
+    (kept as C values by the C Counts, made ints when the registry is read).
+    """
+    if _native.IMPLEMENTATION != "c" or FREE_THREADED:
+        pytest.skip("the C span hooks are not in use")
+    import gc  # noqa: PLC0415
+
+    from prometheus_client.openmetrics.exposition import generate_latest  # noqa: PLC0415
+
+    url, received = otlp_http
+    registry = CollectorRegistry()
+    asynctrace.install(otlp_endpoint=url, registry=registry, loop_monitor=False)
+    lane = _sink_lanes()[0]
+    batches: list[list[Any]] = []
+    export = lane._export
+
+    def keep(batch: list[Any]) -> None:
+        batches.append(list(batch))
+        export(batch)
+
+    lane._export = keep
+
+    async def leaf() -> None:
+        await asyncio.sleep(0)
+
+    with asynctrace.correlation("req-r"):
+        await asynctrace.create_task(leaf(), operation_name="recorded")
+    await asyncio.create_task(leaf())  # a default name (3.14: its number) and no operation
+    assert asynctrace.flush(10)
+    text = generate_latest(registry).decode()
+    asynctrace.uninstall()
+    records = [r for batch in batches for r in batch if type(r).__name__ == "SpanRecord"]
+    assert len(records) == 2
+    for record in records:
+        assert not gc.is_tracked(record)
+        span = tuple(record)
+        assert len(span) == 15
+        assert span[4] == ""
+        assert span[12:] == (None, None, None)
+        assert otlp_encode.encode_task_span(record) == otlp_encode.encode_task_span_python(span)
+    recorded = next(tuple(r) for r in records if tuple(r)[10] == "recorded")
+    assert recorded[9:12] == ("finished", "recorded", "req-r")
+    (sent,) = [s for s in received.snapshot() if s["name"] == "recorded"]
+    assert sent["trace_id"] == f"{recorded[0]:032x}"
+    line = next(
+        line for line in text.splitlines() if 'operation="recorded"' in line and "trace_id" in line
+    )
+    assert f'trace_id="{recorded[0]:032x}"' in line
+    assert f'span_id="{recorded[1]:016x}"' in line
+
+
+@pytest.mark.asyncio
 async def test_task_spans_reach_the_lane_without_a_python_call(
     otlp_http: tuple[str, Received],
 ) -> None:

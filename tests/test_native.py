@@ -867,6 +867,13 @@ def test_counts_keep_the_latest_exemplar_per_bucket(impl: ModuleType) -> None:
         counts.exemplar(fetch, "lost", 1, 1, 1)
     with pytest.raises(TypeError, match="trace_id and span_id must be ints, got 'x'"):
         counts.exemplar(fetch, "finished", 1, "x", 1)
+    with pytest.raises(ValueError, match=r"trace_id must be an int in \[0, 2\*\*128\), got -1"):
+        counts.exemplar(fetch, "finished", 1, -1, 1)
+    with pytest.raises(ValueError, match=r"span_id must be an int in \[1, 2\*\*64\), got 0"):
+        counts.exemplar(fetch, "finished", 1, 1, 0)
+    with pytest.raises(ValueError, match=r"span_id must be an int in \[1, 2\*\*64\), got 184"):
+        counts.exemplar(fetch, "finished", 1, 1, 1 << 64)
+    assert counts.fold_exemplars()[("fetch", "finished")][0][:3] == (0xE1, 0xF1, 8)  # kept
     assert counts.fold()[1] == {}  # an exemplar counts no task
 
 

@@ -45,6 +45,8 @@ typedef struct {
 #undef DECLARE
     PyObject *kw_loop_context;      /* ("loop", "context") */
     PyObject *kw_loop_context_name; /* ("loop", "context", "name") */
+    PyObject *kw_eager;             /* ("loop", "context", "eager_start") */
+    PyObject *kw_eager_name;        /* ("loop", "context", "name", "eager_start") */
     PyObject *kw_context;           /* ("context",) */
 } speedups_state;
 
@@ -1081,6 +1083,7 @@ typedef struct {
     PyObject *starts;         /* the Starts table: id(task) -> creation time (ns) or entry */
     PyObject *on_error;       /* called with (hook, exception) when a started hook raises */
     PyObject *lean_finish;    /* for an eager task done in its first step */
+    PyObject *eager_type;     /* task_type is partial(T, eager_start=True) of a type T: T */
     PyObject *last;           /* (correlation id, metadata) last made, or NULL */
     PyObject *named;          /* (operation, id, priority, metadata) last made, or NULL */
     PyObject *validated;      /* a set: operation names found valid (str), at most
@@ -1640,15 +1643,21 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     if (tap != NULL) {
         tap->expect = eager ? EXPECT_STEP_SEEN : EXPECT_MAKING;
     }
-    PyObject *call_args[4] = {NULL, coro, loop, ctx};
+    PyObject *call_args[5] = {NULL, coro, loop, ctx, Py_True};
     if (name != Py_None) {
-        PyObject *with_name[5] = {NULL, coro, loop, ctx, name};
-        task = PyObject_Vectorcall(self->task_type, with_name + 1,
-                                   1 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_loop_context_name);
+        PyObject *with_name[6] = {NULL, coro, loop, ctx, name, Py_True};
+        task = self->eager_type
+            ? PyObject_Vectorcall(self->eager_type, with_name + 1,
+                                  1 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_eager_name)
+            : PyObject_Vectorcall(self->task_type, with_name + 1,
+                                  1 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_loop_context_name);
     }
     else {
-        task = PyObject_Vectorcall(self->task_type, call_args + 1,
-                                   1 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_loop_context);
+        task = self->eager_type
+            ? PyObject_Vectorcall(self->eager_type, call_args + 1,
+                                  1 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_eager)
+            : PyObject_Vectorcall(self->task_type, call_args + 1,
+                                  1 | PY_VECTORCALL_ARGUMENTS_OFFSET, st->kw_loop_context);
     }
     int batch = 0;
     if (tap != NULL) {
@@ -1721,6 +1730,32 @@ fail_early:
     return NULL;
 }
 
+/* T when task_type is functools.partial(T, eager_start=True) of a type T (what the factory
+   chains for asyncio's eager_task_factory), else NULL: T is then called with eager_start
+   among its keywords, not through the partial (which copies its keywords into a dict). */
+static PyObject *
+lf_eager_type(PyObject *task_type)
+{
+    if (PyType_Check(task_type)) {
+        return NULL;
+    }
+    PyObject *func = PyObject_GetAttrString(task_type, "func");
+    PyObject *args = func ? PyObject_GetAttrString(task_type, "args") : NULL;
+    PyObject *keywords = args ? PyObject_GetAttrString(task_type, "keywords") : NULL;
+    PyObject *flag = keywords && PyDict_CheckExact(keywords) && PyDict_GET_SIZE(keywords) == 1
+                         ? PyDict_GetItemString(keywords, "eager_start") : NULL;
+    int ok = flag == Py_True && PyType_Check(func) && PyTuple_CheckExact(args)
+             && PyTuple_GET_SIZE(args) == 0;
+    Py_XDECREF(args);
+    Py_XDECREF(keywords);
+    PyErr_Clear(); /* not such a partial: called as it is */
+    if (!ok) {
+        Py_XDECREF(func);
+        return NULL;
+    }
+    return func;
+}
+
 static PyObject *
 lf_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
@@ -1787,6 +1822,7 @@ lf_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     slots_probe(&self->state_slots, (PyObject *)Py_TYPE(self->state), STATE_SLOTS, 1);
     slots_probe_attr(&self->hooks_slots, self->state, st->s_hooks, LF_HOOKS_SLOTS, 3);
     slots_probe(&self->meta_slots, metadata_type, METADATA_SLOTS, 3);
+    self->eager_type = lf_eager_type(self->task_type);
     self->vectorcall = lf_vectorcall;
     return (PyObject *)self;
 fail_fields:
@@ -1801,7 +1837,7 @@ fail_fields:
     X(new_cid) X(validate) X(task_type) X(lean_done) X(starts) X(on_error) X(lean_finish)    \
     X(metadata_type) X(meta_op) X(meta_cid) X(meta_prio) X(last) X(named) X(validated)      \
     X(derived_from) X(derived) X(derived_cid) X(derived_meta) X(dict) X(state_slots.type)       \
-    X(hooks_slots.type) X(meta_slots.type)
+    X(hooks_slots.type) X(meta_slots.type) X(eager_type)
 
 static int
 lf_traverse(PyObject *op, visitproc visit, void *arg)
@@ -5273,6 +5309,11 @@ speedups_exec(PyObject *module)
 #undef INTERN
     state->kw_loop_context = Py_BuildValue("(ss)", "loop", "context");
     state->kw_loop_context_name = Py_BuildValue("(sss)", "loop", "context", "name");
+    state->kw_eager = Py_BuildValue("(sss)", "loop", "context", "eager_start");
+    state->kw_eager_name = Py_BuildValue("(ssss)", "loop", "context", "name", "eager_start");
+    if (!state->kw_eager || !state->kw_eager_name) {
+        return -1;
+    }
     state->kw_context = Py_BuildValue("(s)", "context");
     if (!state->kw_loop_context || !state->kw_loop_context_name || !state->kw_context) {
         return -1;
@@ -5368,6 +5409,8 @@ speedups_clear(PyObject *module)
 #undef CLEAR_S
     Py_CLEAR(state->kw_loop_context);
     Py_CLEAR(state->kw_loop_context_name);
+    Py_CLEAR(state->kw_eager);
+    Py_CLEAR(state->kw_eager_name);
     Py_CLEAR(state->kw_context);
     return 0;
 }

@@ -148,7 +148,11 @@ def create_task(
         # The helper's common call: the C factory called as the loop's own create_task would
         # (the factory read where that reads it).
         loop = _running_loop()
-        read = _factory_reader(type(loop)) if loop is not None else None
+        loop_type = type(loop)
+        # the reader last found, for the same loop type and create_task (no call to find it)
+        last_type, last_create, read = _LAST_READER[0]
+        if loop_type is not last_type or loop_type.create_task is not last_create:
+            read = _factory_reader(loop_type) if loop is not None else None
         if read is not None:
             factory: Any = read(loop)
             if type(factory) is _C_FACTORY:
@@ -248,10 +252,15 @@ def _factory_reader(loop_type: type) -> Callable[[Any], object] | None:
             read = _get_task_factory
     if len(_READERS) < _READERS_MAX:
         _READERS[loop_type] = (create, read)
+    _LAST_READER[0] = (loop_type, create, read)
     return read
 
 
 _READERS_MAX: Final = 64  # loop types remembered (a program has one or two)
+_LAST_READER: Final[list[tuple[Any, Any, Callable[[Any], object] | None]]] = [(None, None, None)]
+"""The loop type, its create_task and the reader _factory_reader last gave, as one tuple
+(replaced whole: a thread reads the three together); the helper checks the first two before
+using the third, and calls _factory_reader only when they differ."""
 
 
 def _create_uncovered(  # noqa: PLR0917 - the helper's own arguments, passed on

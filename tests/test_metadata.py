@@ -50,6 +50,45 @@ def test_helper_attaches_metadata_to_task_and_context() -> None:
     asyncio.run(main())
 
 
+def test_helper_sees_a_create_task_replaced_on_the_loops_type() -> None:
+    """The helper's fast path skips create_task only while the loop type's create_task is the
+    one it checked: replaced later, the replacement is called (and the metadata still set).
+    """
+    calls: list[str] = []
+
+    class Loop(asyncio.SelectorEventLoop):
+        pass
+
+    async def main() -> list[TaskMetadata | None]:
+        asynctrace.install()
+        got = [asynctrace.task_metadata(asynctrace.create_task(_report(), operation_name="a"))]
+        plain = Loop.create_task
+
+        def create_task(self: Loop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+            calls.append("replaced")
+            return plain(self, coro, **kwargs)
+
+        Loop.create_task = create_task  # type: ignore[method-assign]
+        try:
+            task = asynctrace.create_task(_report(), operation_name="b")
+            got.append(asynctrace.task_metadata(task))
+            await task
+        finally:
+            del Loop.create_task  # type: ignore[misc]
+        got.append(asynctrace.task_metadata(asynctrace.create_task(_report(), operation_name="c")))
+        await asyncio.sleep(0.01)
+        return got
+
+    loop = Loop()
+    try:
+        got = loop.run_until_complete(main())
+    finally:
+        asynctrace.uninstall()
+        loop.close()
+    assert calls == ["replaced"]
+    assert [m.operation_name if m else None for m in got] == ["a", "b", "c"]
+
+
 @pytest.mark.skipif(not PY314, reason="3.14 forwards create_task keywords to the factory")
 def test_plain_create_task_keywords_on_314() -> None:
     """On 3.14 asyncio.create_task, loop.create_task and TaskGroup.create_task carry metadata."""

@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import difflib
+import functools
 import operator
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from asynctrace import _native
 from asynctrace._metadata import _CORRELATION_ID, _METADATA, validate_metadata
@@ -293,4 +294,20 @@ def _create_uncovered(  # noqa: PLR0917 - the helper's own arguments, passed on
     raise TypeError(
         "Invalid eager_start: True; before Python 3.14 an eager task in a TaskGroup or under "
         "another task factory needs asynctrace.install() on the loop."
+    )
+
+
+if not TYPE_CHECKING and _C_FACTORY is not None and _PLAIN_CREATE_TASK is not None:
+    # The helper's common call in C, in front of it: create_task(coro, operation_name=...)
+    # on an asyncio loop with the C factory calls the factory straight away (no Python frame,
+    # no keyword handling); every other call reaches the function above, which specifies it.
+    # Its name, signature (__wrapped__) and docs are the function's.
+    create_task = functools.update_wrapper(
+        _native.CreateTask(
+            slow=create_task,
+            running=_running_loop,
+            plain=_PLAIN_CREATE_TASK,
+            factory_type=_C_FACTORY,
+        ),
+        create_task,
     )

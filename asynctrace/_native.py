@@ -65,6 +65,12 @@ ThreadSlot: Final = (
     )
     or importlib.import_module("asynctrace._speedups_py").ThreadSlot
 )
+CreateTask: Final = (
+    getattr(  # an extension built before it: Python's
+        _module, "CreateTask", None
+    )
+    or importlib.import_module("asynctrace._speedups_py").CreateTask
+)
 LaneQueue: Final = (
     getattr(  # an extension built before the queue: Python's
         _module, "LaneQueue", None

@@ -26,7 +26,8 @@
     X(_span_processors) X(_checked_processors) X(trace_state) X(trace_flags)      \
     X(_closed) X(_count_unfinished) X(_runtime) X(_current_context) X(get_span_context)        \
     X(task_begin) X(task_end) X(span_id) X(is_remote) X(exemplars) X(_lanes) X(get_coro)       \
-    X(__qualname__) X(get_name) X(add_task) X(call_soon) X(_callbacks)
+    X(__qualname__) X(get_name) X(add_task) X(call_soon) X(_callbacks) X(create_task)     \
+    X(_task_factory)
 
 typedef struct {
     PyTypeObject *tap_type;
@@ -39,6 +40,7 @@ typedef struct {
     PyTypeObject *lane_queue_type;
     PyTypeObject *thread_slot_type;
     PyTypeObject *span_record_type;
+    PyTypeObject *create_task_type;
     PyObject *mark_name; /* "mark" */
 #define DECLARE(n) PyObject *s_##n;
     STATE_STRINGS(DECLARE)
@@ -46,6 +48,7 @@ typedef struct {
     PyObject *kw_loop_context;      /* ("loop", "context") */
     PyObject *kw_loop_context_name; /* ("loop", "context", "name") */
     PyObject *kw_eager;             /* ("loop", "context", "eager_start") */
+    PyObject *kw_metadata;          /* ("operation_name", "correlation_id", "priority_hint") */
     PyObject *kw_eager_name;        /* ("loop", "context", "name", "eager_start") */
     PyObject *kw_context;           /* ("context",) */
 } speedups_state;
@@ -1898,6 +1901,172 @@ static PyType_Spec lf_spec = {
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
              | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = lf_slots,
+};
+
+/* ---------------------------------------------------------------------------------------
+ * CreateTask: asynctrace.create_task's common call in C (see _speedups_py.CreateTask, and
+ * _create_task.create_task, the helper it stands in front of): create_task(coro) with
+ * only metadata keywords, on a running loop whose type's create_task is asyncio's plain one
+ * (it only calls the factory) and whose factory is of factory_type, calls that factory as
+ * loop.create_task would, with all three metadata keywords (None where not given), as the
+ * helper's own fast path does. Every other call goes to the helper, as it was made.
+ * --------------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *slow;         /* the Python create_task */
+    PyObject *running;      /* asyncio.events._get_running_loop */
+    PyObject *plain;        /* asyncio.BaseEventLoop.create_task */
+    PyObject *factory_type; /* the factories called directly (LeanFactory) */
+    PyObject *dict;         /* functools.update_wrapper's attributes */
+    vectorcallfunc vectorcall;
+} CreateTaskObject;
+
+static PyObject *
+ct_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    CreateTaskObject *self = (CreateTaskObject *)op;
+    speedups_state *st = PyType_GetModuleState(Py_TYPE(op));
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    int common = st != NULL && nargs == 1;
+    PyObject *call[6] = {NULL, NULL, common ? args[0] : NULL, Py_None, Py_None, Py_None};
+    Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t i = 0; common && i < nkw; i++) {
+        int which = lf_keyword(PyTuple_GET_ITEM(kwnames, i), st);
+        if (which < 0) {
+            return NULL;
+        }
+        int at = which == KW_OPERATION_NAME ? 3 : which == KW_CORRELATION_ID ? 4
+               : which == KW_PRIORITY_HINT ? 5 : 0;
+        common = at != 0;
+        if (common) {
+            call[at] = args[nargs + i];
+        }
+    }
+    PyObject *loop = common ? PyObject_CallNoArgs(self->running) : NULL;
+    if (common && loop == NULL) {
+        return NULL;
+    }
+    PyObject *create = NULL, *factory = NULL, *result = NULL;
+    if (loop != NULL && loop != Py_None) {
+        create = PyObject_GetAttr((PyObject *)Py_TYPE(loop), st->s_create_task);
+        if (create == self->plain) {
+            factory = PyObject_GetAttr(loop, st->s__task_factory);
+        }
+        PyErr_Clear(); /* no such attribute: the helper decides */
+    }
+    if (factory != NULL && (PyObject *)Py_TYPE(factory) == self->factory_type) {
+        call[1] = loop;
+        result = PyObject_Vectorcall(factory, call + 1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                     st->kw_metadata);
+    }
+    else {
+        result = PyObject_Vectorcall(self->slow, args, nargsf, kwnames);
+    }
+    Py_XDECREF(loop);
+    Py_XDECREF(create);
+    Py_XDECREF(factory);
+    return result;
+}
+
+static PyObject *
+ct_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    static char *keywords[] = {"slow", "running", "plain", "factory_type", NULL};
+    PyObject *a[4];
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOO:CreateTask", keywords, &a[0], &a[1],
+                                     &a[2], &a[3])) {
+        return NULL;
+    }
+    for (int i = 0; i < 2; i++) {
+        if (!PyCallable_Check(a[i])) {
+            PyErr_Format(PyExc_TypeError, "CreateTask: %s must be callable, got %R",
+                         keywords[i], a[i]);
+            return NULL;
+        }
+    }
+    if (!PyType_Check(a[3])) {
+        PyErr_Format(PyExc_TypeError, "CreateTask: factory_type must be a type, got %R", a[3]);
+        return NULL;
+    }
+    CreateTaskObject *self = (CreateTaskObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->slow = Py_NewRef(a[0]);
+    self->running = Py_NewRef(a[1]);
+    self->plain = Py_NewRef(a[2]);
+    self->factory_type = Py_NewRef(a[3]);
+    self->vectorcall = ct_vectorcall;
+    return (PyObject *)self;
+}
+
+static int
+ct_traverse(PyObject *op, visitproc visit, void *arg)
+{
+    CreateTaskObject *self = (CreateTaskObject *)op;
+    Py_VISIT(Py_TYPE(op));
+    Py_VISIT(self->slow);
+    Py_VISIT(self->running);
+    Py_VISIT(self->plain);
+    Py_VISIT(self->factory_type);
+    Py_VISIT(self->dict);
+    return 0;
+}
+
+static int
+ct_clear(PyObject *op)
+{
+    CreateTaskObject *self = (CreateTaskObject *)op;
+    Py_CLEAR(self->slow);
+    Py_CLEAR(self->running);
+    Py_CLEAR(self->plain);
+    Py_CLEAR(self->factory_type);
+    Py_CLEAR(self->dict);
+    return 0;
+}
+
+static void
+ct_dealloc(PyObject *op)
+{
+    gc_heap_dealloc(op, ct_clear);
+}
+
+static PyMemberDef ct_members[] = {
+    {"__dictoffset__", T_PYSSIZET, offsetof(CreateTaskObject, dict), READONLY},
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(CreateTaskObject, vectorcall), READONLY},
+    {"slow", T_OBJECT, offsetof(CreateTaskObject, slow), READONLY,
+     "The helper every other call goes to."},
+    {NULL},
+};
+
+static PyGetSetDef ct_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, NULL, NULL},
+    {NULL},
+};
+
+PyDoc_STRVAR(ct_doc,
+"CreateTask(*, slow, running, plain, factory_type)\n--\n\n"
+"asynctrace.create_task's common call in C (see _speedups_py.CreateTask).");
+
+static PyType_Slot ct_slots[] = {
+    {Py_tp_new, ct_new},
+    {Py_tp_call, PyVectorcall_Call},
+    {Py_tp_traverse, ct_traverse},
+    {Py_tp_clear, ct_clear},
+    {Py_tp_dealloc, ct_dealloc},
+    {Py_tp_members, ct_members},
+    {Py_tp_getset, ct_getset},
+    {Py_tp_doc, (void *)ct_doc},
+    {0, NULL},
+};
+
+static PyType_Spec ct_spec = {
+    .name = "asynctrace._speedups.CreateTask",
+    .basicsize = sizeof(CreateTaskObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL
+             | Py_TPFLAGS_IMMUTABLETYPE,
+    .slots = ct_slots,
 };
 
 
@@ -5310,6 +5479,11 @@ speedups_exec(PyObject *module)
     state->kw_loop_context = Py_BuildValue("(ss)", "loop", "context");
     state->kw_loop_context_name = Py_BuildValue("(sss)", "loop", "context", "name");
     state->kw_eager = Py_BuildValue("(sss)", "loop", "context", "eager_start");
+    state->kw_metadata = Py_BuildValue("(sss)", "operation_name", "correlation_id",
+                                       "priority_hint");
+    if (!state->kw_metadata) {
+        return -1;
+    }
     state->kw_eager_name = Py_BuildValue("(ssss)", "loop", "context", "name", "eager_start");
     if (!state->kw_eager || !state->kw_eager_name) {
         return -1;
@@ -5355,6 +5529,11 @@ speedups_exec(PyObject *module)
         || PyModule_AddType(module, state->span_record_type) < 0) {
         return -1;
     }
+    state->create_task_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &ct_spec, NULL);
+    if (state->create_task_type == NULL
+        || PyModule_AddType(module, state->create_task_type) < 0) {
+        return -1;
+    }
     state->span_hooks_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &sh_spec, NULL);
     if (state->span_hooks_type == NULL || PyModule_AddType(module, state->span_hooks_type) < 0) {
         return -1;
@@ -5362,7 +5541,8 @@ speedups_exec(PyObject *module)
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[ssssssssssss]", "Counts", "IMPLEMENTATION", "LaneQueue",
+    PyObject *all = Py_BuildValue("[sssssssssssss]", "Counts", "CreateTask", "IMPLEMENTATION",
+                                  "LaneQueue",
                                   "LeanDone", "LeanFactory", "SpanHooks", "SpanIds", "Starts",
                                   "Tap", "ThreadSlot", "encode_task_span", "encode_task_spans");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
@@ -5385,6 +5565,7 @@ speedups_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(state->starts_type);
     Py_VISIT(state->lane_queue_type);
     Py_VISIT(state->span_record_type);
+    Py_VISIT(state->create_task_type);
     Py_VISIT(state->thread_slot_type);
     return 0;
 }
@@ -5402,6 +5583,7 @@ speedups_clear(PyObject *module)
     Py_CLEAR(state->starts_type);
     Py_CLEAR(state->lane_queue_type);
     Py_CLEAR(state->span_record_type);
+    Py_CLEAR(state->create_task_type);
     Py_CLEAR(state->thread_slot_type);
     Py_CLEAR(state->mark_name);
 #define CLEAR_S(n) Py_CLEAR(state->s_##n);
@@ -5410,6 +5592,7 @@ speedups_clear(PyObject *module)
     Py_CLEAR(state->kw_loop_context);
     Py_CLEAR(state->kw_loop_context_name);
     Py_CLEAR(state->kw_eager);
+    Py_CLEAR(state->kw_metadata);
     Py_CLEAR(state->kw_eager_name);
     Py_CLEAR(state->kw_context);
     return 0;

@@ -72,6 +72,7 @@ def test_implementation_names(impl: ModuleType) -> None:
     assert impl.IMPLEMENTATION in {"c", "python"}
     assert sorted(impl.__all__) == [
         "Counts",
+        "CreateTask",
         "IMPLEMENTATION",
         "LaneQueue",
         "LeanDone",
@@ -1407,3 +1408,119 @@ def test_factory_takes_the_helpers_keywords_through_the_slot(tap_impl: ModuleTyp
         return (meta.operation_name, meta.priority_hint, task.get_name()), PENDING.value
 
     assert asyncio.run(main()) == (("slot-op", 3, "named"), None)
+
+
+# -- CreateTask: the helper's common call ----------------------------------------------------
+
+
+class _Factory:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __call__(self, loop: object, coro: object, **kwargs: object) -> str:
+        self.calls.append((loop, coro, kwargs))
+        return "made"
+
+
+class _Other(_Factory):
+    pass
+
+
+def _plain_create_task(self: object, coro: object, **kwargs: object) -> None:
+    raise AssertionError("the loop's create_task is never called on the common path")
+
+
+class _Loop:
+    create_task = _plain_create_task
+
+    def __init__(self, factory: object) -> None:
+        self._task_factory = factory
+
+
+class _ReplacedLoop(_Loop):
+    def create_task(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
+        raise AssertionError(f"not called: the helper would call it with {args}, {kwargs}")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda m: m.IMPLEMENTATION)
+def test_create_task_calls_the_factory_on_the_common_call_only(impl: ModuleType) -> None:
+    """Only metadata keywords, a running loop with asyncio's plain create_task and a factory
+    of factory_type: the factory is called with loop, coro and all three metadata keywords.
+    Anything else goes to the helper (slow) as it was made.
+    """
+    slow_calls: list[tuple[Any, ...]] = []
+
+    def slow(*args: object, **kwargs: object) -> str:
+        slow_calls.append((args, kwargs))
+        return "slow"
+
+    factory = _Factory()
+    running: list[object] = [_Loop(factory)]
+    create = impl.CreateTask(
+        slow=slow, running=lambda: running[0], plain=_plain_create_task, factory_type=_Factory
+    )
+    assert create("c1", operation_name="op", priority_hint=3) == "made"
+    assert create("c2") == "made"
+    none = {"operation_name": None, "correlation_id": None, "priority_hint": None}
+    assert factory.calls == [
+        (running[0], "c1", {**none, "operation_name": "op", "priority_hint": 3}),
+        (running[0], "c2", none),
+    ]
+    assert create("c3", name="n") == "slow"  # an asyncio keyword
+    assert create("c4", operation_name="op", unknown=1) == "slow"  # an unknown one
+    assert create(coro="c5") == "slow"  # no positional coroutine
+    running[0] = None
+    assert create("c6") == "slow"  # no running loop
+    running[0] = _ReplacedLoop(factory)
+    assert create("c7") == "slow"  # a create_task that does more than call the factory
+    running[0] = _Loop(_Other())
+    assert create("c8") == "slow"  # another factory
+    running[0] = _Loop(None)
+    assert create("c9") == "slow"  # none
+    assert [c[0] or c[1] for c in slow_calls] == [
+        ("c3",), ("c4",), {"coro": "c5"}, ("c6",), ("c7",), ("c8",), ("c9",),
+    ]  # fmt: skip
+    assert slow_calls[0][1] == {"name": "n"}
+    assert slow_calls[1][1] == {"operation_name": "op", "unknown": 1}
+    assert len(factory.calls) == 2
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda m: m.IMPLEMENTATION)
+def test_create_task_refuses_bad_arguments(impl: ModuleType) -> None:
+    with pytest.raises(TypeError, match="slow must be callable, got 5"):
+        impl.CreateTask(slow=5, running=print, plain=None, factory_type=int)
+    with pytest.raises(TypeError, match="factory_type must be a type, got 'x'"):
+        impl.CreateTask(slow=print, running=print, plain=None, factory_type="x")
+
+
+@pytest.mark.skipif(_native.IMPLEMENTATION != "c", reason="the C factory is not in use")
+def test_helper_is_the_c_common_call_in_front_of_the_function() -> None:
+    """In C builds asynctrace.create_task is CreateTask in front of the Python helper, with its
+    name, docs and signature (except 3.13, whose create_task the helper never skips).
+    """
+    import inspect  # noqa: PLC0415
+
+    from asynctrace import _create_task  # noqa: PLC0415
+
+    helper = asynctrace.create_task
+    if sys.version_info[:2] == (3, 13):
+        assert inspect.isfunction(helper)
+        return
+    assert type(helper).__name__ == "CreateTask"
+    assert helper.__name__ == "create_task"
+    assert helper.__doc__ == helper.slow.__doc__
+    assert inspect.signature(helper) == inspect.signature(helper.slow)
+    assert helper is _create_task.create_task
+
+    async def leaf() -> str:
+        await asyncio.sleep(0)
+        meta = asynctrace.task_metadata()
+        return meta.operation_name if meta else "none"
+
+    async def main() -> list[str]:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        tasks = [helper(leaf(), operation_name="fast")]
+        tasks.append(helper(leaf(), operation_name="slow", name="named"))  # the function's
+        return list(await asyncio.gather(*tasks))
+
+    assert asyncio.run(main()) == ["fast", "slow"]

@@ -251,6 +251,7 @@ def _factory_reader(loop_type: type) -> Callable[[Any], object] | None:
         uv_create = getattr(getattr(uvloop, "Loop", None), "create_task", None)
         if create is not None and create is uv_create:
             read = _get_task_factory
+            _C_READERS[create] = False  # CreateTask reads its factory so from now on
     if len(_READERS) < _READERS_MAX:
         _READERS[loop_type] = (create, read)
     _LAST_READER[0] = (loop_type, create, read)
@@ -258,6 +259,10 @@ def _factory_reader(loop_type: type) -> Callable[[Any], object] | None:
 
 
 _READERS_MAX: Final = 64  # loop types remembered (a program has one or two)
+_C_READERS: Final[dict[Any, bool]] = (
+    {_PLAIN_CREATE_TASK: True} if _PLAIN_CREATE_TASK is not None else {}
+)
+"""The create_task functions CreateTask (below) skips: how it reads their loops' factory."""
 _LAST_READER: Final[list[tuple[Any, Any, Callable[[Any], object] | None]]] = [(None, None, None)]
 """The loop type, its create_task and the reader _factory_reader last gave, as one tuple
 (replaced whole: a thread reads the three together); the helper checks the first two before
@@ -297,16 +302,17 @@ def _create_uncovered(  # noqa: PLR0917 - the helper's own arguments, passed on
     )
 
 
-if not TYPE_CHECKING and _C_FACTORY is not None and _PLAIN_CREATE_TASK is not None:
+if not TYPE_CHECKING and _C_FACTORY is not None:
     # The helper's common call in C, in front of it: create_task(coro, operation_name=...)
-    # on an asyncio loop with the C factory calls the factory straight away (no Python frame,
-    # no keyword handling); every other call reaches the function above, which specifies it.
-    # Its name, signature (__wrapped__) and docs are the function's.
+    # on an asyncio loop (uvloop's once the helper met one) with the C factory calls the
+    # factory straight away (no Python frame, no keyword handling); every other call reaches
+    # the function above, which specifies it. Its name, signature (__wrapped__) and docs are
+    # the function's.
     create_task = functools.update_wrapper(
         _native.CreateTask(
             slow=create_task,
             running=_running_loop,
-            plain=_PLAIN_CREATE_TASK,
+            readers=_C_READERS,
             factory_type=_C_FACTORY,
         ),
         create_task,

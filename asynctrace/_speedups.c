@@ -27,7 +27,7 @@
     X(_closed) X(_count_unfinished) X(_runtime) X(_current_context) X(get_span_context)        \
     X(task_begin) X(task_end) X(span_id) X(is_remote) X(exemplars) X(_lanes) X(get_coro)       \
     X(__qualname__) X(get_name) X(add_task) X(call_soon) X(_callbacks) X(create_task)     \
-    X(_task_factory)
+    X(_task_factory) X(get_task_factory)
 
 typedef struct {
     PyTypeObject *tap_type;
@@ -1906,8 +1906,10 @@ static PyType_Spec lf_spec = {
 /* ---------------------------------------------------------------------------------------
  * CreateTask: asynctrace.create_task's common call in C (see _speedups_py.CreateTask, and
  * _create_task.create_task, the helper it stands in front of): create_task(coro) with
- * only metadata keywords, on a running loop whose type's create_task is asyncio's plain one
- * (it only calls the factory) and whose factory is of factory_type, calls that factory as
+ * only metadata keywords, on a running loop whose type's create_task is one of readers' (a
+ * create_task that only calls the factory: asyncio's, uvloop's; True: the factory read as
+ * loop._task_factory, False: as loop.get_task_factory()) and whose factory is of
+ * factory_type, calls that factory as
  * loop.create_task would, with all three metadata keywords (None where not given), as the
  * helper's own fast path does. Every other call goes to the helper, as it was made.
  * --------------------------------------------------------------------------------------- */
@@ -1916,7 +1918,7 @@ typedef struct {
     PyObject_HEAD
     PyObject *slow;         /* the Python create_task */
     PyObject *running;      /* asyncio.events._get_running_loop */
-    PyObject *plain;        /* asyncio.BaseEventLoop.create_task */
+    PyObject *readers;      /* {create_task: True (_task_factory) or False (get_task_factory())} */
     PyObject *factory_type; /* the factories called directly (LeanFactory) */
     PyObject *dict;         /* functools.update_wrapper's attributes */
     vectorcallfunc vectorcall;
@@ -1950,10 +1952,14 @@ ct_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwna
     PyObject *create = NULL, *factory = NULL, *result = NULL;
     if (loop != NULL && loop != Py_None) {
         create = PyObject_GetAttr((PyObject *)Py_TYPE(loop), st->s_create_task);
-        if (create == self->plain) {
+        PyObject *how = create ? PyDict_GetItemWithError(self->readers, create) : NULL;
+        if (how == Py_True) {
             factory = PyObject_GetAttr(loop, st->s__task_factory);
         }
-        PyErr_Clear(); /* no such attribute: the helper decides */
+        else if (how == Py_False) {
+            factory = PyObject_CallMethodNoArgs(loop, st->s_get_task_factory);
+        }
+        PyErr_Clear(); /* no such attribute, an unhashable create_task: the helper decides */
     }
     if (factory != NULL && (PyObject *)Py_TYPE(factory) == self->factory_type) {
         call[1] = loop;
@@ -1972,7 +1978,7 @@ ct_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwna
 static PyObject *
 ct_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    static char *keywords[] = {"slow", "running", "plain", "factory_type", NULL};
+    static char *keywords[] = {"slow", "running", "readers", "factory_type", NULL};
     PyObject *a[4];
     if (!PyArg_ParseTupleAndKeywords(args, kwargs, "$OOOO:CreateTask", keywords, &a[0], &a[1],
                                      &a[2], &a[3])) {
@@ -1985,6 +1991,10 @@ ct_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
             return NULL;
         }
     }
+    if (!PyDict_CheckExact(a[2])) {
+        PyErr_Format(PyExc_TypeError, "CreateTask: readers must be a dict, got %R", a[2]);
+        return NULL;
+    }
     if (!PyType_Check(a[3])) {
         PyErr_Format(PyExc_TypeError, "CreateTask: factory_type must be a type, got %R", a[3]);
         return NULL;
@@ -1995,7 +2005,7 @@ ct_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     }
     self->slow = Py_NewRef(a[0]);
     self->running = Py_NewRef(a[1]);
-    self->plain = Py_NewRef(a[2]);
+    self->readers = Py_NewRef(a[2]);
     self->factory_type = Py_NewRef(a[3]);
     self->vectorcall = ct_vectorcall;
     return (PyObject *)self;
@@ -2008,7 +2018,7 @@ ct_traverse(PyObject *op, visitproc visit, void *arg)
     Py_VISIT(Py_TYPE(op));
     Py_VISIT(self->slow);
     Py_VISIT(self->running);
-    Py_VISIT(self->plain);
+    Py_VISIT(self->readers);
     Py_VISIT(self->factory_type);
     Py_VISIT(self->dict);
     return 0;
@@ -2020,7 +2030,7 @@ ct_clear(PyObject *op)
     CreateTaskObject *self = (CreateTaskObject *)op;
     Py_CLEAR(self->slow);
     Py_CLEAR(self->running);
-    Py_CLEAR(self->plain);
+    Py_CLEAR(self->readers);
     Py_CLEAR(self->factory_type);
     Py_CLEAR(self->dict);
     return 0;
@@ -2046,7 +2056,7 @@ static PyGetSetDef ct_getset[] = {
 };
 
 PyDoc_STRVAR(ct_doc,
-"CreateTask(*, slow, running, plain, factory_type)\n--\n\n"
+"CreateTask(*, slow, running, readers, factory_type)\n--\n\n"
 "asynctrace.create_task's common call in C (see _speedups_py.CreateTask).");
 
 static PyType_Slot ct_slots[] = {

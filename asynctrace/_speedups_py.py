@@ -254,12 +254,13 @@ class CreateTask:
     """``asynctrace.create_task``'s common call, in front of the helper (``slow``).
 
     ``create_task(coro)`` with only metadata keywords (``operation_name``, ``correlation_id``,
-    ``priority_hint``), on a running loop (``running()``) whose type's ``create_task`` is
-    ``plain`` (asyncio's, which only calls the factory) and whose ``_task_factory`` is of
-    ``factory_type``: that factory called as ``loop.create_task`` would call it, with all
-    three metadata keywords (None where not given), as the helper's own fast path does. Any
-    other call goes to ``slow`` as it was made. The C version saves the helper's Python frame
-    and its keyword handling at every task.
+    ``priority_hint``), on a running loop (``running()``) whose type's ``create_task`` is a key
+    of ``readers`` (a ``create_task`` that only calls the factory: asyncio's, uvloop's; True:
+    the factory is read as ``loop._task_factory``, False: as ``loop.get_task_factory()``;
+    the dict may gain keys later) and whose factory is of ``factory_type``: that factory
+    called as ``loop.create_task`` would call it, with all three metadata keywords (None
+    where not given), as the helper's own fast path does. Any other call goes to ``slow`` as
+    it was made. The C version saves the helper's Python frame and keyword handling.
     """
 
     def __init__(
@@ -267,31 +268,42 @@ class CreateTask:
         *,
         slow: Callable[..., Any],
         running: Callable[[], Any],
-        plain: object,
+        readers: dict[Any, bool],
         factory_type: type,
     ) -> None:
         for name, value in (("slow", slow), ("running", running)):
             if not callable(value):
                 raise TypeError(f"CreateTask: {name} must be callable, got {value!r}")
+        if type(readers) is not dict:
+            raise TypeError(f"CreateTask: readers must be a dict, got {readers!r}")
         if not isinstance(factory_type, type):
             raise TypeError(f"CreateTask: factory_type must be a type, got {factory_type!r}")
-        self.slow, self._running, self._plain = slow, running, plain
+        self.slow, self._running, self._readers = slow, running, readers
         self._factory_type: Any = factory_type  # (a type: not narrowed to object below)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
         """Create the task: the factory directly on the common call, else ``slow``."""
         if len(args) == 1 and kwargs.keys() <= _METADATA_KEYWORDS:
             loop = self._running()
-            if loop is not None and getattr(type(loop), "create_task", None) is self._plain:
-                factory: Any = getattr(loop, "_task_factory", None)
-                if type(factory) is self._factory_type:
-                    return factory(
-                        loop,
-                        args[0],
-                        operation_name=kwargs.get("operation_name"),
-                        correlation_id=kwargs.get("correlation_id"),
-                        priority_hint=kwargs.get("priority_hint"),
-                    )
+            how = None
+            if loop is not None:
+                try:
+                    how = self._readers.get(getattr(type(loop), "create_task", None))
+                except TypeError:  # an unhashable create_task
+                    how = None
+            factory: Any = None
+            if how is True:
+                factory = getattr(loop, "_task_factory", None)
+            elif how is False:
+                factory = loop.get_task_factory()
+            if how is not None and type(factory) is self._factory_type:
+                return factory(
+                    loop,
+                    args[0],
+                    operation_name=kwargs.get("operation_name"),
+                    correlation_id=kwargs.get("correlation_id"),
+                    priority_hint=kwargs.get("priority_hint"),
+                )
         return self.slow(*args, **kwargs)
 
 

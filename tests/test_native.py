@@ -1437,6 +1437,19 @@ class _Loop:
         self._task_factory = factory
 
 
+class _MethodLoop:
+    """A loop whose factory is private, read by get_task_factory() (as uvloop's)."""
+
+    def create_task(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"not called on the common path: {args}, {kwargs}")
+
+    def __init__(self, factory: object) -> None:
+        self._private = factory
+
+    def get_task_factory(self) -> object:
+        return self._private
+
+
 class _ReplacedLoop(_Loop):
     def create_task(self, *args: object, **kwargs: object) -> None:  # type: ignore[override]
         raise AssertionError(f"not called: the helper would call it with {args}, {kwargs}")
@@ -1456,8 +1469,9 @@ def test_create_task_calls_the_factory_on_the_common_call_only(impl: ModuleType)
 
     factory = _Factory()
     running: list[object] = [_Loop(factory)]
+    readers = {_plain_create_task: True}
     create = impl.CreateTask(
-        slow=slow, running=lambda: running[0], plain=_plain_create_task, factory_type=_Factory
+        slow=slow, running=lambda: running[0], readers=readers, factory_type=_Factory
     )
     assert create("c1", operation_name="op", priority_hint=3) == "made"
     assert create("c2") == "made"
@@ -1477,35 +1491,40 @@ def test_create_task_calls_the_factory_on_the_common_call_only(impl: ModuleType)
     assert create("c8") == "slow"  # another factory
     running[0] = _Loop(None)
     assert create("c9") == "slow"  # none
+    method_loop = _MethodLoop(factory)
+    running[0] = method_loop
+    assert create("c10") == "slow"  # a create_task not (yet) among the readers
+    readers[_MethodLoop.create_task] = False  # as the helper adds uvloop's when it meets one
+    assert create("c11", correlation_id="r") == "made"
+    assert factory.calls[-1] == (method_loop, "c11", {**none, "correlation_id": "r"})
     assert [c[0] or c[1] for c in slow_calls] == [
-        ("c3",), ("c4",), {"coro": "c5"}, ("c6",), ("c7",), ("c8",), ("c9",),
+        ("c3",), ("c4",), {"coro": "c5"}, ("c6",), ("c7",), ("c8",), ("c9",), ("c10",),
     ]  # fmt: skip
     assert slow_calls[0][1] == {"name": "n"}
     assert slow_calls[1][1] == {"operation_name": "op", "unknown": 1}
-    assert len(factory.calls) == 2
+    assert len(factory.calls) == 3
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=lambda m: m.IMPLEMENTATION)
 def test_create_task_refuses_bad_arguments(impl: ModuleType) -> None:
     with pytest.raises(TypeError, match="slow must be callable, got 5"):
-        impl.CreateTask(slow=5, running=print, plain=None, factory_type=int)
+        impl.CreateTask(slow=5, running=print, readers={}, factory_type=int)
+    with pytest.raises(TypeError, match="readers must be a dict, got None"):
+        impl.CreateTask(slow=print, running=print, readers=None, factory_type=int)
     with pytest.raises(TypeError, match="factory_type must be a type, got 'x'"):
-        impl.CreateTask(slow=print, running=print, plain=None, factory_type="x")
+        impl.CreateTask(slow=print, running=print, readers={}, factory_type="x")
 
 
 @pytest.mark.skipif(_native.IMPLEMENTATION != "c", reason="the C factory is not in use")
 def test_helper_is_the_c_common_call_in_front_of_the_function() -> None:
     """In C builds asynctrace.create_task is CreateTask in front of the Python helper, with its
-    name, docs and signature (except 3.13, whose create_task the helper never skips).
+    name, docs and signature.
     """
     import inspect  # noqa: PLC0415
 
     from asynctrace import _create_task  # noqa: PLC0415
 
     helper = asynctrace.create_task
-    if sys.version_info[:2] == (3, 13):
-        assert inspect.isfunction(helper)
-        return
     assert type(helper).__name__ == "CreateTask"
     assert helper.__name__ == "create_task"
     assert helper.__doc__ == helper.slow.__doc__
@@ -1524,3 +1543,48 @@ def test_helper_is_the_c_common_call_in_front_of_the_function() -> None:
         return list(await asyncio.gather(*tasks))
 
     assert asyncio.run(main()) == ["fast", "slow"]
+
+
+@pytest.mark.skipif(_native.IMPLEMENTATION != "c", reason="the C factory is not in use")
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_helper_common_call_runs_no_python_on_asyncio_and_uvloop(loop_name: str) -> None:
+    """The helper's common call reaches the C factory without the Python function: on asyncio's
+    loop at once, on uvloop's once the function met that loop (it adds uvloop's create_task to
+    CreateTask's readers). The tasks carry their metadata either way.
+    """
+    if loop_name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        new_loop: Any = uvloop.new_event_loop
+    else:
+        new_loop = asyncio.new_event_loop
+    calls: list[str] = []
+
+    def profile(frame: Any, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_filename.endswith("_create_task.py"):
+            calls.append(frame.f_code.co_name)
+
+    async def leaf() -> str | None:
+        meta = asynctrace.task_metadata()
+        return meta.operation_name if meta else None
+
+    async def main() -> list[str | None]:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        first = await asynctrace.create_task(leaf(), operation_name="first")
+        sys.setprofile(profile)
+        try:
+            tasks = [asynctrace.create_task(leaf(), operation_name=f"op{i}") for i in range(5)]
+        finally:
+            sys.setprofile(None)
+        return [first, *await asyncio.gather(*tasks)]
+
+    loop = new_loop()
+    try:
+        got = loop.run_until_complete(main())
+    finally:
+        asynctrace.uninstall()
+        loop.close()
+    assert got == ["first", "op0", "op1", "op2", "op3", "op4"]
+    if loop_name == "asyncio" and sys.version_info[:2] == (3, 13):
+        assert "create_task" in calls  # 3.13's create_task is more than a factory call
+    else:
+        assert calls == []

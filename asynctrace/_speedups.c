@@ -5468,6 +5468,23 @@ static PyMethodDef speedups_methods[] = {
     {NULL},
 };
 
+/* A tuple of n interned strings (new reference). */
+static PyObject *
+interned_tuple(Py_ssize_t n, const char *a, const char *b, const char *c, const char *d)
+{
+    const char *names[4] = {a, b, c, d};
+    PyObject *tuple = PyTuple_New(n);
+    for (Py_ssize_t i = 0; tuple != NULL && i < n; i++) {
+        PyObject *name = PyUnicode_InternFromString(names[i]);
+        if (name == NULL) {
+            Py_CLEAR(tuple);
+            break;
+        }
+        PyTuple_SET_ITEM(tuple, i, name);
+    }
+    return tuple;
+}
+
 static int
 speedups_exec(PyObject *module)
 {
@@ -5486,20 +5503,17 @@ speedups_exec(PyObject *module)
 #define INTERN(n) if ((state->s_##n = PyUnicode_InternFromString(#n)) == NULL) return -1;
     STATE_STRINGS(INTERN)
 #undef INTERN
-    state->kw_loop_context = Py_BuildValue("(ss)", "loop", "context");
-    state->kw_loop_context_name = Py_BuildValue("(sss)", "loop", "context", "name");
-    state->kw_eager = Py_BuildValue("(sss)", "loop", "context", "eager_start");
-    state->kw_metadata = Py_BuildValue("(sss)", "operation_name", "correlation_id",
-                                       "priority_hint");
-    if (!state->kw_metadata) {
-        return -1;
-    }
-    state->kw_eager_name = Py_BuildValue("(ssss)", "loop", "context", "name", "eager_start");
-    if (!state->kw_eager || !state->kw_eager_name) {
-        return -1;
-    }
-    state->kw_context = Py_BuildValue("(s)", "context");
-    if (!state->kw_loop_context || !state->kw_loop_context_name || !state->kw_context) {
+    /* keyword names as vectorcall passes them: interned, so that the callee (Task's argument
+       parser, the factory's lf_keyword) finds each by identity, not by comparing strings */
+    state->kw_loop_context = interned_tuple(2, "loop", "context", NULL, NULL);
+    state->kw_loop_context_name = interned_tuple(3, "loop", "context", "name", NULL);
+    state->kw_eager = interned_tuple(3, "loop", "context", "eager_start", NULL);
+    state->kw_eager_name = interned_tuple(4, "loop", "context", "name", "eager_start");
+    state->kw_metadata = interned_tuple(3, "operation_name", "correlation_id", "priority_hint",
+                                        NULL);
+    state->kw_context = interned_tuple(1, "context", NULL, NULL, NULL);
+    if (!state->kw_loop_context || !state->kw_loop_context_name || !state->kw_eager
+        || !state->kw_eager_name || !state->kw_metadata || !state->kw_context) {
         return -1;
     }
     state->starts_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &starts_spec, NULL);

@@ -1087,6 +1087,7 @@ typedef struct {
     PyObject *on_error;       /* called with (hook, exception) when a started hook raises */
     PyObject *lean_finish;    /* for an eager task done in its first step */
     PyObject *eager_type;     /* task_type is partial(T, eager_start=True) of a type T: T */
+    PyObject *plain_task;     /* the C _asyncio.Task once seen built not done, or NULL */
     PyObject *last;           /* (correlation id, metadata) last made, or NULL */
     PyObject *named;          /* (operation, id, priority, metadata) last made, or NULL */
     PyObject *validated;      /* a set: operation names found valid (str), at most
@@ -1673,12 +1674,23 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     if (lf_call_started(self, hooks, metadata, st) < 0) {
         goto done;
     }
-    PyObject *is_done = PyObject_CallMethodNoArgs(task, st->s_done);
-    if (is_done == NULL) {
-        goto done;
+    /* Only an eager task can be done here: a C task built without eager_start has run nothing
+       yet (asked of the first one, then known by its type; other types are always asked). */
+    int finished = 0;
+    if (eager || (PyObject *)Py_TYPE(task) != self->plain_task) {
+        PyObject *is_done = PyObject_CallMethodNoArgs(task, st->s_done);
+        if (is_done == NULL) {
+            goto done;
+        }
+        finished = (is_done == Py_True);
+        Py_DECREF(is_done);
+#ifndef Py_GIL_DISABLED
+        if (!eager && !finished && self->plain_task == NULL &&
+            strcmp(Py_TYPE(task)->tp_name, "_asyncio.Task") == 0) {
+            self->plain_task = Py_NewRef((PyObject *)Py_TYPE(task));
+        }
+#endif
     }
-    int finished = (is_done == Py_True);
-    Py_DECREF(is_done);
     if (finished && Py_IS_TYPE(self->lean_done, st->lean_done_type)) {
         /* an eager task that finished in its first step: what lean_finish does, in C */
         if (ld_record((LeanDoneObject *)self->lean_done, task, entry == Py_None ? NULL : entry,
@@ -1840,7 +1852,7 @@ fail_fields:
     X(new_cid) X(validate) X(task_type) X(lean_done) X(starts) X(on_error) X(lean_finish)    \
     X(metadata_type) X(meta_op) X(meta_cid) X(meta_prio) X(last) X(named) X(validated)      \
     X(derived_from) X(derived) X(derived_cid) X(derived_meta) X(dict) X(state_slots.type)       \
-    X(hooks_slots.type) X(meta_slots.type) X(eager_type)
+    X(hooks_slots.type) X(meta_slots.type) X(eager_type) X(plain_task)
 
 static int
 lf_traverse(PyObject *op, visitproc visit, void *arg)

@@ -147,13 +147,12 @@ def create_task(
         and not unknown
     ):
         # The helper's common call: the C factory called as the loop's own create_task would
-        # (the factory read where that reads it).
+        # (the factory read where that reads it). CreateTask, in front of this function,
+        # takes it where it knows the loop's create_task; here come the others (uvloop's first
+        # call, which registers its create_task with CreateTask; 3.13's asyncio, whose
+        # create_task does more than call the factory: no reader).
         loop = _running_loop()
-        loop_type = type(loop)
-        # the reader last found, for the same loop type and create_task (no call to find it)
-        last_type, last_create, read = _LAST_READER[0]
-        if loop_type is not last_type or loop_type.create_task is not last_create:
-            read = _factory_reader(loop_type) if loop is not None else None
+        read = _factory_reader(type(loop)) if loop is not None else None
         if read is not None:
             factory: Any = read(loop)
             if type(factory) is _C_FACTORY:
@@ -254,7 +253,6 @@ def _factory_reader(loop_type: type) -> Callable[[Any], object] | None:
             _C_READERS[create] = False  # CreateTask reads its factory so from now on
     if len(_READERS) < _READERS_MAX:
         _READERS[loop_type] = (create, read)
-    _LAST_READER[0] = (loop_type, create, read)
     return read
 
 
@@ -263,10 +261,6 @@ _C_READERS: Final[dict[Any, bool]] = (
     {_PLAIN_CREATE_TASK: True} if _PLAIN_CREATE_TASK is not None else {}
 )
 """The create_task functions CreateTask (below) skips: how it reads their loops' factory."""
-_LAST_READER: Final[list[tuple[Any, Any, Callable[[Any], object] | None]]] = [(None, None, None)]
-"""The loop type, its create_task and the reader _factory_reader last gave, as one tuple
-(replaced whole: a thread reads the three together); the helper checks the first two before
-using the third, and calls _factory_reader only when they differ."""
 
 
 def _create_uncovered(  # noqa: PLR0917 - the helper's own arguments, passed on

@@ -474,6 +474,36 @@ PyDict_Pop(PyObject *dict, PyObject *key, PyObject **result)
 #define Py_END_CRITICAL_SECTION() }
 #endif
 
+/* call_each's rule for a lean hook that raised (exc, stolen): on_error(hook, exc) counts and
+   logs it, or raises again what must not be swallowed (KeyboardInterrupt, SystemExit). 0 when
+   it was counted, -1 with the error set when on_error raised. */
+static int
+hook_failed_with(PyObject *on_error, PyObject *hook, PyObject *exc)
+{
+    PyObject *res = PyObject_CallFunctionObjArgs(on_error, hook, exc, NULL);
+    Py_DECREF(exc);
+    if (res == NULL) {
+        return -1;
+    }
+    Py_DECREF(res);
+    return 0;
+}
+
+/* The same for the error being raised now. */
+static int
+hook_failed(PyObject *on_error, PyObject *hook)
+{
+    return hook_failed_with(on_error, hook, PyErr_GetRaisedException());
+}
+
+/* The C asyncio Task (exactly: not a subclass), of a size whose pointers may be scanned. */
+static int
+is_c_task_type(PyTypeObject *type)
+{
+    return strcmp(type->tp_name, "_asyncio.Task") == 0 &&
+           type->tp_basicsize <= 64 * (Py_ssize_t)sizeof(PyObject *);
+}
+
 /* ---------------------------------------------------------------------------------------
  * ThreadSlot: a value per thread, None till set (see _speedups_py.ThreadSlot): what the
  * create_task helper hands the factory while it calls loop.create_task. The factory reads it
@@ -1347,16 +1377,10 @@ lf_call_started(LeanFactoryObject *self, PyObject *hooks, PyObject *metadata, sp
             Py_DECREF(res);
             continue;
         }
-        /* call_each's rule: counted and logged by on_error, which re-raises what it must not
-           swallow (KeyboardInterrupt, SystemExit). */
-        PyObject *exc = PyErr_GetRaisedException();
-        res = PyObject_CallFunctionObjArgs(self->on_error, hook, exc, NULL);
-        Py_DECREF(exc);
-        if (res == NULL) {
+        if (hook_failed(self->on_error, hook) < 0) {
             Py_DECREF(started);
             return -1;
         }
-        Py_DECREF(res);
     }
     Py_DECREF(started);
     return 0;
@@ -1395,14 +1419,9 @@ lf_begin(LeanFactoryObject *self, PyObject *hooks, PyObject *ctx, PyObject *meta
         return NULL;
     }
     if (exc != NULL) {  /* call_each's rule, as for the started hooks */
-        PyObject *res = PyObject_CallFunctionObjArgs(self->on_error, begin, exc, NULL);
-        Py_DECREF(exc);
+        int counted = hook_failed_with(self->on_error, begin, exc);
         Py_DECREF(begin);
-        if (res == NULL) {
-            return NULL;
-        }
-        Py_DECREF(res);
-        return Py_NewRef(Py_None);
+        return counted < 0 ? NULL : Py_NewRef(Py_None);
     }
     Py_DECREF(begin);
     return entry;
@@ -1685,8 +1704,7 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
         finished = (is_done == Py_True);
         Py_DECREF(is_done);
 #ifndef Py_GIL_DISABLED
-        if (!eager && !finished && self->plain_task == NULL &&
-            strcmp(Py_TYPE(task)->tp_name, "_asyncio.Task") == 0) {
+        if (!eager && !finished && self->plain_task == NULL && is_c_task_type(Py_TYPE(task))) {
             self->plain_task = Py_NewRef((PyObject *)Py_TYPE(task));
         }
 #endif
@@ -2673,17 +2691,13 @@ ld_end(LeanDoneObject *self, PyObject *hooks, PyObject *task, PyObject *entry,
                                            self->outcomes[outcome], finished_ns, NULL)
                                : PyObject_Vectorcall(end, call_args, 5, NULL);
     Py_XDECREF(fin);
+    int rc = 0;
     if (res == NULL) {
-        PyObject *exc = PyErr_GetRaisedException();
-        res = PyObject_CallFunctionObjArgs(self->on_error, end, exc, NULL);
-        Py_DECREF(exc);
+        rc = hook_failed(self->on_error, end);
     }
+    Py_XDECREF(res);
     Py_DECREF(end);
-    if (res == NULL) {
-        return -1;
-    }
-    Py_DECREF(res);
-    return 0;
+    return rc;
 }
 
 static int
@@ -2774,13 +2788,9 @@ ld_record(LeanDoneObject *self, PyObject *task, PyObject *entry, PyObject *given
             Py_DECREF(res);
             continue;
         }
-        PyObject *exc = PyErr_GetRaisedException();
-        res = PyObject_CallFunctionObjArgs(self->on_error, hook, exc, NULL);
-        Py_DECREF(exc);
-        if (res == NULL) {
+        if (hook_failed(self->on_error, hook) < 0) {
             goto done;
         }
-        Py_DECREF(res);
     }
     if (is_cancelled) {
         PyObject *res = PyObject_CallFunctionObjArgs(self->on_cancelled, task, metadata, NULL);
@@ -4611,39 +4621,32 @@ sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObjec
     for (Py_ssize_t i = 0; rc == 0 && i < PyTuple_GET_SIZE(exemplars); i++) {
         PyObject *hook = PyTuple_GET_ITEM(exemplars, i);
         PyObject *counts = PyCFunction_Check(hook) ? PyCFunction_GET_SELF(hook) : NULL;
+        int failed;
         if (counts != NULL && Py_IS_TYPE(counts, st->counts_type) &&
             PyCFunction_GET_FUNCTION(hook) == (PyCFunction)(void (*)(void))counts_exemplar) {
             int o = counts_outcome((CountsObject *)counts, outcome);
-            if (o >= 0 && counts_exemplar_ids((CountsObject *)counts, metadata, o, duration_ns,
-                                              ids->trace_high, ids->trace_low, ids->span_id,
-                                              st) == 0) {
-                continue;
+            failed = o < 0 || counts_exemplar_ids((CountsObject *)counts, metadata, o,
+                                                  duration_ns, ids->trace_high, ids->trace_low,
+                                                  ids->span_id, st) < 0;
+        }
+        else {
+            if (span_id == NULL) { /* another hook: the ints made once */
+                duration = PyLong_FromLongLong(duration_ns);
+                trace_id = duration ? int_from_u128(ids->trace_high, ids->trace_low) : NULL;
+                span_id = trace_id ? PyLong_FromUnsignedLongLong(ids->span_id) : NULL;
+                if (span_id == NULL) {
+                    rc = -1;
+                    break;
+                }
             }
-            PyObject *exc = PyErr_GetRaisedException(); /* as a hook's: see below */
-            PyObject *res = PyObject_CallFunctionObjArgs(self->on_error, hook, exc, NULL);
-            Py_DECREF(exc);
-            rc = res ? 0 : -1;
+            PyObject *call_args[5] = {metadata, outcome, duration, trace_id, span_id};
+            PyObject *res = PyObject_Vectorcall(hook, call_args, 5, NULL);
+            failed = res == NULL;
             Py_XDECREF(res);
-            continue;
         }
-        if (span_id == NULL) { /* another hook: the ints made once */
-            duration = PyLong_FromLongLong(duration_ns);
-            trace_id = duration ? int_from_u128(ids->trace_high, ids->trace_low) : NULL;
-            span_id = trace_id ? PyLong_FromUnsignedLongLong(ids->span_id) : NULL;
-            if (span_id == NULL) {
-                rc = -1;
-                break;
-            }
+        if (failed) { /* call_each's rule: on_error counts it, or raises it again */
+            rc = hook_failed(self->on_error, hook);
         }
-        PyObject *call_args[5] = {metadata, outcome, duration, trace_id, span_id};
-        PyObject *res = PyObject_Vectorcall(hook, call_args, 5, NULL);
-        if (res == NULL) { /* call_each's rule: on_error counts it, or raises it again */
-            PyObject *exc = PyErr_GetRaisedException();
-            res = PyObject_CallFunctionObjArgs(self->on_error, hook, exc, NULL);
-            Py_DECREF(exc);
-        }
-        rc = res ? 0 : -1;
-        Py_XDECREF(res);
     }
     Py_XDECREF(duration);
     Py_XDECREF(trace_id);
@@ -4666,13 +4669,6 @@ sh_exemplars(SpanHooksObject *self, PyObject *entry, PyObject *metadata, PyObjec
 
 #define FIELD_CHECKS 2
 #define FIELD_MISSES 8
-
-static int
-is_c_task(PyObject *task)
-{
-    return strcmp(Py_TYPE(task)->tp_name, "_asyncio.Task") == 0 &&
-           Py_TYPE(task)->tp_basicsize <= 64 * (Py_ssize_t)sizeof(PyObject *);
-}
 
 /* The method's result (new reference), and the field's place found or checked with it. */
 static PyObject *
@@ -4753,7 +4749,7 @@ sh_task_field(SpanHooksObject *self, TaskField *field, PyObject *task, PyObject 
             return sh_field_learn(self, field, task, method);
         }
     }
-    else if (field->offset == 0 && is_c_task(task)) {
+    else if (field->offset == 0 && is_c_task_type(Py_TYPE(task))) {
         return sh_field_learn(self, field, task, method);
     }
 #endif
@@ -5325,54 +5321,49 @@ buf_span(Buf *out, PyObject *span)
         return -1;
     }
     const SpanFields *F = &fields;
-    Utf8 state = F->state, name = F->name, task_name = F->task_name, outcome = F->outcome,
-         operation = F->operation, cid = F->cid, error = F->error;
-    unsigned long long high = F->high, low = F->low, span_id = F->span_id, parent = F->parent,
-                       start = F->start, end = F->end;
-    int remote = F->remote;
-    Py_ssize_t bound = 512 + state.n + name.n + task_name.n + outcome.n + operation.n + cid.n
-                       + error.n;
+    Py_ssize_t bound = 512 + F->state.n + F->name.n + F->task_name.n + F->outcome.n
+                       + F->operation.n + F->cid.n + F->error.n;
     if (buf_reserve(out, bound) < 0) {
         return -1;
     }
     char *at = out->data + out->len;
     char *body = at + 3, *p = body;
     p = w_raw(p, "\x0a\x10", 2); /* trace id: 16 bytes, big-endian */
-    p = w_be64(p, high);
-    p = w_be64(p, low);
+    p = w_be64(p, F->high);
+    p = w_be64(p, F->low);
     p = w_raw(p, "\x12\x08", 2);
-    p = w_be64(p, span_id);
-    if (state.n > 0) {
-        p = w_str_field(p, 0x1a, state);
+    p = w_be64(p, F->span_id);
+    if (F->state.n > 0) {
+        p = w_str_field(p, 0x1a, F->state);
     }
-    if (parent != 0) {
+    if (F->parent != 0) {
         p = w_raw(p, "\x22\x08", 2);
-        p = w_be64(p, parent);
+        p = w_be64(p, F->parent);
     }
-    p = w_str_field(p, 0x2a, name);
+    p = w_str_field(p, 0x2a, F->name);
     p = w_raw(p, "\x30\x01\x39", 3);
-    p = w_le(p, start, 8);
+    p = w_le(p, F->start, 8);
     *p++ = 0x41;
-    p = w_le(p, end, 8);
-    p = w_str_attr(p, KEY("asyncio.task.name"), task_name);
-    p = w_str_attr(p, KEY("asyncio.task.outcome"), outcome);
+    p = w_le(p, F->end, 8);
+    p = w_str_attr(p, KEY("asyncio.task.name"), F->task_name);
+    p = w_str_attr(p, KEY("asyncio.task.outcome"), F->outcome);
     if (F->has_operation) {
-        p = w_str_attr(p, KEY("asynctrace.operation"), operation);
+        p = w_str_attr(p, KEY("asynctrace.operation"), F->operation);
     }
     if (F->has_cid) {
-        p = w_str_attr(p, KEY("asynctrace.correlation_id"), cid);
+        p = w_str_attr(p, KEY("asynctrace.correlation_id"), F->cid);
     }
     if (!F->has_error) {
         p = w_raw(p, "\x7a\x00", 2);
     }
     else {
-        Py_ssize_t inner = 1 + varint_len(error.n) + error.n + 2;
+        Py_ssize_t inner = 1 + varint_len(F->error.n) + F->error.n + 2;
         *p++ = 0x7a;
         p = w_varint(p, (unsigned long long)inner);
-        p = w_str_field(p, 0x12, error);
+        p = w_str_field(p, 0x12, F->error);
         p = w_raw(p, "\x18\x02", 2);
     }
-    unsigned int flags = 0x100 | ((remote && parent != 0) ? 0x200 : 0);
+    unsigned int flags = 0x100 | ((F->remote && F->parent != 0) ? 0x200 : 0);
     p = w_raw(p, "\x85\x01", 2);
     p = w_le(p, flags, 4);
     Py_ssize_t n = p - body;

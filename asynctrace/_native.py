@@ -25,6 +25,7 @@ __all__ = [
     "encode_task_span",
     "encode_task_spans",
     "load",
+    "untracked_copy",
 ]
 
 PURE_PYTHON_ENV: Final = "ASYNCTRACE_PURE_PYTHON"
@@ -78,9 +79,12 @@ LaneQueue: Final = (
     or importlib.import_module("asynctrace._speedups_py").LaneQueue
 )
 # The span handle's base and the hooks that write it go together: an extension built before
-# SpanIds (its SpanHooks wrote the ids as object slots) gives way to Python's pair.
+# SpanIds held the handle's fields (untracked_copy came with them) gives way to Python's.
 _spans = (
-    _module if hasattr(_module, "SpanIds") else importlib.import_module("asynctrace._speedups_py")
+    _module
+    if hasattr(_module, "untracked_copy")
+    else importlib.import_module("asynctrace._speedups_py")
 )
 SpanIds: Final = _spans.SpanIds
 SpanHooks: Final = _spans.SpanHooks
+untracked_copy: Final = _spans.untracked_copy

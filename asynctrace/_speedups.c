@@ -1089,12 +1089,20 @@ static PyType_Spec starts_spec = {
 /* SpanIds: the span handle's ids and creation time as native integers (the base of the sink's
    _TaskSpan; see _speedups_py.SpanIds), not one int object each per task; and its weak
    reference list, here rather than a __weakref__ slot of the subclass (which 3.12+ keeps in a
-   two-pointer header before the object: 8 bytes more). */
+   two-pointer header before the object: 8 bytes more). The handle's object fields are here
+   too (SPAN_IDS_FIELDS), so the sink's class adds no slot: a subclass that adds none of a
+   base without the collector's support is made without it as well, and a handle has no
+   16-byte GC header (the handle refers to nothing that refers back to it; see
+   sh_new_handle). */
+#define SPAN_IDS_FIELDS(X) X(_context) X(_rare) X(correlation_id) X(inherited) X(parent)
 typedef struct {
     PyObject_HEAD
     unsigned long long trace_high, trace_low, span_id;
     long long created_ns;
     PyObject *weakreflist;
+#define SI_DECLARE(n) PyObject *n;
+    SPAN_IDS_FIELDS(SI_DECLARE)
+#undef SI_DECLARE
 } SpanIdsObject;
 
 #define IDS(obj) ((SpanIdsObject *)(obj))
@@ -3422,10 +3430,13 @@ static PyGetSetDef si_getset[] = {
     {NULL},
 };
 
+#define SI_MEMBER(n) {#n, T_OBJECT_EX, offsetof(SpanIdsObject, n), 0, NULL},
 static PyMemberDef si_members[] = {
     {"__weaklistoffset__", T_PYSSIZET, offsetof(SpanIdsObject, weakreflist), READONLY},
+    SPAN_IDS_FIELDS(SI_MEMBER)
     {NULL},
 };
+#undef SI_MEMBER
 
 static void
 si_dealloc(PyObject *op)
@@ -3434,14 +3445,18 @@ si_dealloc(PyObject *op)
     if (((SpanIdsObject *)op)->weakreflist != NULL) {
         PyObject_ClearWeakRefs(op);
     }
+#define SI_CLEAR(n) Py_CLEAR(IDS(op)->n);
+    SPAN_IDS_FIELDS(SI_CLEAR)
+#undef SI_CLEAR
     type->tp_free(op);
     Py_DECREF(type);
 }
 
 PyDoc_STRVAR(si_doc,
 "SpanIds()\n--\n\n"
-"A span handle's trace id, span id and creation time as native integers: the base of the\n"
-"span sink's handle class (see _speedups_py.SpanIds). Each reads as an int, 0 till set.");
+"A span handle's trace id, span id and creation time as native integers, and its object\n"
+"fields: the base of the span sink's handle class (see _speedups_py.SpanIds). Each id\n"
+"reads as an int, 0 till set.");
 
 static PyType_Slot si_slots[] = {
     {Py_tp_new, PyType_GenericNew},
@@ -4283,8 +4298,11 @@ sh_new_handle(SpanHooksObject *self, PyObject *metadata_cid, long long created_n
     SLOT(handle, inherited) = Py_NewRef(current);
     SLOT(handle, parent) = Py_NewRef(parent != NULL ? parent : Py_None);
     /* It refers to nothing that refers back to it (its current context, which does, is kept
-       in the task's context, not in it), so the collector need not walk it. */
-    PyObject_GC_UnTrack(handle);
+       in the task's context, not in it), so the collector need not walk it: the sink's class
+       has no GC header at all (see SpanIds); a subclass that added slots has one. */
+    if (PyObject_IS_GC(handle)) {
+        PyObject_GC_UnTrack(handle);
+    }
     PyObject *token = PyContextVar_Set(self->task_span, handle);
     if (token == NULL) {
         Py_DECREF(handle);
@@ -5461,7 +5479,76 @@ speedups_encode_task_span(PyObject *module, PyObject *span)
     return out;
 }
 
+/* untracked_copy(cls): cls (a class whose one base is SpanIds, adding no slot) made again as
+   a type whose instances have no GC header. A class statement always makes a type the cycle
+   collector tracks (its instances can refer to their class); this one is built from a spec
+   without Py_TPFLAGS_HAVE_GC, and cls's namespace (its methods, properties, __init__,
+   __repr__...) copied into it. Its instances hold only SpanIds's fields, which refer to
+   nothing that refers back to a handle (see sh_new_handle). */
+static PyObject *
+speedups_untracked_copy(PyObject *module, PyObject *cls)
+{
+    PyTypeObject *base = get_state(module)->span_ids_type;
+    PyTypeObject *type = PyType_Check(cls) ? (PyTypeObject *)cls : NULL;
+    if (type == NULL || type->tp_base != base || PyTuple_GET_SIZE(type->tp_bases) != 1
+        || type->tp_basicsize != base->tp_basicsize || type->tp_dictoffset != 0
+        || type->tp_itemsize != 0) {
+        PyErr_Format(PyExc_TypeError,
+                     "untracked_copy: cls must be a class whose one base is SpanIds and which "
+                     "adds no slot (__slots__ = ()), got %R", cls);
+        return NULL;
+    }
+    static PyType_Slot slots[] = {{0, NULL}};
+    static PyType_Spec spec = {
+        .name = "asynctrace._speedups.UntrackedHandle", /* renamed below as cls */
+        .basicsize = 0,  /* SpanIds's */
+        .flags = Py_TPFLAGS_DEFAULT,
+        .slots = slots,
+    };
+    PyObject *copy = PyType_FromModuleAndSpec(module, &spec, (PyObject *)base);
+    if (copy == NULL) {
+        return NULL;
+    }
+    PyObject *ns = PyObject_GetAttrString(cls, "__dict__");
+    PyObject *items = ns ? PyMapping_Items(ns) : NULL;
+    Py_XDECREF(ns);
+    if (items == NULL) {
+        Py_DECREF(copy);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(items); i++) {
+        PyObject *key = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 0);
+        PyObject *value = PyTuple_GET_ITEM(PyList_GET_ITEM(items, i), 1);
+        if (PyUnicode_Check(key)
+            && (PyUnicode_CompareWithASCIIString(key, "__dict__") == 0
+                || PyUnicode_CompareWithASCIIString(key, "__weakref__") == 0
+                || PyUnicode_CompareWithASCIIString(key, "__slots__") == 0)) {
+            continue;
+        }
+        if (PyObject_SetAttr(copy, key, value) < 0) {
+            Py_DECREF(items);
+            Py_DECREF(copy);
+            return NULL;
+        }
+    }
+    Py_DECREF(items);
+    PyObject *name = PyObject_GetAttrString(cls, "__name__");
+    PyObject *qualname = name ? PyObject_GetAttrString(cls, "__qualname__") : NULL;
+    int rc = qualname ? PyObject_SetAttrString(copy, "__name__", name) : -1;
+    rc = rc < 0 ? rc : PyObject_SetAttrString(copy, "__qualname__", qualname);
+    Py_XDECREF(name);
+    Py_XDECREF(qualname);
+    if (rc < 0) {
+        Py_DECREF(copy);
+        return NULL;
+    }
+    return copy;
+}
+
 static PyMethodDef speedups_methods[] = {
+    {"untracked_copy", speedups_untracked_copy, METH_O,
+     "untracked_copy(cls) -> type: cls (its one base SpanIds, no slot of its own) made again\n"
+     "without the cycle collector's header (see _speedups_py.untracked_copy)."},
     {"encode_task_span", speedups_encode_task_span, METH_O,
      "encode_task_span(span) -> bytes, or None where the Python encoder must write it."},
     {"encode_task_spans", (PyCFunction)(void (*)(void))speedups_encode_task_spans, METH_FASTCALL,
@@ -5568,10 +5655,11 @@ speedups_exec(PyObject *module)
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[sssssssssssss]", "Counts", "CreateTask", "IMPLEMENTATION",
+    PyObject *all = Py_BuildValue("[ssssssssssssss]", "Counts", "CreateTask", "IMPLEMENTATION",
                                   "LaneQueue",
                                   "LeanDone", "LeanFactory", "SpanHooks", "SpanIds", "Starts",
-                                  "Tap", "ThreadSlot", "encode_task_span", "encode_task_spans");
+                                  "Tap", "ThreadSlot", "encode_task_span", "encode_task_spans",
+                                  "untracked_copy");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
         Py_XDECREF(all);
         return -1;

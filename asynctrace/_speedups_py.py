@@ -41,6 +41,7 @@ __all__ = [
     "ThreadSlot",
     "encode_task_span",
     "encode_task_spans",
+    "untracked_copy",
 ]
 
 IMPLEMENTATION = "python"
@@ -998,13 +999,49 @@ class SpanIds:
     integers in the handle itself (no ``int`` object per task while the task runs), builds an
     ``int`` when one is read, and refuses a value out of its range with an error naming it.
     A handle can be weakly referenced, as any span can.
+
+    The handle's object fields (``_context``, ``_rare``, ``correlation_id``, ``inherited``,
+    ``parent``; see the sink's ``_TaskSpan``) are slots here too, so the sink's class adds
+    none: in C, a subclass that adds no slot to a base the cycle collector does not track is
+    made untracked too, and a handle then has no GC header (16 bytes a pending task).
     """
 
-    __slots__ = ("__weakref__", "created_ns", "span_id", "trace_id")
+    __slots__ = (
+        "__weakref__",
+        "_context",
+        "_rare",
+        "correlation_id",
+        "created_ns",
+        "inherited",
+        "parent",
+        "span_id",
+        "trace_id",
+    )
 
     trace_id: int
     span_id: int
     created_ns: int
+
+
+def untracked_copy(cls: type[SpanIds]) -> type[SpanIds]:
+    """``cls`` (a class whose one base is :class:`SpanIds`, adding no slot), for the handles.
+
+    The C version makes ``cls`` again as a type whose instances have no cycle collector's
+    header (a class statement always makes one the collector tracks), with ``cls``'s
+    namespace copied into it: 16 bytes less a pending traced task. In Python there is no
+    such type: ``cls`` itself, once checked.
+    """
+    if (
+        not isinstance(cls, type)
+        or cls.__bases__ != (SpanIds,)
+        or cls.__dict__.get("__slots__", None) != ()
+    ):
+        msg = (
+            "untracked_copy: cls must be a class whose one base is SpanIds and which adds no "
+            f"slot (__slots__ = ()), got {cls!r}"
+        )
+        raise TypeError(msg)
+    return cls
 
 
 @final

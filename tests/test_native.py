@@ -84,6 +84,7 @@ def test_implementation_names(impl: ModuleType) -> None:
         "ThreadSlot",
         "encode_task_span",
         "encode_task_spans",
+        "untracked_copy",
     ]
 
 
@@ -831,6 +832,79 @@ def test_span_ids_can_be_weakly_referenced(impl: ModuleType) -> None:
     gc.collect()
     assert ref() is None
     assert freed == [ref]
+
+
+def test_untracked_copy_makes_handles_without_a_gc_header(impl: ModuleType) -> None:
+    """The handle class again, its instances with no collector's header (C), working alike."""
+
+    class Handle(impl.SpanIds):  # type: ignore[name-defined,misc]
+        """A handle."""
+
+        __slots__ = ()
+
+        def __init__(self, span_id: int) -> None:
+            self.span_id = span_id
+            self.parent = None
+
+        @property
+        def doubled(self) -> int:
+            return 2 * self.span_id
+
+        def __repr__(self) -> str:
+            return f"Handle({self.span_id})"
+
+    copy = impl.untracked_copy(Handle)
+    handle = copy(21)
+    assert (handle.doubled, repr(handle), handle.parent) == (42, "Handle(21)", None)
+    assert (copy.__name__, copy.__qualname__, copy.__module__, copy.__doc__) == (
+        "Handle",
+        Handle.__qualname__,
+        __name__,
+        "A handle.",
+    )
+    assert isinstance(handle, impl.SpanIds)
+    assert not hasattr(handle, "__dict__")
+    with pytest.raises(AttributeError):
+        handle.other = 1  # type: ignore[attr-defined]
+    with pytest.raises(AttributeError):
+        _ = handle.inherited  # a field not set reads as a missing slot
+    handle.inherited = [handle.parent]
+    ref = weakref.ref(handle)
+    if impl.IMPLEMENTATION == "c":
+        assert copy is not Handle
+        assert not copy.__flags__ & (1 << 14)  # Py_TPFLAGS_HAVE_GC: none
+        assert Handle.__flags__ & (1 << 14)  # what a class statement makes
+        assert sys.getsizeof(handle) == copy.__basicsize__ == impl.SpanIds.__basicsize__
+        assert sys.getsizeof(Handle(1)) == copy.__basicsize__ + 16  # the header saved
+    else:
+        assert copy is Handle
+    del handle
+    assert ref() is None  # freed by its count, no collection needed
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        int,
+        "x",
+        pytest.param("slots", id="adds-a-slot"),
+        pytest.param("dict", id="has-a-dict"),
+        pytest.param("two", id="two-bases"),
+    ],
+)
+def test_untracked_copy_refuses_other_classes_by_name(impl: ModuleType, bad: object) -> None:
+    class Base:
+        __slots__ = ()
+
+    shapes: dict[object, Any] = {
+        "slots": type("Slotted", (impl.SpanIds,), {"__slots__": ("other",)}),
+        "dict": type("Open", (impl.SpanIds,), {}),
+        "two": type("Two", (impl.SpanIds, Base), {"__slots__": ()}),
+    }
+    cls = shapes.get(bad, bad)
+    with pytest.raises(TypeError, match=r"untracked_copy: cls must be a class whose one base is "
+                       r"SpanIds and which adds no slot \(__slots__ = \(\)\), got "):  # fmt: skip
+        impl.untracked_copy(cls)
 
 
 def test_counts_keep_the_latest_exemplar_per_bucket(impl: ModuleType) -> None:

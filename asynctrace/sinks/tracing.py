@@ -226,13 +226,7 @@ class _TaskSpan(_SpanIds):
     state is its parent's.
     """
 
-    __slots__ = (
-        "_context",
-        "_rare",
-        "correlation_id",
-        "inherited",
-        "parent",
-    )
+    __slots__ = ()  # its fields are SpanIds's (see there): no slot of its own, no GC header
 
     def __init__(  # noqa: PLR0917 - one per task: positional arguments
         self,
@@ -345,6 +339,8 @@ class _TaskSpan(_SpanIds):
     __exit__ = NonRecordingSpan.__exit__
 
 
+if not TYPE_CHECKING:  # in C: the same class, its handles without a GC header
+    _TaskSpan = _native.untracked_copy(_TaskSpan)
 NonRecordingSpan.register(_TaskSpan)
 
 

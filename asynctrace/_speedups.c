@@ -649,8 +649,10 @@ static PyType_Spec ts_spec = {
  * no int object is made for the key, so a pending task costs the table one 16-byte slot
  * (at a load between 3/8 and 3/4). Linear probing; deletion shifts the run back (no
  * tombstones), and the table shrinks when mostly empty, so its size follows the tasks
- * pending, not the tasks ever made. Read from Python as a mapping (get, pop, clear,
- * [], in, len).
+ * pending, not the tasks ever made, down to STARTS_KEEP slots (64 KiB) once it has grown
+ * past them: a program that makes tasks in batches (requests) does not grow and shrink the
+ * table, rehashing and zeroing it, at every batch. Read from Python as a mapping (get, pop,
+ * clear, [], in, len); sys.getsizeof() counts its slots.
  * --------------------------------------------------------------------------------------- */
 
 typedef struct {
@@ -666,6 +668,7 @@ typedef struct {
 } StartsObject;
 
 #define STARTS_MIN 8
+#define STARTS_KEEP 4096 /* slots it shrinks no further than: 64 KiB */
 #define STARTS_TAGGED(v) ((v) & 1)
 #define STARTS_TIME_MAX ((long long)(((unsigned long long)1 << 62) - 1))
 
@@ -768,7 +771,7 @@ starts_remove(StartsObject *self, StartsSlot *slot)
     self->slots[hole].key = 0;
     self->slots[hole].value = 0;
     self->used--;
-    if (self->mask + 1 > 64 && self->used * 8 < self->mask + 1) {
+    if (self->mask + 1 > STARTS_KEEP && self->used * 8 < self->mask + 1) {
         (void)starts_resize(self, (self->mask + 1) / 2); /* on no memory, stays as it is */
         PyErr_Clear();
     }
@@ -1050,7 +1053,19 @@ starts_repr(PyObject *op)
     return PyUnicode_FromFormat("<Starts: %zu pending>", ((StartsObject *)op)->used);
 }
 
+static PyObject *
+starts_sizeof(PyObject *op, PyObject *Py_UNUSED(ignored))
+{
+    StartsObject *self = (StartsObject *)op;
+    size_t size = (size_t)Py_TYPE(op)->tp_basicsize;
+    Py_BEGIN_CRITICAL_SECTION(op);
+    size += self->slots ? (self->mask + 1) * sizeof(StartsSlot) : 0;
+    Py_END_CRITICAL_SECTION();
+    return PyLong_FromSize_t(size);
+}
+
 static PyMethodDef starts_methods[] = {
+    {"__sizeof__", starts_sizeof, METH_NOARGS, "The table's size in bytes, its slots counted."},
     {"get", (PyCFunction)(void (*)(void))starts_get, METH_FASTCALL,
      "get(task_id, default=None): what was noted for the task, else default."},
     {"pop", (PyCFunction)(void (*)(void))starts_pop_method, METH_FASTCALL,

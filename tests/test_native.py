@@ -673,6 +673,37 @@ def test_starts_table_notes_and_forgets_tasks(impl: ModuleType) -> None:
         assert len(table) == 2
 
 
+def test_starts_table_shrinks_to_a_floor_not_below() -> None:
+    """The C table follows the tasks pending down to 4,096 slots, then keeps them.
+
+    Tasks made in batches (a server's requests) would otherwise grow and shrink it, rehashing
+    and zeroing it, at every batch; a burst's capacity is still given back.
+    """
+    native = [m for m in IMPLEMENTATIONS if m.IMPLEMENTATION == "c"]
+    if not native:
+        pytest.skip("the C table only (the twin's is a dict)")
+    table = native[0].Starts()
+    empty = sys.getsizeof(table)
+    keys = [16 * (i + 1) for i in range(100_000)]
+    for key in keys[:2_000]:  # a batch: 4,096 slots at a load under 3/4
+        table[key] = 1
+    batch = sys.getsizeof(table)
+    assert batch - empty == 4_096 * 16
+    for _ in range(3):  # batches come and go: the table stays as it is
+        for key in keys[:2_000]:
+            table.pop(key)
+        assert sys.getsizeof(table) == batch
+        for key in keys[:2_000]:
+            table[key] = 1
+    for key in keys:  # a burst: 100,000 at once, then none
+        table[key] = 1
+    assert sys.getsizeof(table) - empty == 262_144 * 16
+    for key in keys:
+        table.pop(key)
+    assert len(table) == 0
+    assert sys.getsizeof(table) == batch  # the burst given back, down to the floor
+
+
 def test_starts_table_may_be_read_while_it_releases_its_entries(impl: ModuleType) -> None:
     """Releasing an entry can run code that reads the table (a weakref callback): safe."""
 

@@ -1490,6 +1490,11 @@ lf_vectorcall(PyObject *op_self, PyObject *const *args, size_t nargsf, PyObject 
     PyObject *op = Py_None, *cid = Py_None, *prio = Py_None, *name = Py_None;
     int metadata_keywords = 0;
     Py_ssize_t nkw = kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames);
+    if (kwnames == st->kw_metadata) {  /* CreateTask's call: the three, in this order */
+        op = args[2], cid = args[3], prio = args[4];
+        metadata_keywords = 1;
+        nkw = 0;
+    }
     for (Py_ssize_t i = 0; i < nkw; i++) {
         PyObject *value = args[nargs + i];
         int which = lf_keyword(PyTuple_GET_ITEM(kwnames, i), st);

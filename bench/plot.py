@@ -13,6 +13,18 @@ import matplotlib.pyplot as plt
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE.parent / "docs" / "performance"
+sys.path.insert(0, str(HERE))
+from modes import MODES  # noqa: E402 - bench/ is not a package: its own directory first
+
+
+def _color(mode: str) -> object:
+    """The mode's colour, the same in each panel (uvloop's runs leave some modes out)."""
+    palette = [*plt.rcParams["axes.prop_cycle"].by_key()["color"], "black", "gold"]
+    try:
+        index = MODES.index(mode)
+    except ValueError:
+        index = sum(map(ord, mode))  # a mode not in the list: some fixed colour
+    return palette[index % len(palette)]
 
 
 def main() -> int:
@@ -31,7 +43,13 @@ def main() -> int:
         width = 0.8 / len(modes)
         for i, mode in enumerate(modes):
             values = [table[mode].get(w, {}).get("cpu_us", 0) for w in workloads]
-            ax.bar([x + i * width for x in range(len(workloads))], values, width, label=mode)
+            ax.bar(
+                [x + i * width for x in range(len(workloads))],
+                values,
+                width,
+                label=mode,
+                color=_color(mode),  # one colour per mode in every panel, whatever modes ran
+            )
         ax.set_xticks([x + 0.4 - width / 2 for x in range(len(workloads))], workloads)
         ax.set_ylabel("CPU µs per task")
         ax.set_title(f"Python {env['python']}, {env['loop']} loop, {env['tasks']} tasks")

@@ -58,6 +58,7 @@ typedef struct {
     PyObject *call_soon; /* the loop's own call_soon: every other call goes there */
     PyObject *markers;   /* tuple of types whose instances are run on the spot */
     PyObject *mark_name;
+    PyTypeObject *lean_done_type; /* the module's LeanDone (borrowed: the module holds it) */
     vectorcallfunc vectorcall;
     /* The batched check (see tap_check below): NULL kept means none on this loop. */
     PyObject *kept;      /* code objects and functions of done callbacks never removed */
@@ -225,6 +226,8 @@ get_state(PyObject *module)
     return (speedups_state *)PyModule_GetState(module);
 }
 
+static PyObject *ld_mark(PyObject *op, PyObject *task);
+
 static int
 is_marker(TapObject *self, PyObject *callback)
 {
@@ -245,7 +248,9 @@ tap_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwn
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     if (nargs == 2 && is_marker(self, args[0])) {
         PyObject *stack[2] = {args[0], args[1]};
-        PyObject *done = PyObject_VectorcallMethod(self->mark_name, stack, 2, NULL);
+        PyObject *done = Py_IS_TYPE(args[0], self->lean_done_type)
+                             ? ld_mark(args[0], args[1]) /* its mark, with no lookup */
+                             : PyObject_VectorcallMethod(self->mark_name, stack, 2, NULL);
         if (done == NULL) {
             /* Never into the task's last step: reported, then scheduled as usual. */
             PyErr_WriteUnraisable(args[0]);
@@ -311,6 +316,7 @@ tap_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
     self->call_soon = Py_NewRef(call_soon);
     self->markers = Py_NewRef(markers);
     self->mark_name = Py_NewRef(get_state(module)->mark_name);
+    self->lean_done_type = get_state(module)->lean_done_type;
     self->vectorcall = tap_vectorcall;
 #ifndef Py_GIL_DISABLED
     /* Not on a free-threaded build: there the factory adds its callback to every task. */
@@ -1232,11 +1238,19 @@ lf_make_metadata(LeanFactoryObject *self, PyObject *op, PyObject *cid, PyObject 
     }
     PyObject *fields[3] = {self->meta_op, self->meta_cid, self->meta_prio};
     PyObject *values[3] = {op, cid, prio};
+    int atomic = 1;
     for (int i = 0; i < 3; i++) {
         if (Py_TYPE(fields[i])->tp_descr_set(fields[i], made, values[i]) < 0) {
             Py_DECREF(made);
             return NULL;
         }
+        atomic &= values[i] == Py_None || PyUnicode_CheckExact(values[i])
+                  || PyLong_CheckExact(values[i]);
+    }
+    /* Frozen, and holding only str, int or None: in no cycle, so the collector need not
+       walk it (as CPython untracks a tuple of such values); one per named task. */
+    if (atomic && PyObject_GC_IsTracked(made)) {
+        PyObject_GC_UnTrack(made);
     }
     return made;
 }

@@ -866,6 +866,37 @@ def test_span_ids_can_be_weakly_referenced(impl: ModuleType) -> None:
     assert freed == [ref]
 
 
+def test_c_factory_metadata_of_plain_values_is_not_tracked() -> None:
+    """The C factory's TaskMetadata holding only str, int or None is hidden from the collector.
+
+    Frozen, with such values, it is in no cycle (as a tuple of them, which CPython untracks);
+    one with a value of another type (a str subclass here) stays tracked.
+    """
+    if _native.IMPLEMENTATION != "c":
+        pytest.skip("the twin's metadata is made in Python: always tracked")
+
+    class Name(str):
+        __slots__ = ()
+
+    async def main() -> None:
+        asynctrace.install(registry=CollectorRegistry(), loop_monitor=False)
+        try:
+            plain = asynctrace.create_task(asyncio.sleep(0), operation_name="op", priority_hint=3)
+            odd = asynctrace.create_task(asyncio.sleep(0), operation_name=Name("op2"))
+            await asyncio.gather(plain, odd)
+            made, other = asynctrace.task_metadata(plain), asynctrace.task_metadata(odd)
+            assert made is not None
+            assert other is not None
+            assert (made.operation_name, made.priority_hint) == ("op", 3)
+            assert other.operation_name == "op2"
+            assert not gc.is_tracked(made)
+            assert gc.is_tracked(other)
+        finally:
+            asynctrace.uninstall()
+
+    asyncio.run(main())
+
+
 def test_untracked_copy_makes_handles_without_a_gc_header(impl: ModuleType) -> None:
     """The handle class again, its instances with no collector's header (C), working alike."""
 

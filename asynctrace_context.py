@@ -20,6 +20,7 @@ context is current, as it would be anyway; when it is detached, the task's span 
 
 from __future__ import annotations
 
+import sys
 from contextvars import ContextVar
 from typing import Any, Final, Protocol
 
@@ -39,7 +40,21 @@ class LazySpan(Protocol):
         ...
 
 
-TASK_SPAN: Final[ContextVar[Any]] = ContextVar("asynctrace_task_span", default=None)
+def _task_span_var() -> ContextVar[Any]:
+    """The variable, out of the first-level slots of asynctrace's own two where it can be.
+
+    When asynctrace was imported first, its ``_metadata.spread_var`` keeps this one out of
+    their slots (see there); else they keep out of this one's when they are made. Nothing
+    is imported for it: this module imports nothing of asynctrace.
+    """
+    metadata = sys.modules.get("asynctrace._metadata")
+    if metadata is None or not hasattr(metadata, "CONTEXT_VARS"):
+        return ContextVar("asynctrace_task_span", default=None)
+    var: ContextVar[Any] = metadata.spread_var("asynctrace_task_span", metadata.CONTEXT_VARS)
+    return var
+
+
+TASK_SPAN: Final[ContextVar[Any]] = _task_span_var()
 """The traced task's span handle (a :class:`LazySpan`), in the task's own context."""
 
 

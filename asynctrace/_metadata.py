@@ -4,30 +4,77 @@ from __future__ import annotations
 
 import contextvars
 import random
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Final, final
+from typing import Any, Final, final
 
 __all__ = [
+    "CONTEXT_VARS",
     "MAX_ID_LENGTH",
     "TaskMetadata",
     "check_text",
     "correlation_id",
+    "first_level_slot",
     "random_correlation_id",
+    "spread_var",
 ]
 
 MAX_ID_LENGTH: Final = 128
 """The longest correlation id or operation name accepted, in characters."""
 
-_CORRELATION_ID: Final[contextvars.ContextVar[str | None]] = contextvars.ContextVar(
-    "asynctrace_correlation_id", default=None
+_SPREAD_TRIES: Final = 64
+_HASH_BITS: Final = 64  # sys.hash_info.width where the HAMT folds the hash to 32 bits
+
+
+def first_level_slot(var: contextvars.ContextVar[Any]) -> int:
+    """Where ``var`` goes in the first level of a context's mapping (CPython's HAMT).
+
+    The HAMT folds a 64-bit hash to 32 bits (``hash & 0xffffffff ^ hash >> 32``) and takes
+    5 bits per level; a variable's hash is fixed when it is made (its address and its name's).
+    """
+    h = hash(var)
+    if sys.hash_info.width == _HASH_BITS:
+        h ^= h >> 32
+    return h & 31
+
+
+def spread_var(
+    name: str, taken: Iterable[contextvars.ContextVar[Any]]
+) -> contextvars.ContextVar[Any]:
+    """A new ``ContextVar(name, default=None)`` in a first-level slot none of ``taken`` has.
+
+    Two variables in one slot put a second node under the first level of every context
+    holding both: a traced task's context (asynctrace's three variables) then takes 64 bytes
+    more, and each lookup goes one level deeper. The slot depends on the address the variable
+    gets, so one that lands in a taken slot is made again (the rejected ones kept till the
+    end, so that their addresses are not reused), at most ``_SPREAD_TRIES`` times.
+    """
+    slots = {first_level_slot(v) for v in taken}
+    rejected: list[contextvars.ContextVar[Any]] = []
+    var: contextvars.ContextVar[Any] = contextvars.ContextVar(name, default=None)
+    while first_level_slot(var) in slots and len(rejected) < _SPREAD_TRIES:
+        rejected.append(var)
+        var = contextvars.ContextVar(name, default=None)
+    return var
+
+
+# The traced task's variable (asynctrace_context.TASK_SPAN), when that module was imported
+# first (OpenTelemetry loads it as its runtime context); else it keeps out of these two's
+# slots when it is made.
+_TASK_SPAN = getattr(sys.modules.get("asynctrace_context"), "TASK_SPAN", None)
+_CORRELATION_ID: Final[contextvars.ContextVar[str | None]] = spread_var(
+    "asynctrace_correlation_id", [_TASK_SPAN] if _TASK_SPAN is not None else []
 )
 # The current task's TaskMetadata. Tasks of one fan-out share one metadata object, and setting
 # a variable to the value it already holds allocates nothing, so most tasks cost no new
 # context mapping (and no garbage-collector work).
-_METADATA: Final[contextvars.ContextVar[TaskMetadata | None]] = contextvars.ContextVar(
-    "asynctrace_metadata", default=None
+_METADATA: Final[contextvars.ContextVar[TaskMetadata | None]] = spread_var(
+    "asynctrace_metadata", [_CORRELATION_ID] + ([_TASK_SPAN] if _TASK_SPAN is not None else [])
 )
+CONTEXT_VARS: Final = (_CORRELATION_ID, _METADATA)
+"""asynctrace's own variables in a task's context (see :func:`spread_var`)."""
+del _TASK_SPAN
 
 
 @final

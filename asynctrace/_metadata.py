@@ -62,19 +62,21 @@ def spread_var(
 # The traced task's variable (asynctrace_context.TASK_SPAN), when that module was imported
 # first (OpenTelemetry loads it as its runtime context); else it keeps out of these two's
 # slots when it is made.
-_TASK_SPAN = getattr(sys.modules.get("asynctrace_context"), "TASK_SPAN", None)
+_TAKEN = [
+    v for v in (getattr(sys.modules.get("asynctrace_context"), "TASK_SPAN", None),) if v is not None
+]
 _CORRELATION_ID: Final[contextvars.ContextVar[str | None]] = spread_var(
-    "asynctrace_correlation_id", [_TASK_SPAN] if _TASK_SPAN is not None else []
+    "asynctrace_correlation_id", _TAKEN
 )
 # The current task's TaskMetadata. Tasks of one fan-out share one metadata object, and setting
 # a variable to the value it already holds allocates nothing, so most tasks cost no new
 # context mapping (and no garbage-collector work).
 _METADATA: Final[contextvars.ContextVar[TaskMetadata | None]] = spread_var(
-    "asynctrace_metadata", [_CORRELATION_ID] + ([_TASK_SPAN] if _TASK_SPAN is not None else [])
+    "asynctrace_metadata", [*_TAKEN, _CORRELATION_ID]
 )
 CONTEXT_VARS: Final = (_CORRELATION_ID, _METADATA)
 """asynctrace's own variables in a task's context (see :func:`spread_var`)."""
-del _TASK_SPAN
+del _TAKEN
 
 
 @final

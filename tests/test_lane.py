@@ -12,6 +12,7 @@ import gzip
 import importlib
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -324,6 +325,65 @@ def test_shutdown_with_a_hung_collector_is_bounded() -> None:
     assert lane.shutdown_within(0.3) is False
     assert drops.total_dropped() == 1
     hang.set()
+
+
+def _recording_lane(
+    name: str, **options: Any
+) -> tuple[OTLPLane, list[int], threading.Event, threading.Event]:
+    """A lane whose sends record their span counts; the first send waits for ``release``."""
+    sizes: list[int] = []
+    sending, release = threading.Event(), threading.Event()
+
+    def send(body: bytes) -> bool:
+        sending.set()
+        release.wait(10)
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        sizes.append(sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans))
+        return True
+
+    lane = OTLPLane(send, name, SpanDrops(), ({}, ""), ("asynctrace", ""), **options)
+    return lane, sizes, sending, release
+
+
+def test_spans_that_come_during_a_send_wait_for_a_full_batch() -> None:
+    """Under steady load a request takes a full batch, not the few that came during the last.
+
+    Sending whatever waited each time the thread woke made requests ever smaller, and each
+    costs the export thread the GIL several times, whatever its size.
+    """
+    lane, sizes, sending, release = _recording_lane("steady lane", batch_size=4)
+    for i in range(4):
+        lane.add_task(_span(i + 1))
+    assert sending.wait(10)  # the full batch is on the wire
+    lane.add_task(_span(5))  # arrives meanwhile
+    release.set()
+    deadline = time.monotonic() + 10
+    while not sizes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)  # time enough for a send of the one that waits
+    assert sizes == [4]
+    for i in range(3):
+        lane.add_task(_span(i + 6))
+    assert lane.force_flush(10_000)
+    assert sizes == [4, 4]
+    lane.add_task(_span(9))
+    assert lane.force_flush(10_000)  # a flush sends a partial batch at once
+    assert sizes == [4, 4, 1]
+    assert lane.shutdown_within(5)
+
+
+def test_a_partial_batch_goes_after_the_schedule_delay() -> None:
+    lane, sizes, _, release = _recording_lane("quiet lane", batch_size=100, schedule_delay_s=0.2)
+    release.set()
+    added = time.monotonic()
+    lane.add_task(_span(1))
+    deadline = added + 10
+    while not sizes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sizes == [1]
+    assert time.monotonic() - added >= 0.15
+    assert lane.shutdown_within(5)
 
 
 def test_sender_needs_the_sdk_client() -> None:

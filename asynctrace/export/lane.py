@@ -111,6 +111,8 @@ class _ExportThread(SpanProcessor):
         self._queue = _native.LaneQueue(max_queue_size, batch_size, self._wake.set)
         drops.through(self._queue)
         self._idle = threading.Condition()
+        # Set by force_flush (and shutdown): send what waits now, a partial batch too.
+        self._flush_asked = False
         self._stopping = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=daemon)
@@ -124,12 +126,29 @@ class _ExportThread(SpanProcessor):
         self._queue(span)
 
     def _run(self) -> None:
-        queue, wake, size = self._queue, self._wake, self._batch
+        # Full batches as they fill; a partial one only when ``schedule_delay_s`` has passed
+        # or a flush asks (the SDK's batch processor does the same). Sending whatever waited
+        # at each wake made requests ever smaller under steady load: spans keep coming while
+        # a request is on the wire, and the next request took just those. A request costs
+        # this thread the GIL several times whatever its size (each socket call gives it up,
+        # and taking it back while the loop's thread is busy takes hundreds of wake-ups).
+        # Traced queue, uvloop, 3.14, a 20k-task round: 11-200 requests before, 3 now.
+        queue, wake, size, delay = self._queue, self._wake, self._batch, self._delay
+        due = time.monotonic() + delay
         while True:
-            wake.wait(self._delay)
+            wake.wait(max(0.0, due - time.monotonic()))
             wake.clear()
-            while queue and not self._closed:
+            everything = self._flush_asked or self._stopping
+            self._flush_asked = False
+            partial = everything or time.monotonic() >= due
+            sent = False
+            while (len(queue) >= size or (partial and queue)) and not self._closed:
                 self._export(queue.take(size))
+                sent = True
+            if sent or partial:
+                # What a full batch left waits for the next batch, or the delay from now:
+                # either is shorter than the delay it would have waited from the last.
+                due = time.monotonic() + delay
             with self._idle:
                 self._idle.notify_all()
             if self._stopping:
@@ -146,6 +165,7 @@ class _ExportThread(SpanProcessor):
                 left = deadline - time.monotonic()
                 if left <= 0 or self._closed or not self._thread.is_alive():
                     return False
+                self._flush_asked = True
                 self._wake.set()
                 self._idle.wait(min(left, 0.05))
         return True

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 __all__ = [
     "IMPLEMENTATION",
@@ -24,6 +24,7 @@ __all__ = [
     "ThreadSlot",
     "encode_task_span",
     "encode_task_spans",
+    "exporting",
     "load",
     "untracked_copy",
 ]
@@ -31,6 +32,7 @@ __all__ = [
 PURE_PYTHON_ENV: Final = "ASYNCTRACE_PURE_PYTHON"
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from types import ModuleType
 
 
@@ -88,3 +90,14 @@ _spans = (
 SpanIds: Final = _spans.SpanIds
 SpanHooks: Final = _spans.SpanHooks
 untracked_copy: Final = _spans.untracked_copy
+
+
+def _no_hand_over(change: object) -> int | None:  # noqa: ARG001 - exporting's signature
+    return None
+
+
+exporting: Final = cast(
+    "Callable[[object], int | None]",
+    getattr(_module, "exporting", None) or _no_hand_over,  # an extension built before it: none
+)
+"""An export thread starts (1) or ends (-1) its work: see ``_speedups_py.exporting``."""

@@ -72,6 +72,7 @@ typedef struct {
     int expect;  /* EXPECT_MAKING, then EXPECT_STEP_SEEN (see tap_vectorcall) */
     int pending; /* a check is scheduled (and has not run yet) */
     int layout;  /* the future's callback fields: 0 not probed yet, 1 read, -1 not readable */
+    long long handed_ns; /* when this loop's thread last handed the GIL over (see courtesy) */
 } TapObject;
 
 #define EXPECT_MAKING 1    /* Tap.expect: a LeanFactory is making a task */
@@ -241,6 +242,84 @@ is_marker(TapObject *self, PyObject *callback)
     return 0;
 }
 
+/* The GIL handed over to an export thread (see _speedups_py.exporting and export/lane.py).
+ *
+ * A loop thread that is never idle gives the GIL up at each select() and takes it back a
+ * microsecond later, before a waiting thread has even woken: an export thread that wants it
+ * back after each of a request's socket calls is woken hundreds of times for nothing, and
+ * both threads pay for each wake-up (20-60 ms of CPU a request). While an export thread is
+ * at work, a loop thread's tap therefore lets the GIL go for a short sleep (20 us asked,
+ * 50-80 us taken with Linux's timer slack) at a task's end, after its end time is taken,
+ * once a period has passed since the last: 0.5 ms, or a 64th of the time the export
+ * thread has been at work if that is longer. A request takes a few milliseconds; one that
+ * waits for a slow or absent collector (retries included) costs the loop less and less.
+ * Only where there is a GIL, and only where nanosleep is. */
+static long long perf_counter_ns(void);
+#define COURTESY_PERIOD_NS 500000LL
+#define COURTESY_SLEEP_NS 20000L
+#if !defined(Py_GIL_DISABLED) && !defined(_WIN32) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_COURTESY 1
+static int exporting_threads;       /* export threads at work; read and written atomically */
+static long long exporting_since_ns; /* since when (perf_counter_ns); atomically too */
+
+static void
+courtesy(TapObject *self)
+{
+    if (__atomic_load_n(&exporting_threads, __ATOMIC_RELAXED) <= 0) {
+        return;
+    }
+    long long now = perf_counter_ns();
+    long long period = (now - __atomic_load_n(&exporting_since_ns, __ATOMIC_RELAXED)) / 64;
+    if (now - self->handed_ns < (period > COURTESY_PERIOD_NS ? period : COURTESY_PERIOD_NS)) {
+        return;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    struct timespec pause = {0, COURTESY_SLEEP_NS};
+    (void)nanosleep(&pause, NULL);
+    Py_END_ALLOW_THREADS
+    self->handed_ns = perf_counter_ns();
+}
+#else
+#define HAVE_COURTESY 0
+static void
+courtesy(TapObject *self)
+{
+    (void)self;
+}
+#endif
+
+static PyObject *
+speedups_exporting(PyObject *module, PyObject *arg)
+{
+    (void)module;
+    long change = PyLong_CheckExact(arg) ? PyLong_AsLong(arg) : 0;
+    if (change == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        change = 0;
+    }
+    if (change != 1 && change != -1) {
+        PyErr_Format(PyExc_ValueError,
+                     "exporting: the change must be 1 (a thread starts its work) or -1 (it "
+                     "ends it), got %R",
+                     arg);
+        return NULL;
+    }
+#if HAVE_COURTESY
+    if (change == 1) {
+        /* the first at work sets the time: one more at work meanwhile does not restart it */
+        long long since = perf_counter_ns();
+        int now = __atomic_add_fetch(&exporting_threads, 1, __ATOMIC_RELAXED);
+        if (now == 1) {
+            __atomic_store_n(&exporting_since_ns, since, __ATOMIC_RELAXED);
+        }
+        return PyLong_FromLong(now);
+    }
+    return PyLong_FromLong(__atomic_sub_fetch(&exporting_threads, 1, __ATOMIC_RELAXED));
+#else
+    Py_RETURN_NONE;
+#endif
+}
+
 static PyObject *
 tap_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
@@ -259,6 +338,7 @@ tap_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwn
             int handled = (done == Py_True);
             Py_DECREF(done);
             if (handled) {
+                courtesy(self); /* after the end is marked: its time is taken */
                 Py_RETURN_NONE;
             }
         }
@@ -277,6 +357,7 @@ tap_vectorcall(PyObject *op, PyObject *const *args, size_t nargsf, PyObject *kwn
             return tap_schedule_check(self, args[0], args[1]);
         }
     }
+    courtesy(self); /* after a task's end is marked (above) */
     return PyObject_Vectorcall(self->call_soon, args, nargsf, kwnames);
 }
 
@@ -5580,6 +5661,10 @@ speedups_untracked_copy(PyObject *module, PyObject *cls)
 }
 
 static PyMethodDef speedups_methods[] = {
+    {"exporting", speedups_exporting, METH_O,
+     "exporting(change) -> int | None: an export thread starts (1) or ends (-1) its work;\n"
+     "while one is at work, loop threads hand it the GIL briefly now and then at a task's\n"
+     "end. The threads at work now; None where there is no GIL to hand over."},
     {"untracked_copy", speedups_untracked_copy, METH_O,
      "untracked_copy(cls) -> type: cls (its one base SpanIds, no slot of its own) made again\n"
      "without the cycle collector's header (see _speedups_py.untracked_copy)."},
@@ -5689,11 +5774,11 @@ speedups_exec(PyObject *module)
     if (PyModule_AddStringConstant(module, "IMPLEMENTATION", "c") < 0) {
         return -1;
     }
-    PyObject *all = Py_BuildValue("[ssssssssssssss]", "Counts", "CreateTask", "IMPLEMENTATION",
+    PyObject *all = Py_BuildValue("[sssssssssssssss]", "Counts", "CreateTask", "IMPLEMENTATION",
                                   "LaneQueue",
                                   "LeanDone", "LeanFactory", "SpanHooks", "SpanIds", "Starts",
                                   "Tap", "ThreadSlot", "encode_task_span", "encode_task_spans",
-                                  "untracked_copy");
+                                  "exporting", "untracked_copy");
     if (all == NULL || PyModule_AddObject(module, "__all__", all) < 0) {
         Py_XDECREF(all);
         return -1;

@@ -41,10 +41,51 @@ __all__ = [
     "ThreadSlot",
     "encode_task_span",
     "encode_task_spans",
+    "exporting",
     "untracked_copy",
 ]
 
 IMPLEMENTATION = "python"
+
+
+COURTESY_PERIOD_NS = 500_000
+"""A loop thread hands the GIL to an export thread at work at most this often, or every
+64th of the time the thread has been at work if that is longer."""
+COURTESY_SLEEP_NS = 20_000
+"""For this long (asked; Linux's timer slack makes it 50-80 µs): time enough for the waiting
+thread to wake and take it."""
+_EXPORTING = [0, 0]  # export threads at work, and since when (perf_counter_ns)
+_EXPORTING_LOCK = threading.Lock()
+
+
+def exporting(change: object) -> int | None:
+    """An export thread starts (``1``) or ends (``-1``) its work; the threads at work now.
+
+    A loop thread that is never idle gives the GIL up at each ``select()`` and takes it back
+    a microsecond later, before a waiting thread has even woken. An export thread wants it
+    back after each socket call of a request: it is woken hundreds of times for nothing, and
+    both threads pay for each wake-up (20-60 ms of CPU a request, measured on 3.14). While one
+    is at work, each loop's :class:`Tap` therefore lets the GIL go for
+    :data:`COURTESY_SLEEP_NS` at a task's end (after its end time is taken), once
+    :data:`COURTESY_PERIOD_NS` has passed since the last time, or a 64th of the time the
+    export threads have been at work if that is longer: a request takes a few milliseconds,
+    and one that waits for a slow or absent collector (its retries too) costs the loops less
+    and less. None where there is no GIL to hand over (a free-threaded build; the C version
+    also where ``nanosleep`` is missing: Windows).
+    """
+    if type(change) is not int or change not in (1, -1):
+        msg = (
+            "exporting: the change must be 1 (a thread starts its work) or -1 (it ends it), "
+            f"got {change!r}"
+        )
+        raise ValueError(msg)
+    if _FREE_THREADED:
+        return None
+    with _EXPORTING_LOCK:
+        _EXPORTING[0] += change
+        if change == 1 and _EXPORTING[0] == 1:  # the first at work sets the time
+            _EXPORTING[1] = time.perf_counter_ns()
+        return _EXPORTING[0]
 
 
 @final
@@ -82,6 +123,7 @@ class Tap:
     """
 
     __slots__ = (
+        "_handed_ns",
         "_step",
         "_step_type",
         "batch",
@@ -116,6 +158,21 @@ class Tap:
         self.pending = False
         self._step_type: type | None = None
         self._step: Callable[[], object] | None = None
+        self._handed_ns = 0
+
+    def _courtesy(self) -> None:
+        """Hand the GIL to an export thread at work, briefly, at most every 0.5 ms.
+
+        See :func:`exporting`. ``time.sleep`` lets the GIL go for its length. Called before
+        the tap passes a call on, and after a marker that did all it had to.
+        """
+        if _EXPORTING[0] <= 0 or _FREE_THREADED:
+            return
+        now = time.perf_counter_ns()
+        period = max(COURTESY_PERIOD_NS, (now - _EXPORTING[1]) // 64)
+        if now - self._handed_ns >= period:
+            time.sleep(COURTESY_SLEEP_NS / 1e9)
+            self._handed_ns = time.perf_counter_ns()
 
     def __call__(
         self,
@@ -126,10 +183,13 @@ class Tap:
         """``loop.call_soon(callback, *args, context=context)``, or the marker on the spot."""
         if len(args) == 1 and type(callback) in self.markers:
             try:
-                if callback.mark(args[0]) is True:  # type: ignore[attr-defined]
-                    return None
+                handled = callback.mark(args[0]) is True  # type: ignore[attr-defined]
             except BaseException:
                 sys.unraisablehook(_unraisable(sys.exc_info()[1], callback))
+            else:
+                if handled:
+                    self._courtesy()  # after the end is marked: its time is taken
+                    return None
         elif len(args) == 1 and self.done is not None and type(args[0]) is self.task_type:
             try:
                 self._mark_task(args[0])
@@ -144,6 +204,7 @@ class Tap:
             self.expect = _STEP_SEEN  # the first step of the task a LeanFactory is making
             if not self.pending:
                 return self.schedule_check(callback, context)
+        self._courtesy()  # after a task's end is marked (above)
         return self.call_soon(callback, *args, context=context)
 
     def schedule_check(self, step: Callable[[], object] | None, context: Any) -> Any:  # noqa: ANN401

@@ -386,6 +386,30 @@ def test_a_partial_batch_goes_after_the_schedule_delay() -> None:
     assert lane.shutdown_within(5)
 
 
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_export_thread_is_at_work_while_it_sends(
+    monkeypatch: pytest.MonkeyPatch, fails: bool
+) -> None:
+    """Loops hand it the GIL while it sends (see _speedups_py.exporting); never after."""
+    calls: list[int] = []
+    monkeypatch.setattr(_native, "exporting", calls.append)
+    during: list[list[int]] = []
+
+    def send(body: bytes) -> bool:
+        during.append(list(calls))
+        if fails:
+            raise ConnectionError("collector down")
+        return True
+
+    lane = OTLPLane(send, "working lane", SpanDrops(), ({}, ""), ("asynctrace", ""))
+    lane.add_task(_span(1))
+    assert lane.force_flush(10_000) or fails
+    assert during == [[1]]
+    assert calls == [1, -1]
+    assert lane.shutdown_within(5)
+    assert calls == [1, -1]  # nothing left to send: not at work again
+
+
 def test_sender_needs_the_sdk_client() -> None:
     assert lane_sender(object()) is None
 

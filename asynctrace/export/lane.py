@@ -142,9 +142,16 @@ class _ExportThread(SpanProcessor):
             self._flush_asked = False
             partial = everything or time.monotonic() >= due
             sent = False
-            while (len(queue) >= size or (partial and queue)) and not self._closed:
-                self._export(queue.take(size))
-                sent = True
+            if (len(queue) >= size or (partial and queue)) and not self._closed:
+                # At work: the loops' threads hand the GIL over now and then, which this
+                # thread wants back after each socket call (see _speedups_py.exporting).
+                _native.exporting(1)
+                try:
+                    while (len(queue) >= size or (partial and queue)) and not self._closed:
+                        self._export(queue.take(size))
+                        sent = True
+                finally:
+                    _native.exporting(-1)
             if sent or partial:
                 # What a full batch left waits for the next batch, or the delay from now:
                 # either is shorter than the delay it would have waited from the last.

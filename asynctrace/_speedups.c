@@ -248,15 +248,17 @@ is_marker(TapObject *self, PyObject *callback)
  * microsecond later, before a waiting thread has even woken: an export thread that wants it
  * back after each of a request's socket calls is woken hundreds of times for nothing, and
  * both threads pay for each wake-up (20-60 ms of CPU a request). While an export thread is
- * at work, a loop thread's tap therefore lets the GIL go for a short sleep (20 us asked,
- * 50-80 us taken with Linux's timer slack) at a task's end, after its end time is taken,
- * once a period has passed since the last: 0.5 ms, or a 64th of the time the export
- * thread has been at work if that is longer. A request takes a few milliseconds; one that
- * waits for a slow or absent collector (retries included) costs the loop less and less.
- * Only where there is a GIL, and only where nanosleep is. */
+ * at work, a loop thread's tap therefore lets the GIL go for COURTESY_SPIN_NS at a task's
+ * end, after its end time is taken, once a period has passed since the last: 0.5 ms, or a
+ * 64th of the time the export thread has been at work if that is longer (a request takes a
+ * few milliseconds; one that waits for a slow or absent collector, retries included, costs
+ * the loop less and less). It spins, on a clock and the CPU's pause hint: a sleep (20 us
+ * asked, 50-80 us taken with Linux's timer slack) idled the loop's CPU, and the traced tree
+ * workload came back from it slower (a VM's idle vCPU wakes to cold caches). Only where
+ * there is a GIL, and only with GCC or Clang off Windows (not built or measured there). */
 static long long perf_counter_ns(void);
 #define COURTESY_PERIOD_NS 500000LL
-#define COURTESY_SLEEP_NS 20000L
+#define COURTESY_SPIN_NS 20000LL
 #if !defined(Py_GIL_DISABLED) && !defined(_WIN32) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_COURTESY 1
 static int exporting_threads;       /* export threads at work; read and written atomically */
@@ -274,8 +276,17 @@ courtesy(TapObject *self)
         return;
     }
     Py_BEGIN_ALLOW_THREADS
-    struct timespec pause = {0, COURTESY_SLEEP_NS};
-    (void)nanosleep(&pause, NULL);
+    struct timespec t;
+    (void)clock_gettime(CLOCK_MONOTONIC, &t);
+    long long until = t.tv_sec * 1000000000LL + t.tv_nsec + COURTESY_SPIN_NS;
+    do {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#elif defined(__aarch64__)
+        __asm__ __volatile__("yield");
+#endif
+        (void)clock_gettime(CLOCK_MONOTONIC, &t);
+    } while (t.tv_sec * 1000000000LL + t.tv_nsec < until);
     Py_END_ALLOW_THREADS
     self->handed_ns = perf_counter_ns();
 }

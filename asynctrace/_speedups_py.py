@@ -52,8 +52,9 @@ COURTESY_PERIOD_NS = 500_000
 """A loop thread hands the GIL to an export thread at work at most this often, or every
 64th of the time the thread has been at work if that is longer."""
 COURTESY_SLEEP_NS = 20_000
-"""For this long (asked; Linux's timer slack makes it 50-80 µs): time enough for the waiting
-thread to wake and take it."""
+"""For this long: time enough for the waiting thread to wake and take it. The C version spins
+that long with the GIL released (a sleep idled the loop's CPU, which came back to cold
+caches); Python lets the GIL go only by sleeping (50-80 µs with Linux's timer slack)."""
 _EXPORTING = [0, 0]  # export threads at work, and since when (perf_counter_ns)
 _EXPORTING_LOCK = threading.Lock()
 

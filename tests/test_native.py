@@ -252,10 +252,12 @@ async def test_a_busy_loop_hands_the_gil_to_an_export_thread_at_work(
         handed = await _gil_taken_by_a_waiting_thread(at_work=True)
     finally:
         asynctrace.uninstall()
-    # About once a millisecond; alone, 1-3 times with the C tap, 40-80 with the twin's (whose
-    # Python lets the interpreter's switch interval force a hand-over now and then).
+    # About once a millisecond; alone, 1-3 times with the C tap. The twin's tap runs Python,
+    # which lets the switch interval force a hand-over now and then (40-140 times alone, from
+    # run to run): its hand-over is checked on a hand-moved clock below.
     assert handed >= 100, (alone, handed)
-    assert handed > 2 * alone, (alone, handed)
+    if tap_impl.IMPLEMENTATION == "c":
+        assert handed > 5 * alone, (alone, handed)
 
 
 class _Clock:

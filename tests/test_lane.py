@@ -373,6 +373,26 @@ def test_spans_that_come_during_a_send_wait_for_a_full_batch() -> None:
     assert lane.shutdown_within(5)
 
 
+def test_a_partial_send_takes_only_what_waited_when_it_began() -> None:
+    """At the delay a partial batch goes; spans that come during its send wait for the next."""
+    lane, sizes, sending, release = _recording_lane(
+        "moderate lane", batch_size=100, schedule_delay_s=0.5
+    )
+    lane.add_task(_span(1))
+    assert sending.wait(10)  # the delay passed: the one span is on the wire
+    lane.add_task(_span(2))  # arrives meanwhile
+    release.set()
+    deadline = time.monotonic() + 10
+    while not sizes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.15)  # time enough for a send of the one that came meanwhile
+    assert sizes == [1]
+    while len(sizes) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert sizes == [1, 1]  # at the next delay
+    assert lane.shutdown_within(5)
+
+
 def test_a_partial_batch_goes_after_the_schedule_delay() -> None:
     lane, sizes, _, release = _recording_lane("quiet lane", batch_size=100, schedule_delay_s=0.2)
     release.set()

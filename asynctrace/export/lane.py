@@ -141,14 +141,21 @@ class _ExportThread(SpanProcessor):
             everything = self._flush_asked or self._stopping
             self._flush_asked = False
             partial = everything or time.monotonic() >= due
+            # A partial pass sends what waited when it began; what comes meanwhile waits
+            # for a full batch or the next delay, as under steady load.
+            waited = len(queue) if partial else 0
             sent = False
-            if (len(queue) >= size or (partial and queue)) and not self._closed:
+            if (len(queue) >= size or waited) and not self._closed:
                 # At work: the loops' threads hand the GIL over now and then, which this
                 # thread wants back after each socket call (see _speedups_py.exporting).
                 _native.exporting(1)
                 try:
-                    while (len(queue) >= size or (partial and queue)) and not self._closed:
-                        self._export(queue.take(size))
+                    while (len(queue) >= size or waited > 0) and not self._closed:
+                        batch = queue.take(size)
+                        if not batch:
+                            break
+                        waited -= len(batch)
+                        self._export(batch)
                         sent = True
                 finally:
                     _native.exporting(-1)

@@ -138,26 +138,26 @@ class _ExportThread(SpanProcessor):
         while True:
             wake.wait(max(0.0, due - time.monotonic()))
             wake.clear()
-            everything = self._flush_asked or self._stopping
+            partial = self._flush_asked or self._stopping or time.monotonic() >= due
             self._flush_asked = False
-            partial = everything or time.monotonic() >= due
             # A partial pass sends what waited when it began; what comes meanwhile waits
             # for a full batch or the next delay, as under steady load.
             waited = len(queue) if partial else 0
             sent = False
-            if (len(queue) >= size or waited) and not self._closed:
-                # At work: the loops' threads hand the GIL over now and then, which this
-                # thread wants back after each socket call (see _speedups_py.exporting).
-                _native.exporting(1)
-                try:
-                    while (len(queue) >= size or waited > 0) and not self._closed:
-                        batch = queue.take(size)
-                        if not batch:
-                            break
-                        waited -= len(batch)
-                        self._export(batch)
+            try:
+                while (len(queue) >= size or waited > 0) and not self._closed:
+                    batch = queue.take(size)
+                    if not batch:
+                        break
+                    if not sent:
+                        # At work: the loops' threads hand the GIL over now and then, which
+                        # this thread wants back after each socket call (_speedups_py.exporting).
+                        _native.exporting(1)
                         sent = True
-                finally:
+                    waited -= len(batch)
+                    self._export(batch)
+            finally:
+                if sent:
                     _native.exporting(-1)
             if sent or partial:
                 # What a full batch left waits for the next batch, or the delay from now:

@@ -261,8 +261,26 @@ static long long perf_counter_ns(void);
 #define COURTESY_SPIN_NS 20000LL
 #if !defined(Py_GIL_DISABLED) && !defined(_WIN32) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_COURTESY 1
+#include <pthread.h>
 static int exporting_threads;       /* export threads at work; read and written atomically */
 static long long exporting_since_ns; /* since when (perf_counter_ns); atomically too */
+
+/* A forked child has none of its parent's threads: none of them is at work there. */
+static void
+courtesy_after_fork_in_child(void)
+{
+    __atomic_store_n(&exporting_threads, 0, __ATOMIC_RELAXED);
+}
+
+static int
+courtesy_watch_forks(void)
+{
+    static int watching; /* once a process: module execs (interpreters) share the count */
+    if (__atomic_exchange_n(&watching, 1, __ATOMIC_RELAXED)) {
+        return 0;
+    }
+    return pthread_atfork(NULL, NULL, courtesy_after_fork_in_child) == 0 ? 0 : -1;
+}
 
 static void
 courtesy(TapObject *self)
@@ -292,6 +310,12 @@ courtesy(TapObject *self)
 }
 #else
 #define HAVE_COURTESY 0
+static int
+courtesy_watch_forks(void)
+{
+    return 0;
+}
+
 static void
 courtesy(TapObject *self)
 {
@@ -5708,6 +5732,10 @@ interned_tuple(Py_ssize_t n, const char *a, const char *b, const char *c, const 
 static int
 speedups_exec(PyObject *module)
 {
+    if (courtesy_watch_forks() < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "asynctrace._speedups: pthread_atfork failed");
+        return -1;
+    }
     speedups_state *state = get_state(module);
     state->mark_name = PyUnicode_InternFromString("mark");
     if (state->mark_name == NULL) {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextvars
 import itertools
+import os
 import sys
 import sysconfig
 import threading
@@ -57,6 +58,17 @@ that long with the GIL released (a sleep idled the loop's CPU, which came back t
 caches); Python lets the GIL go only by sleeping (50-80 µs with Linux's timer slack)."""
 _EXPORTING = [0, 0]  # export threads at work, and since when (perf_counter_ns)
 _EXPORTING_LOCK = threading.Lock()
+
+
+def _exporting_after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: none of them is at work there."""
+    global _EXPORTING_LOCK  # noqa: PLW0603 - the parent's may have been held at the fork
+    _EXPORTING_LOCK = threading.Lock()
+    _EXPORTING[:] = [0, 0]
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_exporting_after_fork_in_child)
 
 
 def exporting(change: object) -> int | None:

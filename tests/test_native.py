@@ -203,6 +203,34 @@ def test_exporting_counts_the_threads_at_work(impl: ModuleType) -> None:
     assert impl.exporting(-1) == 0
 
 
+FORK_EXPORTING = """
+import importlib, os, sys
+m = importlib.import_module(sys.argv[1])
+m.exporting(1)  # the parent's export thread at work when the process forks
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(write, repr(m.exporting(1)).encode())  # the child has no export thread
+    os._exit(0)
+os.waitpid(pid, 0)
+print(os.read(read, 100).decode(), m.exporting(-1))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.skipif(bool(sysconfig.get_config_var("Py_GIL_DISABLED")), reason="no GIL to hand over")
+def test_a_forked_child_starts_with_no_export_thread_at_work(impl: ModuleType) -> None:
+    """The parent's export thread does not exist in the child: its loops hand nothing over."""
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_EXPORTING, impl.__name__],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.split() == ["1", "0"], out
+
+
 async def _gil_taken_by_a_waiting_thread(at_work: bool, seconds: float = 0.3) -> int:
     """How often a thread that gives the GIL up and wants it back gets it, the loop busy."""
 
